@@ -1,0 +1,55 @@
+"""`mmcl <command> ...`: a thin argparse layer over the library.
+
+Each command lives in its own module exposing `register(subparsers)`, which
+adds a parser whose `func` default takes the parsed args and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "shards": "mmcl.cli.shards",
+    "train": "mmcl.cli.train",
+    "eval": "mmcl.cli.eval",
+    "tokenizer": "mmcl.cli.tokenizer",
+    "index": "mmcl.cli.index",
+    "app": "mmcl.cli.app",
+    "export": "mmcl.cli.export",
+    "demo": "mmcl.cli.demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmcl",
+        description="Multimodal image-text pretraining: write shards, train CLIP/SigLIP/PrefixLM, evaluate, serve.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, module in COMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue  # command not built yet
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mmcl.utils import UserError, setup_logging
+
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, FileNotFoundError) as e:
+        print(f"mmcl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

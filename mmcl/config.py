@@ -1,0 +1,381 @@
+"""Typed configs: dataclasses built from YAML, with dotted command-line overrides.
+
+Every config in mmcl is a dataclass. `from_dict` builds one from plain data and
+checks every value against the field's type; an unknown key is an error that
+names the closest valid key. `apply_overrides` takes `a.b.c=value` strings (the
+value is parsed as YAML, so `[1, 2]`, `true` and `1e-3` mean what they look
+like) and re-validates the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+from mmcl.utils import UserError, atomic_write_text
+
+
+class ConfigError(UserError):
+    """A config value or key is wrong; the message names where."""
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(sorted(valid))})"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` against type `tp`, converting the lossless cases (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[-1] if errors else f"{where}: {value!r} does not match {tp}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(tp, type):
+        if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{path}'{_suggest(key, list(fields))}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        check()
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain data (dicts, lists, scalars) for YAML/JSON output."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, recursing into mappings."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`['train.lr=1e-3', 'data.batch_size=8']` -> nested dict of YAML-parsed values."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not of the form key.path=value")
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    return nested
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def save_yaml(obj: Any, path: str | Path) -> None:
+    """Write `obj` (a dataclass or plain data) as YAML, atomically."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from and how they are batched."""
+
+    train_shards: list[str] = field(default_factory=list)  # brace patterns, dirs or URLs, one per source
+    train_weights: list[float] = field(default_factory=list)  # sampling weight per source (resampled mode)
+    val_shards: list[str] = field(default_factory=list)
+    batch_size: int = 64  # per process, per micro-batch
+    num_workers: int = 2
+    resampled: bool = False  # infinite streaming with replacement (web scale) instead of exact epochs
+    shuffle_buffer: int = 1000
+    caption_key: str = "txt"  # "txt" or a key of the sample's .json (a list there: one is picked at random)
+    label_key: str = "label"  # key of .json (or the .cls file) holding the class index
+    max_pixels: int = 40_000_000  # images whose header declares more are skipped before decoding
+    augment: bool = True  # random-resized-crop style augmentation for training
+
+    def validate(self) -> None:
+        if self.train_weights and len(self.train_weights) != len(self.train_shards):
+            raise ConfigError("data.train_weights needs one weight per entry of data.train_shards")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ConfigError("data.batch_size must be >= 1 and data.num_workers >= 0")
+
+
+@dataclass
+class ImageTowerConfig:
+    """A timm model used as the image encoder (any `timm.create_model` name)."""
+
+    timm_name: str = "vit_base_patch32_clip_224"
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. patch_size, embed_dim, depth, num_heads
+    pretrained: bool = False  # timm weights (needs the hub; users' machines)
+    image_size: int = 224
+    lock: bool = False  # LiT: freeze the tower
+    unlocked_layers: int = 0  # with lock: keep the last N blocks trainable
+    # PrefixLM conv stem: a timm CNN cut after `stem_out_index` (stride 16 for ResNets at index 3)
+    stem_out_index: int = 3
+
+
+@dataclass
+class TextTowerConfig:
+    """The text encoder: open_clip's CLIP transformer ('clip') or any HF encoder ('hf')."""
+
+    kind: Literal["clip", "hf"] = "clip"
+    hf_name: str = ""  # HF model name or local path (kind='hf')
+    pooling: Literal["eos", "cls", "mean"] = "eos"
+    tokenizer: str = "clip"  # 'clip' (bundled BPE), an HF tokenizer path/name, or a tokenizer.json
+    context_length: int = 77
+    vocab_size: int = 49408
+    width: int = 512
+    heads: int = 8
+    layers: int = 12
+    mlp_ratio: float = 4.0
+    lock: bool = False
+    unlocked_layers: int = 0
+
+
+@dataclass
+class DecoderConfig:
+    """PrefixLM encoder-decoder (SimVLM): an HF seq2seq model built from a T5 config by default."""
+
+    hf_name: str = ""  # a seq2seq model name/path; empty = T5 built from the sizes below
+    d_model: int = 256
+    d_ff: int = 1024
+    num_heads: int = 4
+    encoder_layers: int = 4
+    decoder_layers: int = 4
+    dropout: float = 0.0
+    image_stem: Literal["conv", "patch"] = "conv"  # timm CNN stem, or a plain linear patch embedding
+    patch_size: int = 16  # for image_stem='patch'
+    max_text_len: int = 32
+    min_prefix_frac: float = 0.0
+    max_prefix_frac: float = 0.5  # prefix length drawn uniformly in [min, max] x caption length
+    empty_prefix_prob: float = 0.25  # share of samples captioned from the image alone
+    text_only_ratio: float = 0.0  # share of text-only samples mixed into a batch
+
+
+@dataclass
+class ModelConfig:
+    """A model: `arch` picks the registered builder; `preset` names a config file to start from."""
+
+    preset: str = ""  # a name in mmcl/models/configs/ or a path; loaded first, then the keys here
+    arch: Literal["clip", "prefix_lm", "joint"] = "clip"
+    embed_dim: int = 512
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    init_logit_scale: float = 1 / 0.07  # CLIP temperature init (SigLIP: 10)
+    max_logit_scale: float = 100.0
+    init_logit_bias: float | None = None  # SigLIP: -10
+
+
+@dataclass
+class LossConfig:
+    """Which objectives and their weights (`joint` models use both)."""
+
+    contrastive: Literal["clip", "siglip", "none"] = "clip"
+    contrastive_weight: float = 1.0
+    caption_weight: float = 1.0  # PrefixLM cross-entropy (prefix_lm / joint)
+    gather_with_grad: bool = True
+    local_loss: bool = True
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    grad_clip: float = 1.0  # 0 = off
+    grad_accum: int = 1  # micro-batches per optimizer step
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware has it
+    grad_checkpointing: bool = False
+    compile: bool = False
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 5  # non-finite loss/gradient this many steps in a row stops the run
+    eval_every: int = 0  # 0 = only at the end
+    seed: int = 0
+    output_dir: str = "runs/default"
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation run by the trainer's eval hook and by `mmcl eval`."""
+
+    shards: list[str] = field(default_factory=list)  # labelled shards (label in .json or .cls)
+    classnames: str = ""  # a file with one class name per line
+    templates: str = "openai"  # 'openai' (80), 'short' (7), 'cifar', 'none', or a file
+    max_samples: int = 0  # 0 = all
+    batch_size: int = 128
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+MODEL_PRESET_DIR = Path(__file__).parent / "models" / "configs"
+
+
+def model_preset_path(name: str) -> Path:
+    """A preset name (file stem in mmcl/models/configs/) or a path to a YAML file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    candidate = MODEL_PRESET_DIR / f"{name}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in MODEL_PRESET_DIR.glob("*.yaml"))
+    raise ConfigError(f"unknown model preset '{name}'{_suggest(name, known)}")
+
+
+def _resolve_model_preset(raw: dict[str, Any]) -> dict[str, Any]:
+    preset = raw.get("preset")
+    if not preset:
+        return raw
+    base = _resolve_model_preset(load_yaml(model_preset_path(preset)))
+    return deep_merge(base, raw)
+
+
+def model_config(preset_or_dict: str | dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from a preset name/path or a (possibly partial) mapping with `preset`."""
+    raw = {"preset": preset_or_dict} if isinstance(preset_or_dict, str) else preset_or_dict
+    return from_dict(ModelConfig, _resolve_model_preset(raw), "model")
+
+
+def experiment_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    raw = load_yaml(path) if path else {}
+    return deep_merge(raw, parse_overrides(list(overrides)))
+
+
+def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
+    """The experiment in YAML file `path` (may be None: all defaults) with dotted overrides applied."""
+    raw = experiment_raw(path, overrides)
+    if isinstance(raw.get("model"), (str, dict)):
+        model = raw["model"] if isinstance(raw["model"], dict) else {"preset": raw["model"]}
+        raw["model"] = _resolve_model_preset(model)
+    return from_dict(ExperimentConfig, raw)
+
+__all__ = [
+    "ConfigError",
+    "dataclass",
+    "field",
+    "from_dict",
+    "to_dict",
+    "deep_merge",
+    "parse_overrides",
+    "load_yaml",
+    "save_yaml",
+    "DataConfig",
+    "ImageTowerConfig",
+    "TextTowerConfig",
+    "DecoderConfig",
+    "ModelConfig",
+    "LossConfig",
+    "TrainConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "model_config",
+    "load_experiment",
+]

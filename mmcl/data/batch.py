@@ -1,0 +1,60 @@
+"""`Batch`: the one thing the training loop receives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+
+@dataclass
+class Batch:
+    """A collated batch. Tensors are (B, ...); optional parts are None when absent.
+
+    images:      (B, 3, H, W) float, normalised for the image tower
+    text:        (B, L) long token ids, padded; `text_mask` (B, L) 1 = real token
+    captions:    the raw caption strings (PrefixLM splits and tokenizes them itself)
+    labels:      (B,) long class index, for labelled eval shards
+    keys:        sample keys (`__key__`), for reports and resume bookkeeping
+    worker:      the loader worker that built the batch, and how many raw samples
+    consumed:    that worker had read when it did (exact resume of the data position)
+    """
+
+    images: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    text_mask: torch.Tensor | None = None
+    captions: list[str] = field(default_factory=list)
+    labels: torch.Tensor | None = None
+    keys: list[str] = field(default_factory=list)
+    worker: int = 0
+    consumed: int = 0
+
+    def __len__(self) -> int:
+        for t in (self.images, self.text, self.labels):
+            if t is not None:
+                return t.shape[0]
+        return len(self.captions)
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
+
+    def split(self, parts: int) -> list[Batch]:
+        """Cut into `parts` micro-batches along the batch dimension (for gradient accumulation)."""
+        n = len(self)
+        bounds = [round(i * n / parts) for i in range(parts + 1)]
+        out = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            if hi <= lo:
+                continue
+            sliced = {}
+            for f in fields(self):
+                v = getattr(self, f.name)
+                if isinstance(v, torch.Tensor) or (isinstance(v, list) and len(v) == n):
+                    sliced[f.name] = v[lo:hi]
+            out.append(replace(self, **sliced))
+        return out
