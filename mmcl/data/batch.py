@@ -16,8 +16,10 @@ class Batch:
     captions:    the raw caption strings (PrefixLM splits and tokenizes them itself)
     labels:      (B,) long class index, for labelled eval shards
     keys:        sample keys (`__key__`), for reports and resume bookkeeping
-    worker:      the loader worker that built the batch, and how many raw samples
-    consumed:    that worker had read when it did (exact resume of the data position)
+    worker:      the (logical) loader worker that built the batch, and how many raw
+    consumed:    samples that worker had read when it did (exact resume of the data position)
+    skipped:     that worker's running count of skipped samples by reason
+    epoch:       the data epoch the batch belongs to
     """
 
     images: torch.Tensor | None = None
@@ -28,6 +30,8 @@ class Batch:
     keys: list[str] = field(default_factory=list)
     worker: int = 0
     consumed: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    epoch: int = 0
 
     def __len__(self) -> int:
         for t in (self.images, self.text, self.labels):

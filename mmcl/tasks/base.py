@@ -17,9 +17,12 @@ class Task(nn.Module):
 
     The loop prepares the Task with Accelerate (so DDP wraps it) and calls
     `task.forward_backward(prepared, micro_batches, backward)` once per
-    optimizer step. `prepared` is the wrapped module: every forward pass goes
-    through it so DDP sees it. The default sums the micro-batch losses / k;
-    contrastive tasks override it to keep every negative (feature caching).
+    optimizer step. `prepared(batch, last=True, **kwargs)` runs the wrapped
+    module: every forward pass goes through it so DDP sees it, and a grad-enabled
+    forward whose backward is not the step's last should pass `last=False`
+    (DDP then skips the gradient all-reduce for it). The default sums the
+    micro-batch losses / k; contrastive tasks override it to keep every negative
+    (feature caching).
     """
 
     model: nn.Module
@@ -33,7 +36,7 @@ class Task(nn.Module):
         k = len(micro_batches)
         totals: dict[str, float] = {}
         for i, mb in enumerate(micro_batches):
-            out = prepared(mb)
+            out = prepared(mb, last=i == k - 1)
             backward(out["loss"] / k, i == k - 1)
             for name, value in out.items():
                 totals[name] = totals.get(name, 0.0) + float(value.detach()) / k

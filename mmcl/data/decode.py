@@ -1,0 +1,113 @@
+"""Safe decoding of one raw WebDataset sample: image, caption, label. Never unpickles.
+
+Each failure raises `SkipSample(reason)`; the stream counts reasons instead of
+stopping (a web-scale shard always holds some broken images).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from typing import Any
+
+from PIL import Image
+
+log = logging.getLogger("mmcl.data")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+class SkipSample(Exception):
+    """This sample is unusable; `reason` is a short counter name (e.g. 'corrupt_image')."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+class SkipCounter:
+    """Counts skipped samples by reason and logs rate-limited lines (1st, 2nd, ..., 10th, 100th, 1000th ...)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def add(self, reason: str, where: str = "", detail: str = "") -> None:
+        n = self.counts.get(reason, 0) + 1
+        self.counts[reason] = n
+        if n <= 3 or (n & (n - 1)) == 0 and n >= 16:  # first few, then powers of two
+            log.warning("skipped sample %s (%s%s); %d skipped for this reason so far", where, reason,
+                        f": {detail}" if detail else "", n)
+
+
+def image_bytes(sample: dict[str, Any]) -> bytes:
+    for ext in IMAGE_EXTS:
+        if ext in sample:
+            return sample[ext]
+    raise SkipSample("missing_image")
+
+
+def decode_image(data: bytes, max_pixels: int, target_size: int = 0) -> Image.Image:
+    """Decode to RGB, refusing images whose header declares more than `max_pixels`.
+
+    `target_size` lets JPEG decode at a reduced scale (DCT scaling via `draft`),
+    which is far cheaper than decoding full size and resizing afterwards.
+    """
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Exception as e:  # PIL raises several types for non-images (HTML saved as .jpg, empty files)
+        raise SkipSample("not_an_image", type(e).__name__) from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise SkipSample("too_many_pixels", f"{width}x{height}")
+    if width < 1 or height < 1:
+        raise SkipSample("corrupt_image", "zero size")
+    if target_size and img.format == "JPEG" and min(width, height) >= 2 * target_size:
+        img.draft("RGB", (target_size, target_size))
+    try:
+        return img.convert("RGB")  # forces the full decode: truncated data fails here
+    except Exception as e:
+        raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from None
+
+
+def decode_json(sample: dict[str, Any]) -> dict[str, Any]:
+    raw = sample.get("json")
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise SkipSample("bad_json") from None
+    return meta if isinstance(meta, dict) else {}
+
+
+def decode_caption(sample: dict[str, Any], meta: dict[str, Any], key: str, rng: random.Random) -> str:
+    """The caption from `.txt` (key 'txt') or a json field; a list or multi-line text: pick one at random."""
+    if key == "txt":
+        if "txt" not in sample:
+            raise SkipSample("missing_caption")
+        try:
+            options = [line for line in sample["txt"].decode("utf-8").splitlines() if line.strip()]
+        except UnicodeDecodeError:
+            raise SkipSample("bad_caption_encoding") from None
+    else:
+        value = meta.get(key)
+        if value is None:
+            raise SkipSample("missing_caption")
+        options = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str) and v.strip()]
+    if not options:
+        raise SkipSample("empty_caption")
+    return options[0].strip() if len(options) == 1 else rng.choice(options).strip()
+
+
+def decode_label(sample: dict[str, Any], meta: dict[str, Any], key: str) -> int | None:
+    """A class index from `.cls` or the json field `key`; None when the sample has none."""
+    if "cls" in sample:
+        try:
+            return int(sample["cls"].decode("utf-8").strip())
+        except ValueError:
+            raise SkipSample("bad_label") from None
+    value = meta.get(key)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

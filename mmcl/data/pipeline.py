@@ -1,0 +1,42 @@
+"""Build the train/eval streams of an experiment from its DataConfig and the model's preprocessing."""
+
+from __future__ import annotations
+
+from mmcl.config import DataConfig
+from mmcl.data.shards import Collator, SampleDecoder, ShardStream, expand_shards
+from mmcl.data.transforms import image_transform
+
+
+def build_stream(
+    cfg: DataConfig,
+    model,
+    shards: list[str],
+    *,
+    train: bool,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_size: int | None = None,
+    need_caption: bool = True,
+) -> ShardStream:
+    """A ShardStream over `shards` with `model`'s transform and tokenizer.
+
+    Training: shuffled, augmented, full batches only. Eval: one ordered pass, no augmentation.
+    """
+    pre = model.preprocess_cfg()
+    transform = image_transform(pre["image_size"], pre["mean"], pre["std"], train=train and cfg.augment)
+    decoder = SampleDecoder(transform, cfg.caption_key, cfg.label_key, cfg.max_pixels, pre["image_size"],
+                            need_caption=need_caption)
+    return ShardStream(
+        [expand_shards(p) for p in shards],
+        decoder,
+        Collator(getattr(model, "tokenizer", None) if need_caption else None),
+        batch_size or cfg.batch_size,
+        weights=cfg.train_weights or None,
+        resampled=cfg.resampled and train,
+        shuffle_buffer=cfg.shuffle_buffer if train else 0,
+        seed=seed,
+        rank=rank if train else 0,
+        world_size=world_size if train else 1,
+        drop_last=train,
+    )

@@ -1,0 +1,319 @@
+"""Streaming WebDataset shards into `Batch`es, resumable to the exact sample.
+
+Built on webdataset's tar readers (`url_opener`, `tar_file_expander`,
+`group_by_keys`: local paths, `pipe:`, http(s), s3, gs ... as webdataset
+supports). What mmcl adds:
+
+* shard order is a pure function of (seed, epoch), split by rank and then by
+  worker, so workers and ranks never overlap and nothing is lost (epoch mode);
+  or each worker draws shards with replacement from a (seed, rank, worker)
+  stream, several sources mixed by weight (resampled mode);
+* each worker counts the raw samples it has read; a batch carries that count,
+  so a checkpoint records the data position of every worker and a resumed run
+  replays the stream without decoding up to there (exact resume);
+* worker ids are rotated on resume so the DataLoader's round-robin hands out
+  batches in the same order as the uninterrupted run;
+* per-sample randomness (augmentation, caption choice) is seeded by
+  (seed, epoch, key), independent of worker count and position;
+* bad samples are skipped and counted by reason, never fatal.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import tariterators
+
+from mmcl.data.batch import Batch
+from mmcl.data.decode import SkipCounter, SkipSample, decode_caption, decode_image, decode_json, decode_label, image_bytes
+from mmcl.utils import UserError
+
+log = logging.getLogger("mmcl.data")
+
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://")
+WANTED_SUFFIXES = {"jpg", "jpeg", "png", "webp", "txt", "json", "cls"}  # never pkl/pth/npy
+
+
+# ----------------------------------------------------------------------------- shard lists
+
+
+def expand_shards(pattern: str) -> list[str]:
+    """A directory (all its .tar), a glob, or a brace pattern -> sorted shard list; clear error on no match."""
+    if pattern.startswith(REMOTE_PREFIXES):
+        return list(braceexpand.braceexpand(pattern))
+    path = Path(pattern)
+    if path.is_dir():
+        found = sorted(str(p) for p in path.glob("*.tar"))
+    else:
+        found = []
+        for expanded in braceexpand.braceexpand(pattern):
+            found.extend(sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded])
+        missing = [p for p in found if not os.path.exists(p)]
+        if missing:
+            raise UserError(f"shard pattern '{pattern}': {len(missing)} file(s) not found, e.g. {missing[0]}")
+    if not found:
+        raise UserError(f"shard pattern '{pattern}' matches no .tar file")
+    return found
+
+
+def _read_counts(directory: Path) -> dict[str, int]:
+    """Sample counts per shard from mmcl/webdataset `sizes.json` or img2dataset `*_stats.json`."""
+    sizes = directory / "sizes.json"
+    if sizes.is_file():
+        return {str(directory / name): int(n) for name, n in json.loads(sizes.read_text()).items()}
+    counts = {}
+    for stats in directory.glob("*_stats.json"):
+        data = json.loads(stats.read_text())
+        tar = directory / (stats.name[: -len("_stats.json")] + ".tar")
+        counts[str(tar)] = int(data.get("successes", data.get("count", 0)))
+    return counts
+
+
+def count_samples(shards: list[str]) -> int | None:
+    """Total samples in `shards` from the stats beside them; None if any shard is not covered."""
+    counts: dict[str, int] = {}
+    for directory in {Path(s).parent for s in shards if not s.startswith(REMOTE_PREFIXES)}:
+        counts.update(_read_counts(directory))
+    try:
+        return sum(counts[str(Path(s))] for s in shards)
+    except KeyError:
+        return None
+
+
+# ----------------------------------------------------------------------------- the stream
+
+
+def _seed(*parts: Any) -> int:
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+@dataclass
+class StreamState:
+    """Where every logical worker of one rank stands; saved with each checkpoint."""
+
+    epoch: int = 0
+    next_worker: int = 0
+    consumed: dict[int, int] = field(default_factory=dict)
+    skipped: dict[int, dict[str, int]] = field(default_factory=dict)
+
+    def record(self, batch: Batch, num_workers: int) -> None:
+        if batch.epoch != self.epoch:
+            self.epoch, self.consumed, self.skipped = batch.epoch, {}, {}
+        self.consumed[batch.worker] = batch.consumed
+        self.skipped[batch.worker] = dict(batch.skipped)
+        self.next_worker = (batch.worker + 1) % max(num_workers, 1)
+
+    def skip_totals(self) -> dict[str, int]:
+        totals: dict[str, int] = {}
+        for counts in self.skipped.values():
+            for reason, n in counts.items():
+                totals[reason] = totals.get(reason, 0) + n
+        return totals
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "next_worker": self.next_worker,
+                "consumed": {str(k): v for k, v in self.consumed.items()},
+                "skipped": {str(k): v for k, v in self.skipped.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StreamState:
+        return cls(d["epoch"], d["next_worker"], {int(k): v for k, v in d["consumed"].items()},
+                   {int(k): v for k, v in d["skipped"].items()})
+
+
+class ShardStream(IterableDataset):
+    """Yields collated `Batch`es built inside loader workers.
+
+    Args:
+        sources: one shard list per source (see `expand_shards`).
+        sample_fn: raw sample dict + per-sample RNG -> decoded sample dict; raises SkipSample.
+        collate_fn: list of decoded samples -> Batch.
+        weights: per-source sampling weights (resampled mode only).
+        resampled: draw shards with replacement forever instead of exact epochs.
+        drop_last: drop each worker's final partial batch (training) or keep it (eval).
+    """
+
+    def __init__(
+        self,
+        sources: list[list[str]],
+        sample_fn: Callable[[dict[str, Any], random.Random], dict[str, Any]],
+        collate_fn: Callable[[list[dict[str, Any]]], Batch],
+        batch_size: int,
+        *,
+        weights: list[float] | None = None,
+        resampled: bool = False,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.sources = sources
+        self.sample_fn, self.collate_fn = sample_fn, collate_fn
+        self.batch_size = batch_size
+        self.weights = weights or [1.0] * len(sources)
+        self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.drop_last = drop_last
+        self.num_workers = 1
+        self.state = StreamState()
+        if not resampled and world_size > len(self.all_shards):
+            raise UserError(f"{len(self.all_shards)} shard(s) cannot be split over {world_size} processes: "
+                            "write more, smaller shards or use data.resampled=true")
+
+    @property
+    def all_shards(self) -> list[str]:
+        return [s for src in self.sources for s in src]
+
+    def shards_per_rank(self) -> int:
+        return len(self.all_shards) // self.world_size
+
+    def start(self, state: StreamState, num_workers: int) -> None:
+        """Set the position to start from (fresh or restored) before the loader's workers fork."""
+        self.state, self.num_workers = state, max(num_workers, 1)
+
+    def _epoch_shards(self, epoch: int, worker: int) -> list[str]:
+        shards = sorted(self.all_shards)
+        random.Random(_seed(self.seed, "shards", epoch)).shuffle(shards)
+        return shards[self.rank :: self.world_size][worker :: self.num_workers]
+
+    def _resampled_shards(self, worker: int) -> Iterator[str]:
+        rng = random.Random(_seed(self.seed, "resample", self.state.epoch, self.rank, worker))
+        while True:
+            source = rng.choices(self.sources, weights=self.weights)[0]
+            yield rng.choice(source)
+
+    def _raw_samples(self, shards, counter: SkipCounter) -> Iterator[dict[str, Any]]:
+        def handler(exn: Exception) -> bool:
+            counter.add("unreadable_tar", where=str(exn.args[-1]) if exn.args else "", detail=type(exn).__name__)
+            return True
+
+        urls = ({"url": u} for u in shards)
+        streams = tariterators.url_opener(urls, handler=handler)
+        files = tariterators.tar_file_expander(streams, handler=handler,
+                                               select_files=lambda f: f.rsplit(".", 1)[-1].lower() in WANTED_SUFFIXES)
+        yield from tariterators.group_by_keys(files, handler=handler)
+
+    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        if self.shuffle_buffer <= 1:
+            yield from samples
+            return
+        buffer: list[dict[str, Any]] = []
+        for sample in samples:
+            if len(buffer) < self.shuffle_buffer:
+                buffer.append(sample)
+                continue
+            i = rng.randrange(len(buffer))
+            buffer[i], sample = sample, buffer[i]
+            yield sample
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        physical = info.id if info else 0
+        worker = (physical + self.state.next_worker) % self.num_workers  # logical id, rotated on resume
+        epoch = self.state.epoch
+        counter = SkipCounter()
+        counter.counts.update(self.state.skipped.get(worker, {}))
+        skip = self.state.consumed.get(worker, 0)
+        shards = self._resampled_shards(worker) if self.resampled else self._epoch_shards(epoch, worker)
+        rng = random.Random(_seed(self.seed, "buffer", epoch, self.rank, worker))
+        pending: list[dict[str, Any]] = []
+        consumed = 0
+        for raw in self._shuffled(self._raw_samples(shards, counter), rng):
+            consumed += 1
+            if consumed <= skip:
+                continue  # replaying up to the checkpointed position: read, never decode
+            sample_rng = random.Random(_seed(self.seed, epoch, raw["__key__"]))
+            try:
+                pending.append(self.sample_fn(raw, sample_rng))
+            except SkipSample as e:
+                counter.add(e.reason, where=f"{raw.get('__url__', '?')}:{raw['__key__']}", detail=e.detail)
+                continue
+            if len(pending) == self.batch_size:
+                yield self._finish(pending, worker, consumed, counter, epoch)
+                pending = []
+        if pending and not self.drop_last:
+            yield self._finish(pending, worker, consumed, counter, epoch)
+
+    def _finish(self, samples, worker: int, consumed: int, counter: SkipCounter, epoch: int) -> Batch:
+        batch = self.collate_fn(samples)
+        batch.worker, batch.consumed, batch.skipped, batch.epoch = worker, consumed, dict(counter.counts), epoch
+        return batch
+
+
+# ----------------------------------------------------------------------------- decode + collate
+
+
+class SampleDecoder:
+    """raw sample -> {'image': tensor, 'caption': str, 'label': int|None, 'key': str}. Picklable."""
+
+    def __init__(self, transform, caption_key: str = "txt", label_key: str = "label",
+                 max_pixels: int = 40_000_000, image_size: int = 0, need_image: bool = True,
+                 need_caption: bool = True) -> None:
+        self.transform, self.caption_key, self.label_key = transform, caption_key, label_key
+        self.max_pixels, self.image_size = max_pixels, image_size
+        self.need_image, self.need_caption = need_image, need_caption
+
+    def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        meta = decode_json(raw)
+        caption = decode_caption(raw, meta, self.caption_key, rng) if self.need_caption else ""
+        label = decode_label(raw, meta, self.label_key)
+        image = None
+        if self.need_image:
+            pil = decode_image(image_bytes(raw), self.max_pixels, self.image_size)
+            torch.manual_seed(rng.getrandbits(63))  # torchvision's random ops read the global generator
+            image = self.transform(pil)
+        return {"image": image, "caption": caption, "label": label, "key": raw["__key__"]}
+
+
+class Collator:
+    """decoded samples -> Batch, tokenizing the captions in one call. Picklable."""
+
+    def __init__(self, tokenizer=None) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, samples: list[dict[str, Any]]) -> Batch:
+        captions = [s["caption"] for s in samples]
+        text = mask = None
+        if self.tokenizer is not None and any(captions):
+            text, mask = self.tokenizer(captions)
+        labels = [s["label"] for s in samples]
+        images = [s["image"] for s in samples]
+        return Batch(
+            images=torch.stack(images) if images[0] is not None else None,
+            text=text,
+            text_mask=mask,
+            captions=captions,
+            labels=torch.tensor(labels) if all(v is not None for v in labels) else None,
+            keys=[s["key"] for s in samples],
+        )
+
+
+def make_loader(stream: ShardStream, num_workers: int, state: StreamState | None = None,
+                pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over `stream` starting at `state`. Never hand it to `accelerator.prepare`:
+    sharding is done by the stream itself (see DESIGN.md field notes)."""
+    if not stream.resampled:
+        per_rank = stream.shards_per_rank()
+        if num_workers > per_rank:
+            log.info("using %d loader worker(s), not %d: only %d shard(s) per process", per_rank, num_workers, per_rank)
+            num_workers = per_rank
+    stream.start(state or StreamState(), num_workers)
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      prefetch_factor=4 if num_workers else None, persistent_workers=False)

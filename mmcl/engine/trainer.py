@@ -1,0 +1,337 @@
+"""The one training loop: Accelerate, any Task, step checkpoints and exact resume.
+
+The loop knows nothing about CLIP or PrefixLM: it pulls `Batch`es, hands k
+micro-batches to `task.forward_backward`, clips, steps, logs, evaluates and
+checkpoints. What it adds to a plain Accelerate loop:
+
+* exact resume: model, optimizer, schedule, RNG and every loader worker's data
+  position are restored, so a killed run continues the same loss curve;
+* non-finite steps are skipped and counted; N in a row stop the run;
+* the data loader is never passed to `accelerator.prepare` (webdataset shards
+  are split by the stream itself; see DESIGN.md field notes), and the schedule
+  is stepped by hand once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmcl.config import ExperimentConfig, TrainConfig, load_yaml, save_yaml, to_dict
+from mmcl.data.batch import Batch
+from mmcl.data.pipeline import build_stream
+from mmcl.data.shards import ShardStream, StreamState, count_samples, make_loader
+from mmcl.engine import checkpoint as ckpt
+from mmcl.engine.metrics import MetricsLog, plot_curves
+from mmcl.engine.optim import build_optimizer, lr_at, set_lr
+from mmcl.utils import UserError
+
+log = logging.getLogger("mmcl.train")
+
+EvalHook = Callable[[torch.nn.Module, int], dict[str, float]]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    final_dir: Path
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_precision(requested: str) -> str:
+    """'auto' -> bf16 on GPUs that have it, else fp32 (CPUs without AVX512-BF16/AMX run bf16 ~17x slower)."""
+    if requested != "auto":
+        if requested == "fp16" and not torch.cuda.is_available():
+            raise UserError("train.precision=fp16 needs a CUDA GPU; use fp32 or bf16 on CPU")
+        return requested
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    log.info("precision: fp32 (auto: no GPU with bf16; bf16 autocast on CPUs without bf16 hardware is far slower)")
+    return "fp32"
+
+
+class BatchSource:
+    """Endless batches across epochs for one process; records the data position of each batch used."""
+
+    def __init__(self, stream: ShardStream, num_workers: int, state: StreamState, accelerator) -> None:
+        self.stream, self.num_workers, self.accelerator = stream, num_workers, accelerator
+        self.state = state
+        self._it: Iterator[Batch] | None = None
+
+    def _start_epoch(self) -> None:
+        loader = make_loader(self.stream, self.num_workers, self.state,
+                             pin_memory=self.accelerator.device.type == "cuda")
+        loader.generator = torch.Generator().manual_seed(self.state.epoch)  # keep the global RNG untouched
+        self._it = iter(loader)
+
+    def next(self) -> Batch:
+        for _ in range(3):  # a new epoch, then a second try, before declaring the data empty
+            if self._it is None:
+                self._start_epoch()
+            batch = next(self._it, None)
+            have = torch.tensor(0 if batch is None else 1, device=self.accelerator.device)
+            if self.accelerator.num_processes > 1:  # every rank moves to the next epoch together
+                have = self.accelerator.reduce(have, reduction="sum") // self.accelerator.num_processes
+            if int(have) == 1:
+                self.state.record(batch, self.stream.num_workers)
+                return batch
+            self._it = None
+            self.state = StreamState(epoch=self.state.epoch + 1)
+        raise UserError(f"no usable samples in {self.stream.all_shards[:3]}...: every sample was skipped "
+                        f"({self.state.skip_totals() or 'shards empty'})")
+
+
+class Trainer:
+    """Trains `cfg` in `cfg.train.output_dir`. `fit()` resumes from the newest checkpoint there."""
+
+    def __init__(self, cfg: ExperimentConfig, eval_hook: EvalHook | None = None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from mmcl.models import build_model
+        from mmcl.tasks import build_task
+
+        self.cfg = cfg
+        self.tc: TrainConfig = cfg.train
+        if not cfg.data.train_shards:
+            raise UserError("data.train_shards is empty: point it at your shards (e.g. data.train_shards=[data/train])")
+        self.run_dir = Path(self.tc.output_dir)
+        self.ckpt_root = self.run_dir / "checkpoints"
+        trackers = [t for t in self.tc.trackers if t != "none"]
+        self.accelerator = Accelerator(mixed_precision=resolve_precision(self.tc.precision).replace("fp32", "no"),
+                                       log_with=trackers or None, project_dir=str(self.run_dir),
+                                       cpu=not torch.cuda.is_available())
+        set_seed(self.tc.seed + self.accelerator.process_index)
+        self.model = build_model(cfg.model)
+        if self.tc.grad_checkpointing and hasattr(self.model, "set_grad_checkpointing"):
+            self.model.set_grad_checkpointing(True)
+        self.task = build_task(self.model, cfg)
+        self.optimizer = build_optimizer(self.task, self.tc)
+        if self.tc.compile:
+            self.model.compile()
+        self.prepared, self.optimizer = self.accelerator.prepare(self.task, self.optimizer)
+        self.eval_hook = eval_hook
+        acc = self.accelerator
+        self.stream = build_stream(cfg.data, self.model, cfg.data.train_shards, train=True, seed=self.tc.seed,
+                                   rank=acc.process_index, world_size=acc.num_processes)
+        self.samples_per_step = cfg.data.batch_size * self.tc.grad_accum * acc.num_processes
+
+    # ------------------------------------------------------------------ forward/backward plumbing
+
+    def _forward(self, batch: Batch, last: bool = True, **kwargs) -> dict[str, torch.Tensor]:
+        sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.prepared)
+        with sync, self.accelerator.autocast():
+            return self.prepared(batch.to(self.accelerator.device), **kwargs)
+
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.accelerator.backward(loss)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _save(self, step: int, source: BatchSource, counters: dict[str, Any]) -> None:
+        acc = self.accelerator
+        tmp = ckpt.tmp_dir_for(self.ckpt_root, step)
+        if acc.is_main_process:
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        ckpt.write_rank_state(tmp, acc.process_index, source.state.to_dict())
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": step, "num_processes": acc.num_processes, **counters}
+            ckpt.write_main_state(tmp, acc.unwrap_model(self.prepared).model, self.optimizer, state)
+            ckpt.publish(tmp, ckpt.step_dir(self.ckpt_root, step), self.tc.keep_checkpoints)
+        acc.wait_for_everyone()
+
+    def _restore(self) -> tuple[int, StreamState, dict[str, Any]]:
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if latest is None:
+            return 0, StreamState(), {}
+        saved_cfg = self.run_dir / "config.yaml"
+        if saved_cfg.is_file() and load_yaml(saved_cfg).get("model") != to_dict(self.cfg.model):
+            raise UserError(f"{self.run_dir} holds a run of a different model config: choose another "
+                            "train.output_dir or delete that folder")
+        import json
+
+        trainer_state = json.loads((latest / "trainer.json").read_text())
+        if trainer_state["num_processes"] != self.accelerator.num_processes:
+            raise UserError(f"{latest} was written by {trainer_state['num_processes']} process(es); resume it "
+                            f"with the same number (got {self.accelerator.num_processes})")
+        ckpt.load_model_weights(self.accelerator.unwrap_model(self.prepared).model, latest / "model.safetensors")
+        ckpt.load_optimizer(self.optimizer, latest)
+        rank_state = ckpt.read_rank_state(latest, self.accelerator.process_index)
+        ckpt.set_rng_state(rank_state["rng"], rank_state["rng_tensors"])
+        log.info("resumed from %s (step %d)", latest, trainer_state["step"])
+        return trainer_state["step"], StreamState.from_dict(rank_state["data"]), trainer_state
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, stop_after: int | None = None) -> TrainResult:
+        """Train to `train.steps` (or stop early after `stop_after` steps, for tests and benchmarks)."""
+        acc, tc = self.accelerator, self.tc
+        step, data_state, counters = self._restore()
+        if acc.is_main_process:
+            save_yaml(self.cfg, self.run_dir / "config.yaml")
+            self._announce(step)
+        if acc.is_main_process:
+            acc.init_trackers(self.run_dir.name, config=_flat_config(self.cfg))
+        source = BatchSource(self.stream, self.cfg.data.num_workers, data_state, acc)
+        metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=step) if acc.is_main_process else None
+        bad_in_a_row = counters.get("bad_in_a_row", 0)
+        bad_total = counters.get("bad_total", 0)
+        unwrapped = acc.unwrap_model(self.prepared)
+        window: dict[str, float] = {}
+        window_steps, window_start = 0, time.perf_counter()
+        last: dict[str, float] = {}
+        eval_metrics: dict[str, float] = {}
+        bar = _progress(acc.is_main_process and tc.progress, tc.steps, step)
+        end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
+        while step < end:
+            self.prepared.train()
+            set_lr(self.optimizer, lr_at(step, tc))
+            micro = [source.next() for _ in range(tc.grad_accum)]
+            out = unwrapped.forward_backward(self._forward, micro, self._backward)
+            grad_norm = self._grad_norm()
+            if not math.isfinite(grad_norm) or not math.isfinite(out.get("loss", 0.0)):
+                self.optimizer.zero_grad(set_to_none=True)
+                bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
+                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, bad_in_a_row)
+                if bad_in_a_row >= tc.max_bad_steps:
+                    raise RuntimeError(f"stopping: {bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                                       "(lower train.lr, check the data, or use fp32)")
+                step += 1
+                continue
+            bad_in_a_row = 0
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            step += 1
+            for k, v in {**out, "grad_norm": grad_norm}.items():
+                window[k] = window.get(k, 0.0) + v
+            window_steps += 1
+            if bar is not None:
+                bar.update(1)
+            if step % tc.log_every == 0 or step == end:
+                elapsed = time.perf_counter() - window_start
+                last = {k: v / window_steps for k, v in window.items()}
+                last.update(lr=lr_at(step - 1, tc), samples_per_s=window_steps * self.samples_per_step / elapsed,
+                            epoch=source.state.epoch, bad_steps=bad_total)
+                last.update({f"skipped_{k}": v for k, v in self._skips(source).items()})
+                if metrics_log is not None:
+                    metrics_log.append({"step": step, "samples": step * self.samples_per_step, **last})
+                acc.log(last, step=step)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}",
+                                    sps=f"{last['samples_per_s']:.0f}")
+                window, window_steps, window_start = {}, 0, time.perf_counter()
+            if self.eval_hook and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                eval_metrics = self._evaluate(step, metrics_log)
+            if step % tc.ckpt_every == 0 or step == end:
+                self._save(step, source, {"bad_in_a_row": bad_in_a_row, "bad_total": bad_total})
+        if bar is not None:
+            bar.close()
+        if step >= tc.steps and self.eval_hook:
+            eval_metrics = self._evaluate(step, metrics_log)
+        final_dir = self._finish(step, metrics_log)
+        return TrainResult(self.run_dir, step, final_dir, last, eval_metrics)
+
+    def _grad_norm(self) -> float:
+        params = [p for p in self.task.parameters() if p.grad is not None]
+        max_norm = self.tc.grad_clip if self.tc.grad_clip > 0 else float("inf")
+        if not params:
+            return 0.0
+        return float(self.accelerator.clip_grad_norm_(params, max_norm))
+
+    def _skips(self, source: BatchSource) -> dict[str, int]:
+        totals = source.state.skip_totals()
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            merged: dict[str, int] = {}
+            for part in gather_object([totals]):
+                for k, v in part.items():
+                    merged[k] = merged.get(k, 0) + v
+            totals = merged
+        return totals
+
+    def _evaluate(self, step: int, metrics_log: MetricsLog | None) -> dict[str, float]:
+        results: dict[str, float] = {}
+        if self.accelerator.is_main_process:
+            model = self.accelerator.unwrap_model(self.prepared).model
+            was_training = model.training
+            model.eval()
+            results = {f"eval_{k}": v for k, v in self.eval_hook(model, step).items()}
+            model.train(was_training)
+            if metrics_log is not None:
+                metrics_log.append({"step": step, **results})
+            self.accelerator.log(results, step=step)
+            log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
+        self.accelerator.wait_for_everyone()
+        return results
+
+    def _finish(self, step: int, metrics_log: MetricsLog | None) -> Path:
+        final_dir = self.run_dir / "final"
+        if self.accelerator.is_main_process:
+            final_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.save_model(self.accelerator.unwrap_model(self.prepared).model, final_dir / "model.safetensors")
+            save_yaml(self.cfg, final_dir / "config.yaml")
+            if metrics_log is not None and metrics_log.rows:
+                plot_curves(metrics_log.rows, self.run_dir / "curves.png", title=self.run_dir.name)
+        self.accelerator.end_training()
+        self.accelerator.wait_for_everyone()
+        return final_dir
+
+    def _announce(self, step: int) -> None:
+        n = count_samples(self.stream.all_shards)
+        params = sum(p.numel() for p in self.model.parameters())
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        log.info("model %s: %.2fM parameters (%.2fM trainable); %d process(es) on %s; %s",
+                 self.cfg.model.arch, params / 1e6, trainable / 1e6, self.accelerator.num_processes,
+                 self.accelerator.device, f"{n} training samples" if n is not None else "sample count unknown")
+        if n:
+            log.info("%d steps x %d samples = %.1f epochs", self.tc.steps, self.samples_per_step,
+                     self.tc.steps * self.samples_per_step / n)
+        if step:
+            log.info("continuing at step %d of %d", step, self.tc.steps)
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+
+
+def _flat_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Scalars only, dotted keys: what TensorBoard's hparams accept."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(value, (int, float, str, bool)):
+            flat[prefix] = value
+        else:
+            flat[prefix] = str(value)
+
+    walk("", to_dict(cfg))
+    return flat
+
+
+def train(cfg: ExperimentConfig, eval_hook: EvalHook | None = None, stop_after: int | None = None) -> TrainResult:
+    """Train `cfg` (resuming from its output_dir if it holds checkpoints)."""
+    return Trainer(cfg, eval_hook=eval_hook).fit(stop_after=stop_after)
