@@ -19,19 +19,20 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
-T = TypeVar("T")
-
-
 from mmcl.utils import UserError, atomic_write_text
+
+T = TypeVar("T")
 
 
 class ConfigError(UserError):
     """A config value or key is wrong; the message names where."""
 
 
-def _suggest(key: str, valid: list[str]) -> str:
+def _suggest(key: str, valid: list[str], prefix: str = "") -> str:
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(sorted(valid))})"
+    if close:
+        return f" (did you mean '{prefix}{close[0]}'?)"
+    return f" (valid: {', '.join(sorted(valid))})"
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -99,7 +100,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in fields:
-            raise ConfigError(f"unknown config key '{path}'{_suggest(key, list(fields))}")
+            raise ConfigError(f"unknown config key '{path}'{_suggest(key, list(fields), f'{where}.' if where else '')}")
         kwargs[key] = _coerce(value, hints[key], path)
     try:
         obj = cls(**kwargs)
@@ -163,7 +164,6 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def save_yaml(obj: Any, path: str | Path) -> None:
     """Write `obj` (a dataclass or plain data) as YAML, atomically."""
     atomic_write_text(path, yaml.safe_dump(to_dict(obj), sort_keys=False))
-
 
 
 # --------------------------------------------------------------------------- schema
@@ -356,6 +356,7 @@ def load_experiment(path: str | Path | None, overrides: list[str] = ()) -> Exper
         model = raw["model"] if isinstance(raw["model"], dict) else {"preset": raw["model"]}
         raw["model"] = _resolve_model_preset(model)
     return from_dict(ExperimentConfig, raw)
+
 
 __all__ = [
     "ConfigError",

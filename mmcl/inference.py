@@ -1,9 +1,9 @@
 """Load a trained model for use: encode images and texts, caption images.
 
-    pipe = load_pipeline("runs/demo")          # a run folder, its final/ or a checkpoints/step_*/ folder
-    img = pipe.encode_images([PIL.Image...])   # (N, D), L2-normalised
-    txt = pipe.encode_texts(["a red circle"])  # (N, D)
-    pipe.caption([image], prefix="a small")    # PrefixLM / joint models
+pipe = load_pipeline("runs/demo")          # a run folder, its final/ or a checkpoints/step_*/ folder
+img = pipe.encode_images([PIL.Image...])   # (N, D), L2-normalised
+txt = pipe.encode_texts(["a red circle"])  # (N, D)
+pipe.caption([image], prefix="a small")    # PrefixLM / joint models
 """
 
 from __future__ import annotations
@@ -71,8 +71,10 @@ class Pipeline:
             raise UserError(f"this {self.config.model.arch} model has no image/text encoder (it only captions)")
         if isinstance(images, torch.Tensor):
             return self.model.encode_image(images.to(self.device), normalize=True).float().cpu()
-        out = [self.model.encode_image(self.images_to_tensor(images[i : i + batch_size]), normalize=True)
-               for i in range(0, len(images), batch_size)]
+        out = [
+            self.model.encode_image(self.images_to_tensor(images[i : i + batch_size]), normalize=True)
+            for i in range(0, len(images), batch_size)
+        ]
         return torch.cat(out).float().cpu()
 
     @torch.no_grad()

@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Multimodal image-text pretraining: write shards, train CLIP/SigLIP/PrefixLM, evaluate, serve.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module in COMMANDS.items():
+    for module in COMMANDS.values():
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as e:
@@ -43,10 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     from mmcl.utils import UserError, setup_logging
 
     setup_logging()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take KEY=VALUE positionals after an option; gather the stragglers here
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except (UserError, FileNotFoundError) as e:
         print(f"mmcl {args.command}: error: {e}", file=sys.stderr)
         return 2
-

@@ -13,7 +13,7 @@ def register(sub) -> None:
         "newest checkpoint in train.output_dir. Launch several processes with torchrun or accelerate launch.",
         epilog="example: mmcl train configs/clip/tiny.yaml train.steps=200 data.batch_size=64 train.lr=1e-3",
     )
-    p.add_argument("config", help="experiment YAML file")
+    p.add_argument("config", help="experiment YAML file ('-' for none: all defaults plus the overrides)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-3")
     p.add_argument("--output-dir", help="shortcut for train.output_dir=...")
     p.add_argument("--no-eval", action="store_true", help="skip the zero-shot/caption eval hook")
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     from mmcl.engine.trainer import train
 
     overrides = list(args.overrides) + ([f"train.output_dir={args.output_dir}"] if args.output_dir else [])
-    cfg = load_experiment(args.config, overrides)
+    cfg = load_experiment(None if args.config == "-" else args.config, overrides)
     result = train(cfg, eval_hook=None if args.no_eval else default_eval_hook(cfg))
     print(f"trained {result.step} steps; model in {result.final_dir}")
     for k, v in result.eval_metrics.items():

@@ -29,17 +29,27 @@ class SkipSample(Exception):
 
 
 class SkipCounter:
-    """Counts skipped samples by reason and logs rate-limited lines (1st, 2nd, ..., 10th, 100th, 1000th ...)."""
+    """Counts skipped samples by reason and logs rate-limited lines (the first three, then powers of two from 16).
 
-    def __init__(self) -> None:
+    Args:
+        logger: where the lines go (the eval readers log to "mmcl.eval"); default "mmcl.data".
+    """
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
         self.counts: dict[str, int] = {}
+        self.log = logger or log
 
     def add(self, reason: str, where: str = "", detail: str = "") -> None:
         n = self.counts.get(reason, 0) + 1
         self.counts[reason] = n
         if n <= 3 or (n & (n - 1)) == 0 and n >= 16:  # first few, then powers of two
-            log.warning("skipped sample %s (%s%s); %d skipped for this reason so far", where, reason,
-                        f": {detail}" if detail else "", n)
+            self.log.warning(
+                "skipped sample %s (%s%s); %d skipped for this reason so far",
+                where,
+                reason,
+                f": {detail}" if detail else "",
+                n,
+            )
 
 
 def image_bytes(sample: dict[str, Any]) -> bytes:
@@ -61,7 +71,7 @@ def decode_image(data: bytes, max_pixels: int, target_size: int = 0) -> Image.Im
         raise SkipSample("not_an_image", type(e).__name__) from None
     width, height = img.size
     if width * height > max_pixels:
-        raise SkipSample("too_many_pixels", f"{width}x{height}")
+        raise SkipSample("too_many_pixels", f"{width}x{height} pixels")
     if width < 1 or height < 1:
         raise SkipSample("corrupt_image", "zero size")
     if target_size and img.format == "JPEG" and min(width, height) >= 2 * target_size:
@@ -78,36 +88,52 @@ def decode_json(sample: dict[str, Any]) -> dict[str, Any]:
         return {}
     try:
         meta = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise SkipSample("bad_json") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise SkipSample("bad_json", str(e)) from None
     return meta if isinstance(meta, dict) else {}
 
 
-def decode_caption(sample: dict[str, Any], meta: dict[str, Any], key: str, rng: random.Random) -> str:
-    """The caption from `.txt` (key 'txt') or a json field; a list or multi-line text: pick one at random."""
+def caption_options(sample: dict[str, Any], meta: dict[str, Any], key: str, errors: str = "strict") -> list[str]:
+    """Every caption of a sample, stripped: the non-blank lines of `.txt` (key 'txt') or a json string/list field.
+
+    Args:
+        errors: how undecodable `.txt` bytes are handled: "strict" skips the sample, "replace" keeps the
+            caption with U+FFFD in place of the bad bytes (the eval readers, which must not drop samples).
+
+    Raises:
+        SkipSample: 'missing_caption', 'bad_caption_encoding' or 'empty_caption'.
+    """
     if key == "txt":
         if "txt" not in sample:
             raise SkipSample("missing_caption")
         try:
-            options = [line for line in sample["txt"].decode("utf-8").splitlines() if line.strip()]
+            options = sample["txt"].decode("utf-8", errors).splitlines()
         except UnicodeDecodeError:
             raise SkipSample("bad_caption_encoding") from None
     else:
         value = meta.get(key)
         if value is None:
             raise SkipSample("missing_caption")
-        options = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str) and v.strip()]
+        options = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, str)]
+    options = [v.strip() for v in options if v.strip()]
     if not options:
         raise SkipSample("empty_caption")
-    return options[0].strip() if len(options) == 1 else rng.choice(options).strip()
+    return options
+
+
+def decode_caption(sample: dict[str, Any], meta: dict[str, Any], key: str, rng: random.Random) -> str:
+    """The caption from `.txt` (key 'txt') or a json field; a list or multi-line text: pick one at random."""
+    options = caption_options(sample, meta, key)
+    return options[0] if len(options) == 1 else rng.choice(options)
 
 
 def decode_label(sample: dict[str, Any], meta: dict[str, Any], key: str) -> int | None:
     """A class index from `.cls` or the json field `key`; None when the sample has none."""
     if "cls" in sample:
+        text = sample["cls"].decode("utf-8", "replace").strip()
         try:
-            return int(sample["cls"].decode("utf-8").strip())
+            return int(text)
         except ValueError:
-            raise SkipSample("bad_label") from None
+            raise SkipSample("bad_label", f".cls holds {text!r}, not an integer class index") from None
     value = meta.get(key)
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None

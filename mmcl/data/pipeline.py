@@ -25,8 +25,9 @@ def build_stream(
     """
     pre = model.preprocess_cfg()
     transform = image_transform(pre["image_size"], pre["mean"], pre["std"], train=train and cfg.augment)
-    decoder = SampleDecoder(transform, cfg.caption_key, cfg.label_key, cfg.max_pixels, pre["image_size"],
-                            need_caption=need_caption)
+    decoder = SampleDecoder(
+        transform, cfg.caption_key, cfg.label_key, cfg.max_pixels, pre["image_size"], need_caption=need_caption
+    )
     return ShardStream(
         [expand_shards(p) for p in shards],
         decoder,

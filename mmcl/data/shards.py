@@ -37,7 +37,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import tariterators
 
 from mmcl.data.batch import Batch
-from mmcl.data.decode import SkipCounter, SkipSample, decode_caption, decode_image, decode_json, decode_label, image_bytes
+from mmcl.data.decode import (
+    SkipCounter,
+    SkipSample,
+    decode_caption,
+    decode_image,
+    decode_json,
+    decode_label,
+    image_bytes,
+)
 from mmcl.utils import UserError
 
 log = logging.getLogger("mmcl.data")
@@ -47,6 +55,11 @@ WANTED_SUFFIXES = {"jpg", "jpeg", "png", "webp", "txt", "json", "cls"}  # never 
 
 
 # ----------------------------------------------------------------------------- shard lists
+
+
+def wanted_member(name: str) -> bool:
+    """Whether to read a tar member: images, captions, json, labels; never pickles, torch or numpy files."""
+    return name.rsplit(".", 1)[-1].lower() in WANTED_SUFFIXES
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -124,14 +137,21 @@ class StreamState:
         return totals
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "next_worker": self.next_worker,
-                "consumed": {str(k): v for k, v in self.consumed.items()},
-                "skipped": {str(k): v for k, v in self.skipped.items()}}
+        return {
+            "epoch": self.epoch,
+            "next_worker": self.next_worker,
+            "consumed": {str(k): v for k, v in self.consumed.items()},
+            "skipped": {str(k): v for k, v in self.skipped.items()},
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StreamState:
-        return cls(d["epoch"], d["next_worker"], {int(k): v for k, v in d["consumed"].items()},
-                   {int(k): v for k, v in d["skipped"].items()})
+        return cls(
+            d["epoch"],
+            d["next_worker"],
+            {int(k): v for k, v in d["consumed"].items()},
+            {int(k): v for k, v in d["skipped"].items()},
+        )
 
 
 class ShardStream(IterableDataset):
@@ -172,8 +192,10 @@ class ShardStream(IterableDataset):
         self.num_workers = 1
         self.state = StreamState()
         if not resampled and world_size > len(self.all_shards):
-            raise UserError(f"{len(self.all_shards)} shard(s) cannot be split over {world_size} processes: "
-                            "write more, smaller shards or use data.resampled=true")
+            raise UserError(
+                f"{len(self.all_shards)} shard(s) cannot be split over {world_size} processes: "
+                "write more, smaller shards or use data.resampled=true"
+            )
 
     @property
     def all_shards(self) -> list[str]:
@@ -204,8 +226,7 @@ class ShardStream(IterableDataset):
 
         urls = ({"url": u} for u in shards)
         streams = tariterators.url_opener(urls, handler=handler)
-        files = tariterators.tar_file_expander(streams, handler=handler,
-                                               select_files=lambda f: f.rsplit(".", 1)[-1].lower() in WANTED_SUFFIXES)
+        files = tariterators.tar_file_expander(streams, handler=handler, select_files=wanted_member)
         yield from tariterators.group_by_keys(files, handler=handler)
 
     def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
@@ -263,9 +284,16 @@ class ShardStream(IterableDataset):
 class SampleDecoder:
     """raw sample -> {'image': tensor, 'caption': str, 'label': int|None, 'key': str}. Picklable."""
 
-    def __init__(self, transform, caption_key: str = "txt", label_key: str = "label",
-                 max_pixels: int = 40_000_000, image_size: int = 0, need_image: bool = True,
-                 need_caption: bool = True) -> None:
+    def __init__(
+        self,
+        transform,
+        caption_key: str = "txt",
+        label_key: str = "label",
+        max_pixels: int = 40_000_000,
+        image_size: int = 0,
+        need_image: bool = True,
+        need_caption: bool = True,
+    ) -> None:
         self.transform, self.caption_key, self.label_key = transform, caption_key, label_key
         self.max_pixels, self.image_size = max_pixels, image_size
         self.need_image, self.need_caption = need_image, need_caption
@@ -305,8 +333,9 @@ class Collator:
         )
 
 
-def make_loader(stream: ShardStream, num_workers: int, state: StreamState | None = None,
-                pin_memory: bool = False) -> DataLoader:
+def make_loader(
+    stream: ShardStream, num_workers: int, state: StreamState | None = None, pin_memory: bool = False
+) -> DataLoader:
     """A DataLoader over `stream` starting at `state`. Never hand it to `accelerator.prepare`:
     sharding is done by the stream itself (see DESIGN.md field notes)."""
     if not stream.resampled:
@@ -315,5 +344,11 @@ def make_loader(stream: ShardStream, num_workers: int, state: StreamState | None
             log.info("using %d loader worker(s), not %d: only %d shard(s) per process", per_rank, num_workers, per_rank)
             num_workers = per_rank
     stream.start(state or StreamState(), num_workers)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers else None, persistent_workers=False)
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=4 if num_workers else None,
+        persistent_workers=False,
+    )

@@ -68,15 +68,18 @@ def load_model_weights(model: nn.Module, path: Path, strict: bool = True) -> Non
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if strict and (missing or unexpected):
-        raise ValueError(f"{path}: weights do not match the model config "
-                         f"(missing {missing[:3]}..., unexpected {unexpected[:3]}...)")
+        raise ValueError(
+            f"{path}: weights do not match the model config (missing {missing[:3]}..., unexpected {unexpected[:3]}...)"
+        )
 
 
 def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     py = random.getstate()
     np_state = np.random.get_state()
-    plain = {"python": [py[0], list(py[1]), py[2]],
-             "numpy": [np_state[0], np_state[1].tolist(), *map(_plain, np_state[2:])]}
+    plain = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *map(_plain, np_state[2:])],
+    }
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
@@ -107,8 +110,9 @@ def write_rank_state(tmp_dir: Path, rank: int, data_state: dict[str, Any]) -> No
 def read_rank_state(ckpt: Path, rank: int) -> dict[str, Any]:
     path = ckpt / f"rank{rank}.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{ckpt} has no state for process {rank}: was it written by a run "
-                                "with a different number of processes?")
+        raise FileNotFoundError(
+            f"{ckpt} has no state for process {rank}: was it written by a run with a different number of processes?"
+        )
     state = json.loads(path.read_text())
     state["rng_tensors"] = torch.load(ckpt / f"rank{rank}_rng.pt", weights_only=True)
     return state
@@ -118,8 +122,9 @@ def tmp_dir_for(root: Path, step: int) -> Path:
     return root / f".{STEP_PREFIX}{step:07d}.tmp"
 
 
-def write_main_state(tmp_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     trainer_state: dict[str, Any]) -> None:
+def write_main_state(
+    tmp_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any]
+) -> None:
     save_model(model, tmp_dir / "model.safetensors")
     torch.save(optimizer.state_dict(), tmp_dir / "optimizer.pt")
     atomic_write_text(tmp_dir / "trainer.json", json.dumps(trainer_state, indent=1))  # last: marks complete

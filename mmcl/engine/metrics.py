@@ -43,8 +43,14 @@ def plot_curves(rows: list[dict[str, Any]], out: Path, title: str = "") -> Path 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    numeric = sorted({k for r in rows for k, v in r.items()
-                      if isinstance(v, (int, float)) and k not in ("step", "epoch", "time", "samples")})
+    numeric = sorted(
+        {
+            k
+            for r in rows
+            for k, v in r.items()
+            if isinstance(v, (int, float)) and k not in ("step", "epoch", "time", "samples")
+        }
+    )
     panels = {
         "loss": [k for k in numeric if "loss" in k],
         "accuracy / recall": [k for k in numeric if any(s in k for s in ("acc", "top", "recall", "r@"))],

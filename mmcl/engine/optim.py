@@ -11,8 +11,15 @@ from mmcl.config import TrainConfig
 
 # Gains, biases, embeddings-free scalars (temperature, bias) are not decayed: decaying
 # them shrinks norms and the learned temperature for no regularisation benefit (CLIP, open_clip).
-NO_DECAY_NAMES = ("logit_scale", "logit_bias", "positional_embedding", "pos_embed", "cls_token",
-                  "class_embedding", "image_pos")
+NO_DECAY_NAMES = (
+    "logit_scale",
+    "logit_bias",
+    "positional_embedding",
+    "pos_embed",
+    "cls_token",
+    "class_embedding",
+    "image_pos",
+)
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:

@@ -28,7 +28,7 @@ import torch
 from mmcl.config import ExperimentConfig, TrainConfig, load_yaml, save_yaml, to_dict
 from mmcl.data.batch import Batch
 from mmcl.data.pipeline import build_stream
-from mmcl.data.shards import ShardStream, StreamState, count_samples, make_loader
+from mmcl.data.shards import ShardStream, StreamState, count_samples, expand_shards, make_loader
 from mmcl.engine import checkpoint as ckpt
 from mmcl.engine.metrics import MetricsLog, plot_curves
 from mmcl.engine.optim import build_optimizer, lr_at, set_lr
@@ -69,8 +69,9 @@ class BatchSource:
         self._it: Iterator[Batch] | None = None
 
     def _start_epoch(self) -> None:
-        loader = make_loader(self.stream, self.num_workers, self.state,
-                             pin_memory=self.accelerator.device.type == "cuda")
+        loader = make_loader(
+            self.stream, self.num_workers, self.state, pin_memory=self.accelerator.device.type == "cuda"
+        )
         loader.generator = torch.Generator().manual_seed(self.state.epoch)  # keep the global RNG untouched
         self._it = iter(loader)
 
@@ -87,8 +88,10 @@ class BatchSource:
                 return batch
             self._it = None
             self.state = StreamState(epoch=self.state.epoch + 1)
-        raise UserError(f"no usable samples in {self.stream.all_shards[:3]}...: every sample was skipped "
-                        f"({self.state.skip_totals() or 'shards empty'})")
+        raise UserError(
+            f"no usable samples in {self.stream.all_shards[:3]}...: every sample was skipped "
+            f"({self.state.skip_totals() or 'shards empty'})"
+        )
 
 
 class Trainer:
@@ -105,12 +108,17 @@ class Trainer:
         self.tc: TrainConfig = cfg.train
         if not cfg.data.train_shards:
             raise UserError("data.train_shards is empty: point it at your shards (e.g. data.train_shards=[data/train])")
+        for pattern in cfg.data.train_shards:  # fail on a bad pattern before building anything
+            expand_shards(pattern)
         self.run_dir = Path(self.tc.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         trackers = [t for t in self.tc.trackers if t != "none"]
-        self.accelerator = Accelerator(mixed_precision=resolve_precision(self.tc.precision).replace("fp32", "no"),
-                                       log_with=trackers or None, project_dir=str(self.run_dir),
-                                       cpu=not torch.cuda.is_available())
+        self.accelerator = Accelerator(
+            mixed_precision=resolve_precision(self.tc.precision).replace("fp32", "no"),
+            log_with=trackers or None,
+            project_dir=str(self.run_dir),
+            cpu=not torch.cuda.is_available(),
+        )
         set_seed(self.tc.seed + self.accelerator.process_index)
         self.model = build_model(cfg.model)
         if self.tc.grad_checkpointing and hasattr(self.model, "set_grad_checkpointing"):
@@ -122,8 +130,15 @@ class Trainer:
         self.prepared, self.optimizer = self.accelerator.prepare(self.task, self.optimizer)
         self.eval_hook = eval_hook
         acc = self.accelerator
-        self.stream = build_stream(cfg.data, self.model, cfg.data.train_shards, train=True, seed=self.tc.seed,
-                                   rank=acc.process_index, world_size=acc.num_processes)
+        self.stream = build_stream(
+            cfg.data,
+            self.model,
+            cfg.data.train_shards,
+            train=True,
+            seed=self.tc.seed,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+        )
         self.samples_per_step = cfg.data.batch_size * self.tc.grad_accum * acc.num_processes
 
     # ------------------------------------------------------------------ forward/backward plumbing
@@ -162,14 +177,18 @@ class Trainer:
             return 0, StreamState(), {}
         saved_cfg = self.run_dir / "config.yaml"
         if saved_cfg.is_file() and load_yaml(saved_cfg).get("model") != to_dict(self.cfg.model):
-            raise UserError(f"{self.run_dir} holds a run of a different model config: choose another "
-                            "train.output_dir or delete that folder")
+            raise UserError(
+                f"{self.run_dir} holds a run of a different model config: choose another "
+                "train.output_dir or delete that folder"
+            )
         import json
 
         trainer_state = json.loads((latest / "trainer.json").read_text())
         if trainer_state["num_processes"] != self.accelerator.num_processes:
-            raise UserError(f"{latest} was written by {trainer_state['num_processes']} process(es); resume it "
-                            f"with the same number (got {self.accelerator.num_processes})")
+            raise UserError(
+                f"{latest} was written by {trainer_state['num_processes']} process(es); resume it "
+                f"with the same number (got {self.accelerator.num_processes})"
+            )
         ckpt.load_model_weights(self.accelerator.unwrap_model(self.prepared).model, latest / "model.safetensors")
         ckpt.load_optimizer(self.optimizer, latest)
         rank_state = ckpt.read_rank_state(latest, self.accelerator.process_index)
@@ -210,8 +229,10 @@ class Trainer:
                 bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
                 log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, bad_in_a_row)
                 if bad_in_a_row >= tc.max_bad_steps:
-                    raise RuntimeError(f"stopping: {bad_in_a_row} steps in a row had a non-finite loss or gradient "
-                                       "(lower train.lr, check the data, or use fp32)")
+                    raise RuntimeError(
+                        f"stopping: {bad_in_a_row} steps in a row had a non-finite loss or gradient "
+                        "(lower train.lr, check the data, or use fp32)"
+                    )
                 step += 1
                 continue
             bad_in_a_row = 0
@@ -226,15 +247,18 @@ class Trainer:
             if step % tc.log_every == 0 or step == end:
                 elapsed = time.perf_counter() - window_start
                 last = {k: v / window_steps for k, v in window.items()}
-                last.update(lr=lr_at(step - 1, tc), samples_per_s=window_steps * self.samples_per_step / elapsed,
-                            epoch=source.state.epoch, bad_steps=bad_total)
+                last.update(
+                    lr=lr_at(step - 1, tc),
+                    samples_per_s=window_steps * self.samples_per_step / elapsed,
+                    epoch=source.state.epoch,
+                    bad_steps=bad_total,
+                )
                 last.update({f"skipped_{k}": v for k, v in self._skips(source).items()})
                 if metrics_log is not None:
                     metrics_log.append({"step": step, "samples": step * self.samples_per_step, **last})
                 acc.log(last, step=step)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}",
-                                    sps=f"{last['samples_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}", sps=f"{last['samples_per_s']:.0f}")
                 window, window_steps, window_start = {}, 0, time.perf_counter()
             if self.eval_hook and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 eval_metrics = self._evaluate(step, metrics_log)
@@ -289,20 +313,30 @@ class Trainer:
             save_yaml(self.cfg, final_dir / "config.yaml")
             if metrics_log is not None and metrics_log.rows:
                 plot_curves(metrics_log.rows, self.run_dir / "curves.png", title=self.run_dir.name)
-        self.accelerator.end_training()
         self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()  # also ends the process group: no collective after this
         return final_dir
 
     def _announce(self, step: int) -> None:
         n = count_samples(self.stream.all_shards)
         params = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        log.info("model %s: %.2fM parameters (%.2fM trainable); %d process(es) on %s; %s",
-                 self.cfg.model.arch, params / 1e6, trainable / 1e6, self.accelerator.num_processes,
-                 self.accelerator.device, f"{n} training samples" if n is not None else "sample count unknown")
+        log.info(
+            "model %s: %.2fM parameters (%.2fM trainable); %d process(es) on %s; %s",
+            self.cfg.model.arch,
+            params / 1e6,
+            trainable / 1e6,
+            self.accelerator.num_processes,
+            self.accelerator.device,
+            f"{n} training samples" if n is not None else "sample count unknown",
+        )
         if n:
-            log.info("%d steps x %d samples = %.1f epochs", self.tc.steps, self.samples_per_step,
-                     self.tc.steps * self.samples_per_step / n)
+            log.info(
+                "%d steps x %d samples = %.1f epochs",
+                self.tc.steps,
+                self.samples_per_step,
+                self.tc.steps * self.samples_per_step / n,
+            )
         if step:
             log.info("continuing at step %d of %d", step, self.tc.steps)
 

@@ -137,12 +137,17 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
         good |= {f"g{i}.jpg": jpeg(i), f"g{i}.txt": b"fine"}
     truncated = jpeg(7, 64)
     bad = {
-        "corrupt.jpg": truncated[: len(truncated) // 2], "corrupt.txt": b"x",
-        "html.jpg": b"<html><body>404</body></html>", "html.txt": b"x",
+        "corrupt.jpg": truncated[: len(truncated) // 2],
+        "corrupt.txt": b"x",
+        "html.jpg": b"<html><body>404</body></html>",
+        "html.txt": b"x",
         "nocap.jpg": jpeg(8),
-        "emptycap.jpg": jpeg(9), "emptycap.txt": b"  \n",
-        "huge.png": big.getvalue(), "huge.txt": b"x",
-        "pickle.pkl": b"\x80\x04K\x01.", "pickle.txt": b"no image here",
+        "emptycap.jpg": jpeg(9),
+        "emptycap.txt": b"  \n",
+        "huge.png": big.getvalue(),
+        "huge.txt": b"x",
+        "pickle.pkl": b"\x80\x04K\x01.",
+        "pickle.txt": b"no image here",
     }
     write_tar(tmp_path / "00000.tar", good | bad)
     # a truncated tar: cut in the middle of a member
@@ -159,16 +164,28 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     batches = list(loader)
     assert sorted(k for b in batches for k in b.keys) == ["g0", "g1", "g2"]
     skipped = batches[-1].skipped
-    for reason in ("corrupt_image", "not_an_image", "missing_caption", "empty_caption", "too_many_pixels",
-                   "missing_image", "unreadable_tar"):
+    for reason in (
+        "corrupt_image",
+        "not_an_image",
+        "missing_caption",
+        "empty_caption",
+        "too_many_pixels",
+        "missing_image",
+        "unreadable_tar",
+    ):
         assert skipped.get(reason, 0) >= 1, (reason, skipped)
 
 
 def test_resampled_mixes_sources_by_weight(tmp_path):
     a = make_shards(tmp_path / "a", 2, 5, prefix="a")
     b = make_shards(tmp_path / "b", 2, 5, prefix="b")
-    data = DataConfig(train_shards=[str(tmp_path / "a"), str(tmp_path / "b")], train_weights=[3.0, 1.0],
-                      resampled=True, batch_size=10, shuffle_buffer=4)
+    data = DataConfig(
+        train_shards=[str(tmp_path / "a"), str(tmp_path / "b")],
+        train_weights=[3.0, 1.0],
+        resampled=True,
+        batch_size=10,
+        shuffle_buffer=4,
+    )
     s = build_stream(data, FakeModel(), data.train_shards, train=True, seed=0)
     it = iter(make_loader(s, 0))
     keys = [k for _ in range(40) for k in next(it).keys]  # more than both sources hold: it never ends

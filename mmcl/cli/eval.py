@@ -1,0 +1,113 @@
+"""`mmcl eval zeroshot|retrieval|captions RUN --shards ...`: evaluate a run folder or checkpoint, write a report."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+TASKS = {
+    "zeroshot": "zero-shot classification of labelled images (top-1/top-5, mean per-class recall)",
+    "retrieval": "image<->text retrieval on captioned images (recall@k, median rank)",
+    "captions": "caption generation scored with BLEU-4, ROUGE-L and CIDEr-D",
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a trained model: zero-shot, retrieval, captioning",
+        description="Evaluate a run folder (or checkpoint folder) and write eval.json, eval.md and plots.",
+    )
+    sub = p.add_subparsers(dest="eval_task", metavar="TASK", required=True)
+    for name, help_text in TASKS.items():
+        t = sub.add_parser(name, help=help_text, description=help_text)
+        t.add_argument("run", help="run folder (runs/NAME) or checkpoint folder")
+        t.add_argument(
+            "--shards",
+            "--data",
+            nargs="+",
+            required=True,
+            help="tar shards (paths, globs, {000..009} patterns, folders), an image-folder tree, or a CLIP_benchmark root",
+        )
+        t.add_argument("--out", help="report folder (default: RUN/eval/TASK)")
+        t.add_argument("--split", default="test", help="split folder of a CLIP_benchmark root (default: test)")
+        t.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+        t.add_argument("--max-samples", type=int, default=0, help="stop after this many images (0 = all)")
+        t.add_argument("--workers", type=int, default=0, help="data loader processes decoding images")
+        t.add_argument("--max-pixels", type=int, default=89_478_485, help="skip larger images unread")
+        t.add_argument("--quiet", action="store_true", help="no progress bar")
+        if name == "zeroshot":
+            t.add_argument("--classnames", help="class names file, one per line (default: found with the data)")
+            t.add_argument(
+                "--templates",
+                help="'openai' (80), 'short' (7), 'cifar' (18), 'none', or a file with one template per line "
+                "holding {} (default: the data's own templates if any, else openai)",
+            )
+            t.add_argument("--label-key", default="label", help="key of the label in each sample's .json")
+        if name == "retrieval":
+            t.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="recall@k cut-offs")
+            t.add_argument("--chunk-size", type=int, default=1024, help="queries x gallery block size of the scoring")
+        if name in ("zeroshot", "retrieval"):
+            t.add_argument("--text-batch-size", type=int, default=256, help="texts per forward pass")
+        if name == "captions":
+            t.add_argument("--num-beams", type=int, default=None, help="beam width passed to generate()")
+            t.add_argument("--max-new-tokens", type=int, default=None, help="caption length limit passed to generate()")
+        t.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmcl.eval.datasets import open_eval_dataset
+    from mmcl.eval.report import write_report
+    from mmcl.eval.runner import evaluate_captions, evaluate_retrieval, evaluate_zero_shot
+    from mmcl.eval.templates import load_templates
+    from mmcl.inference import load_pipeline
+    from mmcl.utils import UserError
+
+    task = args.eval_task
+    common = dict(
+        batch_size=args.batch_size, max_samples=args.max_samples, num_workers=args.workers, progress=not args.quiet
+    )
+    settings = {"model": str(args.run), "data": " ".join(args.shards), "max_samples": args.max_samples or "all"}
+    dataset = open_eval_dataset(
+        args.shards,
+        classnames=getattr(args, "classnames", None),
+        label_key=getattr(args, "label_key", "label"),
+        split=args.split,
+        max_pixels=args.max_pixels,
+    )
+    if task == "zeroshot":
+        if not dataset.classnames:
+            raise UserError("no class names: pass --classnames FILE or put classnames.txt beside the shards")
+        if args.templates:
+            templates, settings["templates"] = load_templates(args.templates), args.templates
+        elif dataset.templates:
+            templates, settings["templates"] = dataset.templates, "from the dataset"
+        else:
+            templates, settings["templates"] = load_templates("openai"), "openai"
+        pipeline = load_pipeline(args.run)
+        results = evaluate_zero_shot(
+            pipeline, dataset, dataset.classnames, templates, text_batch_size=args.text_batch_size, **common
+        )
+    elif task == "retrieval":
+        pipeline = load_pipeline(args.run)
+        results = evaluate_retrieval(
+            pipeline,
+            dataset,
+            ks=tuple(args.ks),
+            chunk_size=args.chunk_size,
+            text_batch_size=args.text_batch_size,
+            **common,
+        )
+    else:
+        gen = {
+            k: v for k, v in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens)) if v is not None
+        }
+        settings.update(gen)
+        pipeline = load_pipeline(args.run)
+        results = evaluate_captions(pipeline, dataset, generate_kwargs=gen, **common)
+    out = Path(args.out) if args.out else Path(args.run) / "eval" / task
+    written = write_report(results, out, title=f"{task} evaluation of {args.run}", settings=settings)
+    for k, v in results["metrics"].items():
+        print(f"{k:>24}  {v:.4f}" if isinstance(v, float) else f"{k:>24}  {v}")
+    print(f"report: {written['eval.md']}")
+    return 0
