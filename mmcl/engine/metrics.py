@@ -52,8 +52,9 @@ def plot_curves(rows: list[dict[str, Any]], out: Path, title: str = "") -> Path 
         }
     )
     panels = {
-        "loss": [k for k in numeric if "loss" in k],
-        "accuracy / recall": [k for k in numeric if any(s in k for s in ("acc", "top", "recall", "r@"))],
+        "loss": [k for k in numeric if "loss" in k and not k.startswith("eval_")],
+        "training accuracy": [k for k in numeric if "acc" in k and not k.startswith("eval_")],
+        "evaluation": [k for k in numeric if k.startswith("eval_") and any(s in k for s in ("top1", "@5", "cider"))],
         "learning rate": [k for k in numeric if k == "lr"],
         "throughput": [k for k in numeric if k.endswith("per_s")],
     }

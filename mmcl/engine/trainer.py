@@ -206,7 +206,7 @@ class Trainer:
             save_yaml(self.cfg, self.run_dir / "config.yaml")
             self._announce(step)
         if acc.is_main_process:
-            acc.init_trackers(self.run_dir.name, config=_flat_config(self.cfg))
+            acc.init_trackers("tensorboard", config=_flat_config(self.cfg))  # logs in run_dir/tensorboard
         source = BatchSource(self.stream, self.cfg.data.num_workers, data_state, acc)
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=step) if acc.is_main_process else None
         bad_in_a_row = counters.get("bad_in_a_row", 0)
