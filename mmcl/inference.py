@@ -106,6 +106,7 @@ def load_pipeline(path: str | Path, device: str | torch.device | None = None) ->
         cfg = from_dict(ExperimentConfig, load_yaml(cfg_path))
     except ValueError as e:
         raise UserError(f"{cfg_path}: not an mmcl config ({e})") from None
+    cfg.model.image.pretrained = False  # the checkpoint holds the weights: never reach for the hub
     model = build_model(cfg.model)
     try:
         load_model_weights(model, weights)

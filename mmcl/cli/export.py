@@ -1,0 +1,37 @@
+"""`mmcl export open_clip RUN_OR_CKPT OUT`: write a trained CLIP as an open_clip model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="export a trained model to another library's format (open_clip)",
+        description="Export a run folder or checkpoint folder to another library's format.",
+    )
+    sub = p.add_subparsers(dest="export_format", metavar="FORMAT", required=True)
+    oc = sub.add_parser(
+        "open_clip",
+        help="open_clip model config + safetensors weights",
+        description=(
+            "Write OUT/open_clip_model.safetensors, OUT/open_clip_config.json (load with "
+            "open_clip.create_model_and_transforms('local-dir:OUT')) and OUT/NAME.json (for "
+            "open_clip.add_model_config). Needs a CLIP with a ViT image tower, CLIP's text transformer and BPE."
+        ),
+    )
+    oc.add_argument("run", help="run folder (runs/NAME), its final/ folder or a checkpoints/step_* folder")
+    oc.add_argument("out", help="output folder")
+    oc.add_argument("--name", help="open_clip model name (default: the output folder's name)")
+    oc.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mmcl.models.openclip_compat import export_checkpoint
+
+    config_path, weights_path = export_checkpoint(args.run, args.out, args.name)
+    print(f"wrote {weights_path}")
+    print(f"wrote {config_path} (open_clip.add_model_config) and {config_path.parent / 'open_clip_config.json'}")
+    print(f"load: open_clip.create_model_and_transforms('local-dir:{config_path.parent}')")
+    return 0

@@ -1,0 +1,50 @@
+"""Gathering features across processes for contrastive losses (torch.distributed, any backend).
+
+A contrastive loss needs every process's features as negatives. With
+`with_grad=True` the gather is `torch.distributed.nn.functional.all_gather`,
+whose backward sums the incoming gradients back onto each process's own slice
+(a reduce-scatter), so the gradient of a per-process loss reaches the features
+of every process: averaged over processes by DDP, it equals the gradient of the
+full-batch loss. Every process must contribute the same number of rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def world_info() -> tuple[int, int]:
+    """(rank, world_size) of the default process group; (0, 1) when not distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_cat(x: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
+    """Concatenate `x` (n, ...) from every process in rank order -> (world_size * n, ...).
+
+    Args:
+        x: this process's rows; the same shape on every process.
+        with_grad: differentiable gather (gradients flow back to the process that owns each row).
+            Without it the other processes' rows are constants and this process's own slice stays `x`
+            itself, so its gradient is kept.
+    """
+    rank, world = world_info()
+    if world == 1:
+        return x
+    if with_grad:
+        import torch.distributed.nn.functional as dist_fn
+
+        return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[rank] = x
+    return torch.cat(parts, dim=0)
+
+
+def gather_features(
+    image_features: torch.Tensor, text_features: torch.Tensor, with_grad: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both feature sets (n, D) of this process gathered across processes -> (world_size * n, D) each."""
+    return all_gather_cat(image_features, with_grad), all_gather_cat(text_features, with_grad)
