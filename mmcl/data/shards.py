@@ -63,7 +63,14 @@ def wanted_member(name: str) -> bool:
 
 
 def expand_shards(pattern: str) -> list[str]:
-    """A directory (all its .tar), a glob, or a brace pattern -> sorted shard list; clear error on no match."""
+    """A directory (all its .tar), a glob, a brace pattern or `builtin:NAME` -> sorted shard list.
+
+    A pattern that matches nothing is a clear error naming it.
+    """
+    from mmcl.data.builtin import builtin_dir, is_builtin
+
+    if is_builtin(pattern):
+        pattern = str(builtin_dir(pattern))
     if pattern.startswith(REMOTE_PREFIXES):
         return list(braceexpand.braceexpand(pattern))
     path = Path(pattern)

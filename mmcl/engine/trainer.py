@@ -108,6 +108,7 @@ class Trainer:
         self.tc: TrainConfig = cfg.train
         if not cfg.data.train_shards:
             raise UserError("data.train_shards is empty: point it at your shards (e.g. data.train_shards=[data/train])")
+        self._prepare_builtin_data()
         for pattern in cfg.data.train_shards:  # fail on a bad pattern before building anything
             expand_shards(pattern)
         self.run_dir = Path(self.tc.output_dir)
@@ -140,6 +141,19 @@ class Trainer:
             world_size=acc.num_processes,
         )
         self.samples_per_step = cfg.data.batch_size * self.tc.grad_accum * acc.num_processes
+
+    def _prepare_builtin_data(self) -> None:
+        """Write `builtin:` datasets named by the config once (main process), before any rank reads them."""
+        from accelerate import PartialState
+
+        from mmcl.data.builtin import ensure_builtin, is_builtin
+
+        names = [p for p in [*self.cfg.data.train_shards, *self.cfg.eval.shards] if is_builtin(p)]
+        state = PartialState()
+        if names and state.is_main_process:
+            for name in names:
+                ensure_builtin(name, progress=self.tc.progress)
+        state.wait_for_everyone()
 
     # ------------------------------------------------------------------ forward/backward plumbing
 

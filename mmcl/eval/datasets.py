@@ -241,7 +241,10 @@ def open_eval_dataset(
         split: CLIP_benchmark split folder.
         max_pixels: larger images are skipped unread.
     """
+    from mmcl.data.builtin import ensure_builtin, is_builtin
+
     specs = [source] if isinstance(source, str) else list(source)
+    specs = [str(ensure_builtin(s)) if is_builtin(s) else s for s in specs]
     if len(specs) == 1 and _is_image_folder(Path(specs[0])):
         ds = ImageFolderDataset(specs[0], max_pixels=max_pixels)
         if classnames is not None:
