@@ -66,11 +66,21 @@ def load_model_weights(model: nn.Module, path: Path, strict: bool = True) -> Non
         state = load_file(str(path))
     except Exception as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if wrong:
+        k = wrong[0]
+        raise ValueError(
+            f"{path}: weights do not match the model config ({k} is {tuple(state[k].shape)} in the file, "
+            f"{tuple(own[k].shape)} in the model)"
+        )
     if strict and (missing or unexpected):
         raise ValueError(
-            f"{path}: weights do not match the model config (missing {missing[:3]}..., unexpected {unexpected[:3]}...)"
+            f"{path}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+    model.load_state_dict(state, strict=False)
 
 
 def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
