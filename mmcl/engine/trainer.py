@@ -27,6 +27,7 @@ import torch
 
 from mmcl.config import ExperimentConfig, TrainConfig, load_yaml, save_yaml, to_dict
 from mmcl.data.batch import Batch
+from mmcl.data.builtin import is_builtin
 from mmcl.data.pipeline import build_stream
 from mmcl.data.shards import ShardStream, StreamState, count_samples, expand_shards, make_loader
 from mmcl.engine import checkpoint as ckpt
@@ -108,9 +109,9 @@ class Trainer:
         self.tc: TrainConfig = cfg.train
         if not cfg.data.train_shards:
             raise UserError("data.train_shards is empty: point it at your shards (e.g. data.train_shards=[data/train])")
-        self._prepare_builtin_data()
         for pattern in cfg.data.train_shards:  # fail on a bad pattern before building anything
-            expand_shards(pattern)
+            if not is_builtin(pattern):
+                expand_shards(pattern)
         self.run_dir = Path(self.tc.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
         trackers = [t for t in self.tc.trackers if t != "none"]
@@ -121,6 +122,7 @@ class Trainer:
             cpu=not torch.cuda.is_available(),
         )
         set_seed(self.tc.seed + self.accelerator.process_index)
+        self._prepare_builtin_data()
         self.model = build_model(cfg.model)
         if self.tc.grad_checkpointing and hasattr(self.model, "set_grad_checkpointing"):
             self.model.set_grad_checkpointing(True)
@@ -144,16 +146,13 @@ class Trainer:
 
     def _prepare_builtin_data(self) -> None:
         """Write `builtin:` datasets named by the config once (main process), before any rank reads them."""
-        from accelerate import PartialState
-
-        from mmcl.data.builtin import ensure_builtin, is_builtin
+        from mmcl.data.builtin import ensure_builtin
 
         names = [p for p in [*self.cfg.data.train_shards, *self.cfg.eval.shards] if is_builtin(p)]
-        state = PartialState()
-        if names and state.is_main_process:
+        if names and self.accelerator.is_main_process:
             for name in names:
                 ensure_builtin(name, progress=self.tc.progress)
-        state.wait_for_everyone()
+        self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ forward/backward plumbing
 
