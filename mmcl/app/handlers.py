@@ -1,0 +1,309 @@
+"""What the app's buttons do, as plain Python: no Gradio here, so every path is unit-testable.
+
+The UI (`mmcl.app.ui`) calls these functions and turns their `UserError`s into messages in the page.
+`AppState` holds the model (a `mmcl.inference.Pipeline`-like object) and the retrieval index shared by
+every browser session of one server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from mmcl.index import MAX_PIXELS, EmbeddingIndex, open_image, thumbs_dir
+from mmcl.utils import UserError
+
+log = logging.getLogger("mmcl")
+
+DEFAULT_RUN = "runs/demo"
+DEMO_COMMAND = "mmcl demo"
+TEMPLATE_CHOICES = ("none", "short", "openai", "custom")
+DEFAULT_LABELS = "red circle, blue square, green triangle, yellow star, purple cross"
+MAX_LABELS = 1000
+MAX_PROMPTS = 20_000  # labels x templates encoded per request
+TEXT_BATCH = 256
+
+
+class Pipeline(Protocol):
+    """The part of `mmcl.inference.Pipeline` the app uses."""
+
+    can_encode: bool
+    can_caption: bool
+
+    def encode_images(self, images: list[Image.Image]) -> Any: ...
+    def encode_texts(self, texts: list[str]) -> Any: ...
+    def caption(self, images: list[Image.Image], prefix: list[str] | None = None, **gen: Any) -> list[str]: ...
+
+
+@dataclass
+class Hit:
+    """One retrieval result; `image` is an absolute path inside the index's thumbnail folder, or None."""
+
+    rank: int
+    score: float
+    caption: str
+    key: str
+    image: str | None
+
+
+@dataclass
+class AppState:
+    """The model and index one server answers with; the model picker may replace the model at run time."""
+
+    pipeline: Pipeline | None = None
+    model_name: str = ""
+    index: EmbeddingIndex | None = None
+    index_dir: Path | None = None
+    max_pixels: int = MAX_PIXELS
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _text_cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+
+    def set_pipeline(self, pipeline: Pipeline, name: str) -> None:
+        with self.lock:
+            self.pipeline, self.model_name = pipeline, name
+            self._text_cache.clear()
+
+    def require_pipeline(self, need: str = "encode") -> Pipeline:
+        pipeline = self.pipeline
+        if pipeline is None:
+            raise UserError(f"no model loaded: train the demo model with `{DEMO_COMMAND}`, or load one under 'Model'")
+        if need == "encode" and not pipeline.can_encode:
+            raise UserError(f"the model {self.model_name} has no contrastive encoders (a captioning-only model)")
+        if need == "caption" and not pipeline.can_caption:
+            raise UserError(f"the model {self.model_name} cannot caption (a contrastive-only model)")
+        return pipeline
+
+    def require_index(self) -> EmbeddingIndex:
+        if self.index is None:
+            raise UserError(
+                "no retrieval index loaded: build one with `mmcl index build SHARDS --run RUN --out RUN/index` "
+                "and start the app with `--index RUN/index`"
+            )
+        return self.index
+
+    def class_embeddings(self, pipeline: Pipeline, labels: list[str], templates: list[str]) -> np.ndarray:
+        """(L, D) mean template embedding per label, renormalised (CLIP's prompt ensembling); cached.
+
+        Entries keep their pipeline alive, so its id cannot be reused by another model while cached.
+        """
+        key = (id(pipeline), tuple(labels), tuple(templates))
+        with self.lock:
+            if key in self._text_cache:
+                self._text_cache.move_to_end(key)
+                return self._text_cache[key][1]
+        prompts = [t.replace("{}", label) for label in labels for t in templates]
+        feats = np.concatenate(
+            [to_numpy(pipeline.encode_texts(prompts[i : i + TEXT_BATCH])) for i in range(0, len(prompts), TEXT_BATCH)]
+        )
+        feats = feats.reshape(len(labels), len(templates), -1).mean(axis=1)  # (L, D)
+        feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+        with self.lock:
+            self._text_cache[key] = (pipeline, feats)
+            while len(self._text_cache) > 16:
+                self._text_cache.popitem(last=False)
+        return feats
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """(N, D) float32 numpy from a torch tensor or array."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().float().numpy()
+    return np.asarray(x, dtype=np.float32)
+
+
+def load_image(value: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An RGB image from what Gradio passes (a file path, PIL image or array); None asks for an upload."""
+    if value is None or (isinstance(value, str) and not value):
+        raise UserError("no image: upload one (or pick an example) first")
+    if isinstance(value, Image.Image):
+        if value.width * value.height > max_pixels:
+            raise UserError(f"image refused: {value.width}x{value.height} is more than the {max_pixels:,} pixel limit")
+        return value.convert("RGB")
+    if isinstance(value, np.ndarray):
+        return load_image(Image.fromarray(value), max_pixels)
+    return open_image(str(value), name=Path(str(value)).name, max_pixels=max_pixels)
+
+
+def parse_labels(text: str, max_labels: int = MAX_LABELS) -> list[str]:
+    """Class names from comma- or newline-separated text; blanks and repeats dropped, order kept."""
+    labels = list(dict.fromkeys(p.strip() for line in (text or "").splitlines() for p in line.split(",")))
+    labels = [label for label in labels if label]
+    if not labels:
+        raise UserError("no labels: type class names separated by commas or new lines, e.g. 'red circle, blue square'")
+    if len(labels) > max_labels:
+        raise UserError(f"{len(labels)} labels is more than the limit of {max_labels}")
+    return labels
+
+
+def resolve_templates(choice: str, custom: str = "") -> list[str]:
+    """Prompt templates for a dropdown choice: a built-in set of `mmcl.eval.templates` or custom lines with `{}`."""
+    from mmcl.eval.templates import load_templates, parse_templates
+
+    if choice == "custom":
+        return parse_templates((custom or "").splitlines(), source="custom templates")
+    if choice not in TEMPLATE_CHOICES:
+        raise UserError(f"unknown template set '{choice}'; choose one of {', '.join(TEMPLATE_CHOICES)}")
+    return load_templates(choice)
+
+
+def _logit_scale_and_bias(pipeline: Pipeline) -> tuple[float, float | None]:
+    """The model's learned temperature exp(logit_scale) and SigLIP bias; CLIP's final 100 when absent."""
+    model = getattr(pipeline, "model", None)
+    scale, bias = (_scalar(getattr(model, name, None)) for name in ("logit_scale", "logit_bias"))
+    return (min(float(np.exp(scale)), 100.0) if scale is not None else 100.0), bias
+
+
+def _scalar(x: Any) -> float | None:
+    if x is None:
+        return None
+    return float(x.detach()) if hasattr(x, "detach") else float(x)
+
+
+def classify(
+    state: AppState,
+    image: Any,
+    labels_text: str,
+    template_choice: str = "short",
+    custom_templates: str = "",
+    top_k: int = 5,
+) -> list[tuple[str, float]]:
+    """Zero-shot classification: the top-k (label, probability) pairs, best first.
+
+    Probabilities are softmax(scale * cos(image, class)) over the labels for CLIP models and
+    sigmoid(scale * cos + bias) per label for SigLIP models (which have a `logit_bias`).
+    """
+    pipeline = state.require_pipeline()
+    labels = parse_labels(labels_text)
+    templates = resolve_templates(template_choice, custom_templates)
+    if len(labels) * len(templates) > MAX_PROMPTS:
+        raise UserError(
+            f"{len(labels)} labels x {len(templates)} templates = {len(labels) * len(templates)} prompts is more "
+            f"than {MAX_PROMPTS}: pick the 'short' or 'none' template set or fewer labels"
+        )
+    picture = load_image(image, state.max_pixels)
+    classes = state.class_embeddings(pipeline, labels, templates)  # (L, D)
+    img = to_numpy(pipeline.encode_images([picture]))  # (1, D)
+    if img.shape[1] != classes.shape[1]:
+        raise UserError(f"image and text embeddings differ in size ({img.shape[1]} vs {classes.shape[1]})")
+    scale, bias = _logit_scale_and_bias(pipeline)
+    logits = scale * (img @ classes.T)[0]  # (L,)
+    if bias is not None:
+        probs = 1.0 / (1.0 + np.exp(-(logits + bias)))
+    else:
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")[: max(1, int(top_k))]
+    return [(labels[i], float(probs[i])) for i in order]
+
+
+def _hits(state: AppState, scores: np.ndarray, metas: list[dict[str, Any] | None]) -> list[Hit]:
+    root = thumbs_dir(state.index_dir).resolve() if state.index_dir else None
+    hits = []
+    for rank, (score, meta) in enumerate(zip(scores.tolist(), metas), 1):
+        if meta is None:
+            continue
+        image = None
+        if root is not None and meta.get("image"):
+            path = (state.index_dir / meta["image"]).resolve()
+            # Only files inside the index's own thumbnail folder are ever handed to the UI.
+            if path.is_relative_to(root) and path.is_file():
+                image = str(path)
+        hits.append(Hit(rank, float(score), str(meta.get("caption", "")), str(meta.get("key", "")), image))
+    return hits
+
+
+def _check_dims(state: AppState, index: EmbeddingIndex, query: np.ndarray) -> None:
+    if len(index) and query.shape[1] != index.dim:  # an empty index says so in search()
+        built_with = index.info.get("model", "another model")
+        raise UserError(
+            f"the index holds {index.dim}-d embeddings from {built_with} but the model {state.model_name} makes "
+            f"{query.shape[1]}-d ones: rebuild the index with this model (`mmcl index build ... --run RUN`)"
+        )
+
+
+def search_by_text(state: AppState, query: str, k: int = 12) -> list[Hit]:
+    """Images of the index nearest to the text `query`."""
+    query = (query or "").strip()
+    if not query:
+        raise UserError("empty query: type what to look for, e.g. 'a red circle'")
+    pipeline, index = state.require_pipeline(), state.require_index()
+    vec = to_numpy(pipeline.encode_texts([query]))
+    _check_dims(state, index, vec)
+    scores, metas = index.search(vec, k)
+    return _hits(state, scores[0], metas[0])
+
+
+def search_by_image(state: AppState, image: Any, k: int = 12) -> list[Hit]:
+    """Images of the index (with their captions) nearest to an uploaded image."""
+    pipeline, index = state.require_pipeline(), state.require_index()
+    vec = to_numpy(pipeline.encode_images([load_image(image, state.max_pixels)]))
+    _check_dims(state, index, vec)
+    scores, metas = index.search(vec, k)
+    return _hits(state, scores[0], metas[0])
+
+
+def generation_kwargs(
+    mode: str, max_new_tokens: int = 30, num_beams: int = 3, temperature: float = 1.0, top_p: float = 0.9
+) -> dict[str, Any]:
+    """`generate()` keyword arguments for a decoding mode: 'greedy', 'beam' or 'sample'."""
+    if not 1 <= int(max_new_tokens) <= 512:
+        raise UserError(f"max tokens must be between 1 and 512, got {max_new_tokens}")
+    gen: dict[str, Any] = {"max_new_tokens": int(max_new_tokens)}
+    if mode == "greedy":
+        return {**gen, "num_beams": 1, "do_sample": False}
+    if mode == "beam":
+        return {**gen, "num_beams": max(2, int(num_beams)), "do_sample": False}
+    if mode == "sample":
+        if temperature <= 0 or not 0 < top_p <= 1:
+            raise UserError("sampling needs temperature > 0 and 0 < top-p <= 1")
+        return {**gen, "num_beams": 1, "do_sample": True, "temperature": float(temperature), "top_p": float(top_p)}
+    raise UserError(f"unknown decoding mode '{mode}'; choose greedy, beam or sample")
+
+
+def caption(state: AppState, image: Any, prefix: str = "", **gen: Any) -> str:
+    """A caption for one image, continuing `prefix` when given (PrefixLM)."""
+    pipeline = state.require_pipeline("caption")
+    picture = load_image(image, state.max_pixels)
+    prefix = (prefix or "").strip()
+    return pipeline.caption([picture], prefix=[prefix] if prefix else None, **gen)[0]
+
+
+def startup_message(state: AppState, run: str | None) -> str:
+    """The banner: what is loaded, or the one command that makes the demo model."""
+    if state.pipeline is None:
+        where = run or DEFAULT_RUN
+        return (
+            f"**No model found at `{where}`.** Train the demo model (a few minutes on a CPU) with:\n\n"
+            f"```\n{DEMO_COMMAND}\n```\n\nthen restart `mmcl app`, or load a model under **Model** below."
+        )
+    lines = [f"Model: `{state.model_name}`"]
+    if state.index is not None:
+        built_with = state.index.info.get("model")
+        note = f", embedded with `{built_with}`" if built_with and built_with != state.model_name else ""
+        lines.append(f"Index: `{state.index_dir}` ({len(state.index)} images, {state.index.structure}{note})")
+    else:
+        lines.append("Index: none (retrieval needs `mmcl index build`)")
+    return " · ".join(lines)
+
+
+def example_images(folder: str | Path, n: int = 6, size: int = 64) -> list[str]:
+    """Write a few pictures of the built-in synthetic dataset (test split) to `folder`; returns their paths."""
+    from mmcl.data.synthetic import generate
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        sample = generate(i, image_size=size, split="test")
+        path = folder / f"{i:02d}_{sample.classname.replace(' ', '_')}.png"
+        if not path.is_file():
+            sample.image.save(path)
+        paths.append(str(path))
+    return paths

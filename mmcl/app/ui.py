@@ -1,0 +1,294 @@
+"""The Gradio 6 Blocks app: zero-shot, retrieval and captioning tabs over `mmcl.app.handlers`.
+
+Security defaults: binds 127.0.0.1, uploads capped by `max_file_size`, only the index's thumbnail folder in
+`allowed_paths` (a path typed in the UI is loaded as a model, never served), no share link unless asked,
+no analytics, no web fonts fetched. Bad input of any kind ends in a message in the page, never a dead server.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from mmcl.app import handlers as H  # noqa: E402
+from mmcl.index import MAX_PIXELS, EmbeddingIndex, probe_image, thumbs_dir  # noqa: E402
+from mmcl.utils import UserError  # noqa: E402
+
+log = logging.getLogger("mmcl")
+
+THEME_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # local fonts: the page fetches nothing from outside
+CSS = "#banner {font-size: 0.95em} footer {display: none !important}"
+
+
+def _image(label: str, sources: list[str], max_pixels: int, **kw: Any) -> gr.Image:
+    """`gr.Image` that refuses non-images and oversized images with a clear message before anything decodes them.
+
+    Gradio's own preprocessing opens the upload with PIL; this checks the header first (pixel count, the
+    decompression-bomb guard) and hands the handler a file path, which it decodes itself. The check wraps
+    the instance's `preprocess`: subclassing a Gradio component would make Gradio write a .pyi stub
+    next to this file at import time.
+    """
+    image = gr.Image(label=label, type="filepath", image_mode=None, sources=sources, **kw)
+    gradio_preprocess = image.preprocess
+
+    def preprocess(payload: Any) -> Any:
+        path = getattr(payload, "path", None)
+        if path:
+            name = getattr(payload, "orig_name", None) or Path(path).name
+            try:
+                probe_image(path, name=name, max_pixels=max_pixels).close()
+            except UserError as e:
+                raise gr.Error(str(e)) from None
+        return gradio_preprocess(payload)
+
+    image.preprocess = preprocess
+    return image
+
+
+def _guard(fn: Callable) -> Callable:
+    """Run a handler; bad input becomes a `gr.Error` shown in the page, and the server keeps serving."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        except Exception as e:
+            log.exception("app: %s failed", fn.__name__)
+            raise gr.Error(f"internal error in {fn.__name__}: {type(e).__name__} (details in the server log)") from None
+
+    return wrapper
+
+
+def build_app(
+    state: H.AppState, run: str | None = None, picker: bool = True, examples_dir: str | None = None
+) -> gr.Blocks:
+    """The Blocks UI answering with `state`; `picker` shows the model picker (off for shared servers)."""
+    import pandas as pd
+
+    def visibility() -> tuple[Any, Any, Any]:
+        p = state.pipeline
+        encode = p is None or p.can_encode
+        return gr.Tab(visible=encode), gr.Tab(visible=encode), gr.Tab(visible=p is not None and p.can_caption)
+
+    @_guard
+    def classify(image: Any, labels: str, templates: str, custom: str, top_k: float) -> tuple[dict, Any]:
+        top = H.classify(state, image, labels, templates, custom, int(top_k))
+        frame = pd.DataFrame({"label": [name for name, _ in top], "probability": [p for _, p in top]})
+        return {name: p for name, p in top}, frame
+
+    def show_hits(hits: list[H.Hit]) -> tuple[list, list]:
+        gallery = [(h.image, f"{h.score:.3f} · {h.caption}") for h in hits if h.image]
+        rows = [[h.rank, round(h.score, 4), h.caption, h.key] for h in hits]
+        return gallery, rows
+
+    @_guard
+    def search_text(query: str, k: float) -> tuple[list, list]:
+        return show_hits(H.search_by_text(state, query, int(k)))
+
+    @_guard
+    def search_image(image: Any, k: float) -> tuple[list, list]:
+        return show_hits(H.search_by_image(state, image, int(k)))
+
+    @_guard
+    def caption(image: Any, prefix: str, mode: str, max_tokens: float, beams: float, temp: float, top_p: float) -> str:
+        gen = H.generation_kwargs(mode, int(max_tokens), int(beams), float(temp), float(top_p))
+        return H.caption(state, image, prefix, **gen)
+
+    @_guard
+    def load_run(path: str) -> tuple[Any, ...]:
+        from mmcl.app.models import load_run as load
+
+        state.set_pipeline(load(path), str(path).strip())
+        return (H.startup_message(state, path), *visibility())
+
+    @_guard
+    def load_open_clip(name: str, tag: str) -> tuple[Any, ...]:
+        from mmcl.app.models import OpenClipPipeline
+
+        state.set_pipeline(OpenClipPipeline(name, tag), f"open_clip {name.strip()} ({tag.strip() or 'random init'})")
+        return (H.startup_message(state, run), *visibility())
+
+    examples = H.example_images(examples_dir or Path(tempfile.gettempdir()) / "mmcl-app-examples")
+    with gr.Blocks(title="mmcl", analytics_enabled=False) as demo:
+        gr.Markdown("## mmcl: zero-shot classification, retrieval and captioning")
+        banner = gr.Markdown(H.startup_message(state, run), elem_id="banner")
+        with gr.Tabs():
+            with gr.Tab("Zero-shot", id="zeroshot") as zs_tab:
+                with gr.Row():
+                    with gr.Column():
+                        zs_image = _image(
+                            "Image", ["upload", "webcam", "clipboard"], state.max_pixels, height=300, elem_id="zs_image"
+                        )
+                        zs_labels = gr.Textbox(H.DEFAULT_LABELS, label="Labels (comma or newline separated)", lines=3)
+                        with gr.Row():
+                            zs_tpl = gr.Dropdown(list(H.TEMPLATE_CHOICES), value="short", label="Prompt templates")
+                            zs_k = gr.Slider(1, 20, value=5, step=1, label="Top k")
+                        zs_custom = gr.Textbox(
+                            "a photo of a {}.", label="Custom templates ({} = label)", lines=2, visible=False
+                        )
+                        zs_btn = gr.Button("Classify", variant="primary", elem_id="classify")
+                    with gr.Column():
+                        zs_out = gr.Label(label="Prediction", num_top_classes=20, elem_id="prediction")
+                        zs_plot = gr.BarPlot(x="label", y="probability", sort="-y", y_lim=[0, 1], label="Probabilities")
+                gr.Examples(
+                    [[p] for p in examples], inputs=[zs_image], label="Examples (built-in synthetic test images)"
+                )
+            with gr.Tab("Retrieval", id="retrieval") as ret_tab:
+                with gr.Row():
+                    with gr.Column():
+                        ret_text = gr.Textbox(label="Text query", placeholder="a red circle")
+                        ret_text_btn = gr.Button("Search by text", variant="primary")
+                    with gr.Column():
+                        ret_image = _image("Image query", ["upload", "clipboard"], state.max_pixels, height=200)
+                        ret_image_btn = gr.Button("Search by image")
+                ret_k = gr.Slider(1, 50, value=12, step=1, label="Results (k)")
+                ret_gallery = gr.Gallery(label="Nearest images (score · caption)", columns=6, height="auto")
+                ret_table = gr.Dataframe(
+                    headers=["rank", "score", "caption", "key"], label="Captions", interactive=False
+                )
+            cap_visible = state.pipeline is not None and state.pipeline.can_caption
+            with gr.Tab("Captioning", id="captioning", visible=cap_visible) as cap_tab:
+                with gr.Row():
+                    with gr.Column():
+                        cap_image = _image("Image", ["upload", "webcam", "clipboard"], state.max_pixels, height=300)
+                        cap_prefix = gr.Textbox(label="Prefix (optional: the caption continues it)")
+                        cap_mode = gr.Radio(["greedy", "beam", "sample"], value="beam", label="Decoding")
+                        with gr.Row():
+                            cap_max = gr.Slider(1, 128, value=30, step=1, label="Max new tokens")
+                            cap_beams = gr.Slider(2, 8, value=3, step=1, label="Beams")
+                        with gr.Row():
+                            cap_temp = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature (sample)")
+                            cap_top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (sample)")
+                        cap_btn = gr.Button("Caption", variant="primary")
+                    with gr.Column():
+                        cap_out = gr.Textbox(label="Caption", lines=3)
+                gr.Examples([[p] for p in examples], inputs=[cap_image], label="Examples")
+        if picker:
+            with gr.Accordion("Model", open=state.pipeline is None):
+                with gr.Row():
+                    run_box = gr.Textbox(run or "", label="Run or checkpoint folder", placeholder=H.DEFAULT_RUN)
+                    run_btn = gr.Button("Load run")
+                with gr.Row():
+                    oc_name = gr.Textbox(label="open_clip model", placeholder="ViT-B-32")
+                    oc_tag = gr.Textbox(label="pretrained tag (needs internet)", placeholder="laion2b_s34b_b79k")
+                    oc_btn = gr.Button("Load open_clip model")
+            tabs = [banner, zs_tab, ret_tab, cap_tab]
+            run_btn.click(load_run, [run_box], tabs, api_name="load_run", api_visibility="undocumented")
+            oc_btn.click(
+                load_open_clip, [oc_name, oc_tag], tabs, api_name="load_open_clip", api_visibility="undocumented"
+            )
+
+        zs_tpl.change(lambda c: gr.Textbox(visible=c == "custom"), [zs_tpl], [zs_custom], api_visibility="private")
+        zs_inputs = [zs_image, zs_labels, zs_tpl, zs_custom, zs_k]
+        zs_btn.click(classify, zs_inputs, [zs_out, zs_plot], api_name="classify")
+        ret_text_btn.click(search_text, [ret_text, ret_k], [ret_gallery, ret_table], api_name="search_text")
+        ret_text.submit(search_text, [ret_text, ret_k], [ret_gallery, ret_table], api_visibility="private")
+        ret_image_btn.click(search_image, [ret_image, ret_k], [ret_gallery, ret_table], api_name="search_image")
+        cap_inputs = [cap_image, cap_prefix, cap_mode, cap_max, cap_beams, cap_temp, cap_top_p]
+        cap_btn.click(caption, cap_inputs, [cap_out], api_name="caption")
+    return demo
+
+
+def make_state(
+    run: str | None = None,
+    index: str | None = None,
+    open_clip: str = "",
+    pretrained: str = "",
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[H.AppState, str | None]:
+    """The model and index to serve; with no run, `runs/demo` if it exists (else the UI shows `mmcl demo`).
+
+    Returns:
+        the state and the run folder the banner names.
+    """
+    from mmcl.app.models import OpenClipPipeline, load_run
+
+    state = H.AppState(max_pixels=max_pixels)
+    if open_clip:
+        state.set_pipeline(
+            OpenClipPipeline(open_clip, pretrained), f"open_clip {open_clip} ({pretrained or 'random init'})"
+        )
+    elif run or Path(H.DEFAULT_RUN).exists():
+        run = run or H.DEFAULT_RUN
+        state.set_pipeline(load_run(run), run)
+    if index is None and run and (Path(run) / "index" / "manifest.json").is_file():
+        index = str(Path(run) / "index")
+    if index is not None:
+        state.index, state.index_dir = EmbeddingIndex.load(index), Path(index)
+    return state, run
+
+
+def launch(
+    run: str | None = None,
+    index: str | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = 7860,
+    share: bool = False,
+    open_clip: str = "",
+    pretrained: str = "",
+    max_file_size: str | int = "20mb",
+    max_pixels: int = MAX_PIXELS,
+    concurrency: int = 2,
+    queue_size: int = 64,
+    picker: bool | None = None,
+    prevent_thread_lock: bool = False,
+    quiet: bool = False,
+    state: H.AppState | None = None,
+) -> tuple[gr.Blocks, str]:
+    """Build and serve the app; returns the Blocks and the local URL.
+
+    Args:
+        run: run or checkpoint folder (default `runs/demo` when it exists).
+        index: index folder (default `RUN/index` when it exists).
+        host, port, share: where to listen; `share` opens a public Gradio link (off unless asked).
+        open_clip, pretrained: serve an open_clip model instead of a run.
+        max_file_size: upload limit ('20mb' or bytes).
+        max_pixels: decoded-size limit for images, checked from the header before decoding.
+        concurrency: events running at once (each may use all torch threads); more requests wait in the queue.
+        queue_size: requests that may wait; more are refused with a 'queue full' message.
+        picker: show the model picker; None = only on a local, non-shared server.
+        prevent_thread_lock: return at once (tests, notebooks) instead of serving until interrupted.
+        state: a ready state (tests inject fake models); overrides run/index/open_clip.
+    """
+    import faiss
+
+    # One query per request: faiss's OpenMP threads only add synchronisation there (measured 2.5x slower
+    # single-query search at 100k vectors on 2 shared cores); concurrent requests use the cores instead.
+    faiss.omp_set_num_threads(1)
+    if state is None:
+        state, run = make_state(run, index, open_clip, pretrained, max_pixels)
+    if picker is None:
+        picker = host in ("127.0.0.1", "localhost", "::1") and not share
+    demo = build_app(state, run, picker=picker)
+    demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
+    allowed = [str(thumbs_dir(state.index_dir).resolve())] if state.index_dir else []
+    theme = gr.themes.Soft(font=THEME_FONTS, font_mono=["ui-monospace", "monospace"])
+    _, url, _ = demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        max_file_size=max_file_size,
+        allowed_paths=allowed,
+        prevent_thread_lock=prevent_thread_lock,
+        quiet=quiet,
+        theme=theme,
+        css=CSS,
+        footer_links=[],
+        ssr_mode=False,
+        mcp_server=False,
+    )
+    return demo, url

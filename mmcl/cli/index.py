@@ -1,0 +1,114 @@
+"""`mmcl index build|info|search`: a faiss index of image embeddings for the app's retrieval tab."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", help="run folder or checkpoint folder whose model embeds the images")
+    p.add_argument("--open-clip", default="", metavar="NAME", help="use an open_clip model instead, e.g. ViT-B-32")
+    p.add_argument(
+        "--pretrained", default="", metavar="TAG", help="open_clip pretrained tag (downloads: needs internet)"
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "index",
+        help="build or query a retrieval index of image embeddings",
+        description="Embed images from shards or folders with a trained model into a faiss index (exact for small "
+        "collections, IVF past --ivf-threshold), with thumbnails the app can show.",
+    )
+    sub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
+    b = sub.add_parser("build", help="embed images into an index folder", description="Embed images into an index.")
+    b.add_argument("sources", nargs="+", help="shards (paths or {000..009} patterns), folders of shards or of images")
+    b.add_argument("--out", required=True, help="index folder (e.g. runs/NAME/index, which `mmcl app` finds)")
+    _model_args(b)
+    b.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
+    b.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf", "hnsw"], help="faiss structure")
+    b.add_argument("--ivf-threshold", type=int, default=100_000, help="'auto' uses IVF from this many images on")
+    b.add_argument("--thumb-size", type=int, default=256, help="longest side of the stored thumbnails")
+    b.add_argument("--max-samples", type=int, default=0, help="stop after this many images (0 = all)")
+    b.add_argument("--max-pixels", type=int, default=40_000_000, help="skip larger images unread")
+    mode = b.add_mutually_exclusive_group()
+    mode.add_argument("--append", action="store_true", help="add to the index already in --out")
+    mode.add_argument("--overwrite", action="store_true", help="replace the index already in --out")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=run_build)
+
+    i = sub.add_parser("info", help="print an index's manifest", description="Print an index's manifest.")
+    i.add_argument("index", help="index folder")
+    i.set_defaults(func=run_info)
+
+    s = sub.add_parser("search", help="query an index from the command line", description="Query an index.")
+    s.add_argument("index", help="index folder")
+    _model_args(s)
+    query = s.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="text query")
+    query.add_argument("--image", help="image file query")
+    s.add_argument("-k", type=int, default=5, help="results to print")
+    s.set_defaults(func=run_search)
+
+
+def _load_model(args: argparse.Namespace) -> tuple[Any, str]:
+    from mmcl.app.models import OpenClipPipeline, load_run
+    from mmcl.utils import UserError
+
+    if args.open_clip:
+        return OpenClipPipeline(
+            args.open_clip, args.pretrained
+        ), f"open_clip {args.open_clip} {args.pretrained}".strip()
+    if not args.run:
+        raise UserError("say which model embeds the images: --run RUN or --open-clip NAME")
+    return load_run(args.run), args.run
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from mmcl.index import build_index
+
+    encoder, model = _load_model(args)
+    index = build_index(
+        encoder,
+        args.sources,
+        args.out,
+        batch_size=args.batch_size,
+        kind=args.kind,
+        ivf_threshold=args.ivf_threshold,
+        thumb_size=args.thumb_size,
+        max_samples=args.max_samples,
+        max_pixels=args.max_pixels,
+        append=args.append,
+        overwrite=args.overwrite,
+        info={"model": model},
+        progress=not args.quiet,
+    )
+    print(f"{args.out}: {len(index)} images, {index.dim}-d, {index.structure}")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mmcl.index import read_manifest
+
+    print(json.dumps(read_manifest(Path(args.index)), indent=2))
+    return 0
+
+
+def run_search(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mmcl.app import handlers as H
+    from mmcl.index import EmbeddingIndex
+
+    encoder, model = _load_model(args)
+    state = H.AppState(
+        pipeline=encoder, model_name=model, index=EmbeddingIndex.load(args.index), index_dir=Path(args.index)
+    )
+    hits = H.search_by_text(state, args.text, args.k) if args.text else H.search_by_image(state, args.image, args.k)
+    for h in hits:
+        print(f"{h.rank:3d}  {h.score:.4f}  {h.key}  {h.caption}")
+    return 0

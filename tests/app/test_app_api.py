@@ -1,0 +1,192 @@
+"""The running app over HTTP with `gradio_client`: every tab, bad input, and 16 concurrent clients."""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from app_helpers import FakePipeline, bomb_png, coloured, free_port
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from mmcl.app import handlers as H
+from mmcl.index import EmbeddingIndex, build_index
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A live app on a free port with the fake pipeline and a 9-image index; yields (url, state, files, demo)."""
+    from mmcl.app import launch
+
+    root = tmp_path_factory.mktemp("app")
+    images = root / "images"
+    images.mkdir()
+    for c, colour in enumerate(["red", "green", "blue"]):
+        for j in range(3):
+            coloured(colour, seed=10 * c + j).save(images / f"{colour}_{j}.png")
+            (images / f"{colour}_{j}.txt").write_text(f"a {colour} square {j}")
+    fake = FakePipeline()
+    build_index(fake, [str(images)], root / "index", progress=False)
+    state = H.AppState()
+    state.set_pipeline(fake, "fake")
+    state.index, state.index_dir = EmbeddingIndex.load(root / "index"), root / "index"
+    files = {}
+    for colour in ("red", "green", "blue"):
+        files[colour] = root / f"query_{colour}.png"
+        coloured(colour, seed=123).save(files[colour])
+    files["text"] = root / "notes.png"
+    files["text"].write_text("not an image at all")
+    files["bomb"] = root / "bomb.png"
+    files["bomb"].write_bytes(bomb_png(60_000, 60_000))
+    demo, url = launch(state=state, port=free_port(), prevent_thread_lock=True, quiet=True, concurrency=2)
+    yield url, state, files, demo
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server[0], verbose=False, download_files=False)
+
+
+def classify(client: Client, path: Path, labels: str = "red, green, blue", templates: str = "short", k: int = 3):
+    return client.predict(handle_file(str(path)), labels, templates, "a {} thing", k, api_name="/classify")
+
+
+def test_launch_is_local_and_limited(server):
+    url, state, _, demo = server
+    assert url.startswith("http://127.0.0.1:") and demo.server_name == "127.0.0.1"
+    assert demo.max_file_size == 20 * 1024 * 1024 and not demo.share
+    assert demo.allowed_paths == [str((state.index_dir / "images").resolve())]
+
+
+def test_upload_limit_and_file_serving(server):
+    url, state = server[0], server[1]
+    small = httpx.post(url + "gradio_api/upload", files={"files": ("a.png", b"x" * 1024)}, timeout=60)
+    assert small.status_code == 200
+    big = httpx.post(url + "gradio_api/upload", files={"files": ("b.png", os.urandom(21 * 2**20))}, timeout=120)
+    assert big.status_code == 413  # max_file_size=20mb is enforced by the server, not only by the client
+    assert httpx.get(url + "gradio_api/file=/etc/passwd").status_code == 403
+    index_file = next(state.index_dir.glob("meta.*.jsonl"))  # inside the index folder but not a thumbnail
+    assert httpx.get(url + f"gradio_api/file={index_file}").status_code == 403
+
+
+@pytest.mark.parametrize("colour", ["red", "green", "blue"])
+def test_zero_shot_tab(client, server, colour):
+    label, plot = classify(client, server[2][colour])
+    assert label["label"] == colour
+    confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
+    assert set(confidences) == {"red", "green", "blue"} and confidences[colour] > 0.9
+    assert plot is not None  # the bar chart's data came back too
+
+
+def test_zero_shot_custom_templates_and_top_k(client, server):
+    label, _ = client.predict(
+        handle_file(str(server[2]["red"])),
+        "red\nblue\ngreen\nyellow",
+        "custom",
+        "a {} picture",
+        2,
+        api_name="/classify",
+    )
+    assert label["label"] == "red" and len(label["confidences"]) == 2
+
+
+def test_retrieval_tab_text_and_image(client, server):
+    gallery, table = client.predict("red", 3, api_name="/search_text")
+    assert len(gallery) == 3 and all("red" in item["caption"] for item in gallery)
+    assert [row[3][:3] for row in table["data"]] == ["red"] * 3
+    thumb = httpx.get(gallery[0]["image"]["url"])  # the thumbnail is served
+    assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
+    gallery, table = client.predict(handle_file(str(server[2]["green"])), 5, api_name="/search_image")
+    assert len(table["data"]) == 5 and [row[2].split()[1] for row in table["data"][:3]] == ["green"] * 3
+    assert [row[0] for row in table["data"]] == [1, 2, 3, 4, 5]
+
+
+def test_captioning_tab(client, server):
+    out = client.predict(handle_file(str(server[2]["blue"])), "", "greedy", 30, 3, 1.0, 0.9, api_name="/caption")
+    assert out == "a blue picture"
+    out = client.predict(handle_file(str(server[2]["red"])), "look:", "beam", 1, 3, 1.0, 0.9, api_name="/caption")
+    assert out == "look: red"
+
+
+@pytest.mark.parametrize(
+    ("upload", "labels", "message"),
+    [
+        ("text", "red, blue", "not a readable image"),
+        ("bomb", "red, blue", "refused"),
+        ("red", " , ", "no labels"),
+        ("red", ",".join(f"l{i}" for i in range(1001)), "more than the limit of 1000"),
+    ],
+)
+def test_bad_input_gives_a_message_and_the_server_keeps_serving(client, server, upload, labels, message):
+    with pytest.raises(AppError, match=message):
+        classify(client, server[2][upload], labels)
+    assert classify(client, server[2]["red"])[0]["label"] == "red"
+
+
+def test_thousand_labels(client, server):
+    labels = ", ".join(["red", *[f"thing {i}" for i in range(999)]])
+    label, _ = classify(client, server[2]["red"], labels, templates="none", k=5)
+    assert label["label"] == "red" and len(label["confidences"]) == 5
+
+
+def test_empty_and_missing_index_messages(client, server, tmp_path):
+    state = server[1]
+    saved = state.index
+    try:
+        EmbeddingIndex(16).save(tmp_path)
+        state.index = EmbeddingIndex.load(tmp_path)
+        with pytest.raises(AppError, match="the index is empty"):
+            client.predict("red", 3, api_name="/search_text")
+        state.index = None
+        with pytest.raises(AppError, match="mmcl index build"):
+            client.predict("red", 3, api_name="/search_text")
+    finally:
+        state.index = saved
+    assert len(client.predict("red", 2, api_name="/search_text")[0]) == 2
+
+
+def test_model_picker_errors_are_messages(client, tmp_path):
+    with pytest.raises(AppError, match="no such run"):
+        client.predict(str(tmp_path / "nope"), api_name="/load_run")
+    with pytest.raises(AppError, match="could not load open_clip model 'no-such-model'"):
+        client.predict("no-such-model", "", api_name="/load_open_clip")
+
+
+def test_model_picker_switches_the_model(client, server, monkeypatch):
+    import mmcl.app.models as models
+
+    state = server[1]
+    before = state.pipeline
+    monkeypatch.setattr(models, "load_run", lambda path: FakePipeline(can_caption=False))
+    try:
+        result = client.predict("runs/other", api_name="/load_run")
+        banner = result[0] if isinstance(result, (list, tuple)) else result
+        assert "runs/other" in banner and state.model_name == "runs/other" and state.pipeline is not before
+        assert classify(client, server[2]["green"])[0]["label"] == "green"
+        with pytest.raises(AppError, match="cannot caption"):
+            client.predict(handle_file(str(server[2]["blue"])), "", "greedy", 30, 3, 1.0, 0.9, api_name="/caption")
+    finally:
+        state.set_pipeline(before, "fake")
+
+
+def test_sixteen_concurrent_clients(server):
+    url, files = server[0], server[2]
+    colours = ["red", "green", "blue"] * 6
+    barrier = threading.Barrier(16)
+
+    def one(i: int) -> tuple[str, str]:
+        c = Client(url, verbose=False, download_files=False)
+        barrier.wait()  # all 16 submit together
+        if i % 4 == 3:
+            gallery, _ = c.predict(colours[i], 2, api_name="/search_text")
+            return colours[i], gallery[0]["caption"].split(" · ")[1].split()[1]  # "0.98 · a red square 0"
+        return colours[i], classify(c, files[colours[i]])[0]["label"]
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(16), timeout=240))
+    assert len(results) == 16 and all(want == got for want, got in results)
