@@ -312,8 +312,7 @@ class SampleDecoder:
         image = None
         if self.need_image:
             pil = decode_image(image_bytes(raw), self.max_pixels, self.image_size)
-            torch.manual_seed(rng.getrandbits(63))  # torchvision's random ops read the global generator
-            image = self.transform(pil)
+            image = self.transform(pil, rng)
         return {"image": image, "caption": caption, "label": label, "key": raw["__key__"]}
 
 
