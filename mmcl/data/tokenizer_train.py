@@ -96,11 +96,13 @@ def train_tokenizer(
 
     The learned vocabulary can be smaller than `vocab_size` when the corpus is small.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     if vocab_size <= len(SPECIAL_TOKENS):
         raise UserError(f"vocab size {vocab_size} is too small (the special tokens alone take {len(SPECIAL_TOKENS)})")
-    norm = [normalizers.NFKC()] + ([normalizers.Lowercase()] if lowercase else [])
+    # NFKC, whitespace runs -> one space, trimmed (else Metaspace turns every extra space into a token)
+    norm = [normalizers.NFKC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Strip()]
+    norm += [normalizers.Lowercase()] if lowercase else []
     if kind == "bpe":
         tok = Tokenizer(models.BPE(unk_token=UNK))
         tok.pre_tokenizer = pre_tokenizers.Metaspace()

@@ -7,6 +7,7 @@ from torch import nn
 from mmcl.config import ModelConfig
 from mmcl.models import (
     clip,  # noqa: F401  (registers "clip")
+    joint,  # noqa: F401  (registers "joint")
     prefix_lm,  # noqa: F401  (registers "prefix_lm")
 )
 from mmcl.registry import MODELS

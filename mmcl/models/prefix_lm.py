@@ -102,7 +102,11 @@ class PrefixLM(nn.Module):
     """
 
     def __init__(
-        self, cfg: ModelConfig, tokenizer: Tokenizer | None = None, image_stem: nn.Module | None = None, split_seed: int = 0
+        self,
+        cfg: ModelConfig,
+        tokenizer: Tokenizer | None = None,
+        image_stem: nn.Module | None = None,
+        split_seed: int = 0,
     ) -> None:
         super().__init__()
         self.cfg = cfg
@@ -119,7 +123,9 @@ class PrefixLM(nn.Module):
                 f"{model_vocab}: use the tokenizer the decoder was trained with"
             )
         self.d_model = self.seq2seq.get_input_embeddings().embedding_dim
-        start = self.seq2seq.config.decoder_start_token_id
+        start = getattr(self.seq2seq.config, "decoder_start_token_id", None)
+        if start is None:  # transformers 5 keeps it in the generation config of loaded models
+            start = getattr(getattr(self.seq2seq, "generation_config", None), "decoder_start_token_id", None)
         self.start_id = tok.pad_id if start is None else int(start)
         self.image_stem = image_stem if image_stem is not None else build_image_stem(cfg, self.d_model)
         self._warned_fp16 = False
@@ -147,10 +153,10 @@ class PrefixLM(nn.Module):
         return {"image_size": self.cfg.image.image_size, "mean": tuple(stem.mean), "std": tuple(stem.std)}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.seq2seq.gradient_checkpointing_enable()
-        else:
-            self.seq2seq.gradient_checkpointing_disable()
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
+        action = "enable" if enable else "disable"
+        fn = getattr(self.seq2seq, f"activation_checkpointing_{action}", None)
+        (fn or getattr(self.seq2seq, f"gradient_checkpointing_{action}"))()
         if hasattr(self.image_stem, "set_grad_checkpointing"):
             self.image_stem.set_grad_checkpointing(enable)
 
@@ -167,7 +173,7 @@ class PrefixLM(nn.Module):
         [min_prefix_frac, max_prefix_frac], at most n - 1 so something is left to predict.
         """
         d = self.dcfg
-        ids = self.tokenizer.encode(caption)[: d.max_text_len - 1]
+        ids = self.tokenizer.encode(caption.strip())[: d.max_text_len - 1]
         n = len(ids)
         u_empty, u_frac, u_text = _uniforms(key, self.split_seed, 3)
         text_only = not has_image or (u_text < d.text_only_ratio and n > 0)
@@ -325,9 +331,8 @@ class PrefixLM(nn.Module):
         else:
             b = 1 if isinstance(prefix, str) else len(prefix or [])
         prefixes = self._prefix_ids(prefix, b)
-        if not has_images:
-            if self.dcfg.text_only_ratio == 0 or not any(prefixes):
-                raise UserError("caption() needs images (text-only completion needs a prefix and text_only_ratio > 0)")
+        if not has_images and (self.dcfg.text_only_ratio == 0 or not any(prefixes)):
+            raise UserError("caption() needs images (text-only completion needs a prefix and text_only_ratio > 0)")
         was_training = self.training
         self.eval()
         try:
@@ -361,7 +366,7 @@ class PrefixLM(nn.Module):
         if len(texts) != b:
             raise UserError(f"{len(texts)} prefixes for {b} images")
         limit = self.dcfg.max_text_len - 1
-        ids = [self.tokenizer.encode(t) for t in texts]
+        ids = [self.tokenizer.encode(t.strip()) for t in texts]
         for t, x in zip(texts, ids):
             if len(x) > limit:
                 raise UserError(
@@ -373,10 +378,9 @@ class PrefixLM(nn.Module):
     def _join(self, prefix_text: str, prefix_ids: list[int], new_ids: list[int]) -> str:
         """prefix + completion, joined at the token level (a prefix may end inside a word)."""
         tok = self.tokenizer
-        if tok.eos_id in new_ids:
+        if tok.eos_id in new_ids:  # generate() pads finished rows after their EOS
             new_ids = new_ids[: new_ids.index(tok.eos_id)]
-        specials = {tok.pad_id, tok.eos_id, tok.bos_id}
-        new_ids = [i for i in new_ids if i not in specials]
+        new_ids = [i for i in new_ids if i != tok.bos_id]  # not pad: CLIP's pad id 0 is also the token "!"
         if not prefix_ids:
             return tok.decode(new_ids).strip()
         head, full = tok.decode(prefix_ids), tok.decode(prefix_ids + new_ids)

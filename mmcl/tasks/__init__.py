@@ -8,6 +8,7 @@ from mmcl.config import ExperimentConfig
 from mmcl.registry import TASKS
 from mmcl.tasks import (
     contrastive,  # noqa: F401  (registers "clip")
+    joint,  # noqa: F401  (registers "joint")
     prefix_lm,  # noqa: F401  (registers "prefix_lm")
 )
 from mmcl.tasks.base import Task
