@@ -15,7 +15,7 @@ from mmcl.tasks.base import Backward, Task
 from mmcl.utils import UserError
 
 
-class _RngReplay:
+class RngReplay:
     """Records the CPU (and current accelerator) RNG state so a forward pass can be replayed exactly
     (same dropout masks), as GradCache does (Gao et al. 2021)."""
 
@@ -93,10 +93,10 @@ class ContrastiveTask(Task):
         states, cached = [], []
         with torch.no_grad():
             for mb in micro_batches:
-                states.append(_RngReplay(device))
+                states.append(RngReplay(device))
                 feats = prepared(mb, last=False, features_only=True)
                 cached.append((feats["image_features"], feats["text_features"]))
-        after = _RngReplay(device)
+        after = RngReplay(device)
 
         out: dict[str, torch.Tensor] = {}
         for j, mb in enumerate(micro_batches):

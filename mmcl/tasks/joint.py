@@ -25,7 +25,7 @@ from mmcl.data.batch import Batch
 from mmcl.losses.captioning import PrefixLMLoss
 from mmcl.registry import TASKS
 from mmcl.tasks.base import Backward
-from mmcl.tasks.contrastive import ContrastiveTask, _RngReplay
+from mmcl.tasks.contrastive import ContrastiveTask, RngReplay
 from mmcl.utils import UserError
 
 CAPTION_METRICS = ("caption_loss", "token_acc", "ppl")
@@ -79,10 +79,10 @@ class JointTask(ContrastiveTask):
         states, cached = [], []
         with torch.no_grad():
             for mb in micro_batches:
-                states.append(_RngReplay(device))
+                states.append(RngReplay(device))
                 feats = prepared(mb, last=False, features_only=True, with_caption=False)
                 cached.append((feats["image_features"], feats["text_features"]))
-        after = _RngReplay(device)
+        after = RngReplay(device)
 
         totals = dict.fromkeys(CAPTION_METRICS, 0.0)
         out: dict[str, torch.Tensor] = {}
