@@ -21,7 +21,7 @@ def test_demo_learns_and_reports(tmp_path):
     results = run_demo(s, ["train.eval_every=50", "eval.max_samples=400", "train.progress=false"])
     chance = 1 / results["n_classes"]
     assert results["n_classes"] == 40
-    assert results["zeroshot"]["top1"] > 4 * chance, results  # measured ~?% (chance 2.5%)
+    assert results["zeroshot"]["top1"] > 4 * chance, results  # chance 2.5%
     assert results["retrieval"]["t2i_recall@5"] > 4 * 5 / 400, results  # chance: 5 of 400 images
     run = s.out
     for name in (
