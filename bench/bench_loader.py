@@ -11,7 +11,8 @@ model's size, normalise, tokenize the caption (CLIP BPE, context 32), batch 128.
   (scale 0.9-1) + ToTensor + Normalize, the open_clip tokenizer), in a `wds.WebLoader`;
 * mmcl: `mmcl.data.pipeline.build_stream(DataConfig, model, shards, train=True)` + `make_loader`
   (1000-sample shuffle buffer, PIL decode with JPEG draft mode when the stored image is >= 2x the
-  target, torchvision v2 RandomResizedCrop (scale 0.8-1) on uint8 tensors, the model's tokenizer).
+  target, `mmcl.data.transforms.ImageTransform`: a PIL random-resized crop (scale 0.8-1) drawn from a
+  per-sample Python RNG, then to tensor and normalise; the model's tokenizer).
 
 Configurations are (model image size, stored shard image size): 64 px from 64 px shards (what a tiny
 model trains on), 224 px from 256 px shards, and 64 px from the same 256 px shards (large stored images,
@@ -259,6 +260,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def to_markdown(res: dict[str, Any]) -> str:
     s = res["settings"]
+    samples = ", ".join(f"{n} samples at {px} px" for px, n in s["samples"].items())
     rows = [
         [
             c["image_size"],
@@ -291,7 +293,7 @@ Images/s after tar read + JPEG decode + random-resized crop + normalise + tokeni
 + batch {s["batch_size"]}, median of {s["repeats"]} repeats; the two pipelines alternate in one process.
 open_clip: `open_clip_train.data.get_wds_dataset` with `open_clip.image_transform(is_train=True)`;
 mmcl: `mmcl.data.pipeline.build_stream` + `mmcl.data.shards.make_loader`. Built-in synthetic shards
-(JPEG q95), {s["samples"]} samples per shard set, 20 shards each. Timed span >= {s["min_seconds"]} s
+(JPEG q95, 20 shards per set): {samples}. Timed span >= {s["min_seconds"]} s
 after {s["warmup_batches_per_worker"]} warm-up batches per worker; "first batch" is the start-up latency
 (worker start + shuffle-buffer fill + first batch). Workers = DataLoader worker processes
 (0 = in the main process). "CPU ms/img" = user + system CPU time of the main process and its workers over
