@@ -359,7 +359,7 @@ def zeroshot_phase(bench: Bench, args: argparse.Namespace, train: Path, val: Pat
         run["planned_steps"] = steps
         run["calibration_samples_per_s"] = sps
         run["recipe"] = (
-            "DEMO_RECIPE: lr 2e-3, wd 0.1, warmup 30, grad clip 1.0, betas (0.9, 0.98), shuffle buffer 2000"
+            "mmcl.demo.DEMO_RECIPE: " + ", ".join(o.removeprefix("train.") for o in mm_recipe)
             if kind == "mmcl"
             else f"open_clip defaults: lr 5e-4, wd 0.2, warmup {max(1, steps // 10)} (10%), betas (0.9, 0.999), "
             "eps 1e-8 (its non-ViT-name defaults), no grad clip"

@@ -199,6 +199,8 @@ class ImageTowerConfig:
     timm_name: str = "vit_base_patch32_clip_224"
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. patch_size, embed_dim, depth, num_heads
     pretrained: bool = False  # timm weights (needs the hub; users' machines)
+    # from-scratch ViT init: 'clip' = OpenAI CLIP / open_clip's (learns far faster in short runs), 'timm' = timm's
+    init: Literal["clip", "timm"] = "clip"
     image_size: int = 224
     lock: bool = False  # LiT: freeze the tower
     unlocked_layers: int = 0  # with lock: keep the last N blocks trainable

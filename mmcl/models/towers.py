@@ -86,6 +86,30 @@ def _class_token_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y + block.drop_path2(block.ls2(block.mlp(block.norm2(y))))
 
 
+def clip_init_vit(trunk: nn.Module) -> None:
+    """Re-initialise a from-scratch timm ViT as OpenAI CLIP / open_clip initialise their visual transformer.
+
+    open_clip leaves the visual blocks at PyTorch's defaults (`nn.MultiheadAttention`: Xavier-uniform
+    packed qkv with zero biases; `nn.Linear`/`nn.Conv2d`: Kaiming-uniform) and draws the class and
+    position embeddings from N(0, width^-1/2). timm's ViT init (truncated N(0, 0.02), class token
+    1e-6) is tuned for long supervised runs: on the built-in 40-class data a 9M-parameter CLIP trained
+    117 steps reaches 6% zero-shot top-1 from timm's init and 19% from this one (bench/README.md).
+    """
+    scale = trunk.embed_dim**-0.5
+    for module in trunk.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.LayerNorm)):
+            module.reset_parameters()
+    for block in trunk.blocks:
+        nn.init.xavier_uniform_(block.attn.qkv.weight)
+        for bias in (block.attn.qkv.bias, block.attn.proj.bias):
+            if bias is not None:
+                nn.init.zeros_(bias)
+    if trunk.cls_token is not None:
+        nn.init.normal_(trunk.cls_token, std=scale)
+    if trunk.pos_embed is not None:
+        nn.init.normal_(trunk.pos_embed, std=scale)
+
+
 class ImageTower(nn.Module):
     """A timm backbone and a bias-free linear projection to the joint embedding.
 
@@ -120,6 +144,8 @@ class ImageTower(nn.Module):
         self.std = tuple(float(v) for v in data_cfg["std"])
         self.locked = False
         self.class_token_shortcut = _class_token_shortcut_ok(self.trunk)
+        if not cfg.pretrained and cfg.init == "clip" and self.class_token_shortcut:
+            clip_init_vit(self.trunk)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not self.class_token_shortcut:

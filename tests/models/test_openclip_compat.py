@@ -11,7 +11,12 @@ import torch
 from mmcl.config import ExperimentConfig, model_config, save_yaml
 from mmcl.models import build_model
 from mmcl.models.clip import CLIP
-from mmcl.models.openclip_compat import export_open_clip, load_open_clip_state_dict, model_config_from_open_clip
+from mmcl.models.openclip_compat import (
+    export_open_clip,
+    load_open_clip_state_dict,
+    model_config_from_open_clip,
+    open_clip_to_mmcl,
+)
 from mmcl.utils import UserError
 
 
@@ -172,3 +177,33 @@ def test_mismatched_checkpoint_is_a_clear_error() -> None:
     model = build_model(model_config_from_open_clip(other))
     with pytest.raises(UserError, match="unexpected: text.transformer.resblocks.1"):
         load_open_clip_state_dict(model, oc_model.state_dict())
+
+
+def _init_spread(state_dict: dict[str, torch.Tensor]) -> dict[str, tuple[float, float, int]]:
+    return {
+        k: (v.float().mean().item(), v.float().std().item(), v.numel()) for k, v in state_dict.items() if v.numel() > 1
+    }
+
+
+def test_from_scratch_vit_starts_like_open_clip() -> None:
+    """The image tower's default init draws every tensor from open_clip's distribution (spread within 15%, means
+    within 5 standard errors); timm's own init (`image.init=timm`) starts the class token and projections far smaller."""
+    import open_clip
+
+    cfg_json = _oc_config()
+    torch.manual_seed(0)
+    reference = _init_spread(open_clip_to_mmcl(open_clip.model.CLIP(**cfg_json).state_dict()))
+    cfg = model_config_from_open_clip(cfg_json)
+    ours = _init_spread(build_model(cfg).state_dict())
+    assert set(ours) == set(reference)
+    for key, (mean, std, n) in reference.items():
+        assert ours[key][1] == pytest.approx(std, rel=0.15, abs=1e-6), key
+        assert abs(ours[key][0] - mean) <= 5 * std / n**0.5 + 1e-6, key
+
+    cfg.image.init = "timm"
+    timm_init = _init_spread(build_model(cfg).state_dict())
+    assert timm_init["image.trunk.cls_token"][1] < 0.1 * reference["image.trunk.cls_token"][1]
+    assert (
+        timm_init["image.trunk.blocks.0.attn.qkv.weight"][1]
+        < 0.6 * reference["image.trunk.blocks.0.attn.qkv.weight"][1]
+    )
