@@ -429,7 +429,7 @@ def to_markdown(res: dict[str, Any]) -> str:
         slow = _ratio(r.get("throughput", {}).get(kind, {}).get("samples_per_s"),
                       r.get("bf16", {}).get(kind, {}).get("samples_per_s"))  # fmt: skip
         if slow:
-            notes.append(f"bf16 autocast is {slow:.1f}x slower than fp32 for {kind}")
+            notes.append(f"{kind}: fp32 / bf16 autocast samples/s = {slow:.2f} (above 1: bf16 is slower)")
     if table:
         parts += [f"## Throughput and memory ({s['workers']} loader workers)", "", markdown_table(headers, table), ""]
         parts += ["; ".join(notes) + ".", ""]
