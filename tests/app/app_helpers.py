@@ -19,17 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-PALETTE = {
-    "red": (220, 30, 30),
-    "green": (30, 170, 50),
-    "blue": (30, 60, 225),
-    "yellow": (240, 220, 30),
-    "purple": (140, 40, 180),
-    "orange": (250, 140, 20),
-    "white": (245, 245, 245),
-    "black": (15, 15, 15),
-    "gray": (128, 128, 128),
-}
+from mmcl.data.synthetic import BACKGROUNDS
+from mmcl.data.synthetic import COLOURS as SYNTHETIC_COLOURS
+
+PALETTE = {**SYNTHETIC_COLOURS, "gray": BACKGROUNDS["gray"]}  # the generator's object colours + its gray
 COLOURS = list(PALETTE)
 HASH_DIMS = 7
 DIM = len(COLOURS) + HASH_DIMS
