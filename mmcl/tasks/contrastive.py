@@ -80,43 +80,53 @@ class ContrastiveTask(Task):
         feats = self.features(batch)
         return feats if features_only else self.compute_loss(feats)
 
+    # keyword arguments of accumulation pass 1 (features for the cache only)
+    cache_pass_kwargs: dict[str, bool] = {}
+
     def forward_backward(
         self, prepared: Callable[..., dict[str, torch.Tensor]], micro_batches: list[Batch], backward: Backward
     ) -> dict[str, float]:
-        k = len(micro_batches)
-        if k == 1:
+        if len(micro_batches) == 1:
             out = prepared(micro_batches[0])
             backward(out["loss"], True)
             return {name: float(value.detach()) for name, value in out.items()}
+        outs = self.grad_cache_passes(prepared, micro_batches, backward)
+        return {name: float(value.detach()) for name, value in outs[-1].items()}
 
+    def grad_cache_passes(
+        self, prepared: Callable[..., dict[str, torch.Tensor]], micro_batches: list[Batch], backward: Backward
+    ) -> list[dict[str, torch.Tensor]]:
+        """GradCache's two passes over `micro_batches`; returns each pass-2 micro-batch's loss outputs."""
+        k = len(micro_batches)
         device = next(self.model.parameters()).device
         states, cached = [], []
         with torch.no_grad():
             for mb in micro_batches:
                 states.append(RngReplay(device))
-                feats = prepared(mb, last=False, features_only=True)
+                feats = prepared(mb, last=False, features_only=True, **self.cache_pass_kwargs)
                 cached.append((feats["image_features"], feats["text_features"]))
         after = RngReplay(device)
 
-        out: dict[str, torch.Tensor] = {}
+        outs = []
         for j, mb in enumerate(micro_batches):
             last = j == k - 1
             states[j].restore()
             feats = prepared(mb, last=last, features_only=True)
-            images = [feats["image_features"] if i == j else c[0] for i, c in enumerate(cached)]
-            texts = [feats["text_features"] if i == j else c[1] for i, c in enumerate(cached)]
-            full = {
-                "image_features": torch.cat(images),
-                "text_features": torch.cat(texts),
-                # shared scalars: their gradient must be counted once, not k times
-                "logit_scale": feats["logit_scale"] if last else feats["logit_scale"].detach(),
-            }
-            if feats.get("logit_bias") is not None:
-                full["logit_bias"] = feats["logit_bias"] if last else feats["logit_bias"].detach()
-            out = self.compute_loss(full)
+            full = dict(feats)
+            for key, col in (("image_features", 0), ("text_features", 1)):
+                full[key] = torch.cat([feats[key] if i == j else c[col] for i, c in enumerate(cached)])
+            for name in ("logit_scale", "logit_bias"):  # shared scalars: their gradient is counted once, not k times
+                if full.get(name) is not None and not last:
+                    full[name] = full[name].detach()
+            out = self.micro_batch_loss(full, k)
             backward(out["loss"], last)
+            outs.append(out)
         after.restore()
-        return {name: float(value.detach()) for name, value in out.items()}
+        return outs
+
+    def micro_batch_loss(self, full: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+        """Pass 2's loss for one micro-batch, given features spanning the whole batch."""
+        return self.compute_loss(full)
 
 
 @TASKS.register("clip")

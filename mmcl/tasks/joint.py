@@ -25,7 +25,7 @@ from mmcl.data.batch import Batch
 from mmcl.losses.captioning import PrefixLMLoss
 from mmcl.registry import TASKS
 from mmcl.tasks.base import Backward
-from mmcl.tasks.contrastive import ContrastiveTask, RngReplay
+from mmcl.tasks.contrastive import ContrastiveTask
 from mmcl.utils import UserError
 
 CAPTION_METRICS = ("caption_loss", "token_acc", "ppl")
@@ -66,49 +66,23 @@ class JointTask(ContrastiveTask):
         feats = self.features(batch, with_caption=with_caption)
         return feats if features_only else self.joint_loss(feats)
 
+    cache_pass_kwargs = {"with_caption": False}  # pass 1 only fills the contrastive cache
+
+    def micro_batch_loss(self, full: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+        return self.joint_loss(full, caption_scale=1.0 / k)  # each micro-batch's captions are its own
+
     def forward_backward(
         self, prepared: Callable[..., dict[str, torch.Tensor]], micro_batches: list[Batch], backward: Backward
     ) -> dict[str, float]:
         k = len(micro_batches)
         if k == 1:
-            out = prepared(micro_batches[0])
-            backward(out["loss"], True)
-            return {name: float(value.detach()) for name, value in out.items()}
-
-        device = next(self.model.parameters()).device
-        states, cached = [], []
-        with torch.no_grad():
-            for mb in micro_batches:
-                states.append(RngReplay(device))
-                feats = prepared(mb, last=False, features_only=True, with_caption=False)
-                cached.append((feats["image_features"], feats["text_features"]))
-        after = RngReplay(device)
-
-        totals = dict.fromkeys(CAPTION_METRICS, 0.0)
-        out: dict[str, torch.Tensor] = {}
-        for j, mb in enumerate(micro_batches):
-            last = j == k - 1
-            states[j].restore()
-            feats = prepared(mb, last=last, features_only=True, with_caption=True)
-            full = dict(feats)
-            full["image_features"] = torch.cat(
-                [feats["image_features"] if i == j else c[0] for i, c in enumerate(cached)]
-            )
-            full["text_features"] = torch.cat(
-                [feats["text_features"] if i == j else c[1] for i, c in enumerate(cached)]
-            )
-            for name in ("logit_scale", "logit_bias"):  # shared scalars: their gradient is counted once
-                if feats.get(name) is not None and not last:
-                    full[name] = feats[name].detach()
-            out = self.joint_loss(full, caption_scale=1.0 / k)
-            backward(out["loss"], last)
-            for name in CAPTION_METRICS:
-                totals[name] += float(out[name]) / k
-        after.restore()
-        result = {name: float(value.detach()) for name, value in out.items()}
-        result.update(totals)
+            return super().forward_backward(prepared, micro_batches, backward)
+        outs = self.grad_cache_passes(prepared, micro_batches, backward)
+        result = {name: float(value.detach()) for name, value in outs[-1].items()}
+        for name in CAPTION_METRICS:
+            result[name] = sum(float(out[name]) for out in outs) / k
         # reported loss: full-batch contrastive + mean caption loss (the objective, not the last pass's share)
-        result["loss"] = self.weight * result["contrastive_loss"] + self.caption_weight * totals["caption_loss"]
+        result["loss"] = self.weight * result["contrastive_loss"] + self.caption_weight * result["caption_loss"]
         return result
 
 
