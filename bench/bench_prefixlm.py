@@ -7,11 +7,12 @@ For each preset (default `prefixlm-tiny-conv` and `prefixlm-small`), randomly in
 generation first (on the untrained initialisation), then training:
 
   train     `mmcl.tasks.build_task(model, cfg)` with `cfg = load_experiment(None, ['model.preset=...'])`:
-            forward (`task(batch)['loss']`) + backward + AdamW step (`mmcl.engine.optim.build_optimizer`,
+            forward (`task.loss(task(batch), batch)`) + backward + AdamW step (`mmcl.engine.optim.build_optimizer`,
             the trainer's optimizer), batch 32 of built-in synthetic samples (`mmcl.data.synthetic.generate`
-            at the model's image size, eval transform), fp32. Data preparation is outside the timed span.
+            at the model's image size, eval transform), fp32. Data preparation (including the caption split
+            and tokenization, which the loader workers do in training) is outside the timed span.
             After warm-up steps, each repeat times a few steps; target tokens/s counts the decoder targets
-            (suffix + EOS, from the model's own deterministic `split_batch`), samples/s the images.
+            (suffix + EOS, the loader's deterministic caption split), samples/s the images.
   generate  `model.caption(images, max_new_tokens=24, ...)` on 8 images: greedy with the KV cache,
             greedy without (`use_cache=False`), beam search 3 with the cache. A 2-token call per mode
             warms up first. Latency per batch and per image; the generated token ids are captured from
@@ -62,18 +63,22 @@ def make_batches(model: Any, n_batches: int, batch_size: int, start: int = 0) ->
     from mmcl.data.batch import Batch
     from mmcl.data.synthetic import generate
     from mmcl.data.transforms import transform_from_model
+    from mmcl.data.views import CaptionSplitView
 
     tf = transform_from_model(model, train=False)
+    split = CaptionSplitView(model.tokenizer, model.dcfg, model.split_seed)
     size = model.preprocess_cfg()["image_size"]
     batches = []
     for b in range(n_batches):
         idx = range(start + b * batch_size, start + (b + 1) * batch_size)
         samples = [generate(i, image_size=size) for i in idx]
+        captions, keys = [s.caption for s in samples], [f"{i:08d}" for i in idx]
         batches.append(
             Batch(
                 images=torch.stack([tf(s.image) for s in samples]),
-                captions=[s.caption for s in samples],
-                keys=[f"{i:08d}" for i in idx],
+                captions=captions,
+                keys=keys,
+                views=split(captions, keys, True),
             )
         )
     return batches
@@ -81,7 +86,9 @@ def make_batches(model: Any, n_batches: int, batch_size: int, start: int = 0) ->
 
 def target_tokens(model: Any, batch: Any) -> int:
     """Decoder target tokens of `batch` (suffix + EOS per caption), the ones the loss is computed on."""
-    return sum(len(s.target) for s in model.split_batch(batch.captions, batch.keys, True))
+    from mmcl.data.views import IGNORE_INDEX
+
+    return int((batch.views["lm_labels"] != IGNORE_INDEX).sum())
 
 
 # ----------------------------------------------------------------------------- training
@@ -101,11 +108,11 @@ def bench_train(task: Any, cfg: Any, batches: list[Any], warmup: int, steps: int
         nonlocal i
         batch, n_tok = batches[i % len(batches)], tokens[i % len(batches)]
         i += 1
-        out = task(batch)
+        loss, _ = task.loss(task(batch), batch)
         opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        loss.backward()
         opt.step()
-        return len(batch), n_tok, float(out["loss"].detach())
+        return len(batch), n_tok, float(loss.detach())
 
     t0 = time.perf_counter()
     for _ in range(warmup):

@@ -40,6 +40,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if tp is Any:
         return value
+    if isinstance(tp, type) and hasattr(tp, "from_config"):  # a type that parses itself (TermConfig)
+        return value if isinstance(value, tp) else tp.from_config(value, where)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -94,6 +96,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
+    upgrade = getattr(cls, "upgrade", None)
+    if upgrade is not None:  # older layouts of this config, rewritten to the current one
+        data = upgrade(data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
@@ -114,6 +119,8 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 
 def to_dict(obj: Any) -> Any:
     """Plain data (dicts, lists, scalars) for YAML/JSON output."""
+    if hasattr(obj, "to_config"):
+        return obj.to_config()
     if dataclasses.is_dataclass(obj):
         return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
@@ -251,7 +258,7 @@ class ModelConfig:
     """A model: `arch` picks the registered builder; `preset` names a config file to start from."""
 
     preset: str = ""  # a name in mmcl/models/configs/ or a path; loaded first, then the keys here
-    arch: Literal["clip", "prefix_lm", "joint"] = "clip"
+    arch: str = "clip"  # a registered model (mmcl.registry.MODELS): clip, prefix_lm, joint
     embed_dim: int = 512
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
@@ -262,14 +269,76 @@ class ModelConfig:
 
 
 @dataclass
-class LossConfig:
-    """Which objectives and their weights (`joint` models use both)."""
+class TermConfig:
+    """One loss term: `{name: clip, weight: 1.0, ...the term's own options}`, or just its name.
 
-    contrastive: Literal["clip", "siglip", "none"] = "clip"
-    contrastive_weight: float = 1.0
-    caption_weight: float = 1.0  # PrefixLM cross-entropy (prefix_lm / joint)
-    gather_with_grad: bool = True
-    local_loss: bool = True
+    `name` is looked up in `mmcl.registry.LOSSES`; the other keys must be fields of that term's
+    `Options` dataclass (unknown keys are an error naming the closest one, at their full path).
+    """
+
+    name: str
+    weight: float = 1.0
+    options: Any = None  # the term's typed Options instance
+
+    @classmethod
+    def from_config(cls, value: Any, where: str) -> TermConfig:
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            raise ConfigError(
+                f"{where}: a loss term is a name or a mapping with a 'name' (e.g. {{name: clip}}), got {value!r}"
+            )
+        from mmcl.losses import term_class  # registers the built-in terms
+
+        term = term_class(value["name"], where)
+        weight = _coerce(value.get("weight", 1.0), float, f"{where}.weight")
+        options = from_dict(term.Options, {k: v for k, v in value.items() if k not in ("name", "weight")}, where)
+        return cls(value["name"], weight, options)
+
+    def to_config(self) -> dict[str, Any]:
+        return {"name": self.name, "weight": self.weight, **to_dict(self.options or {})}
+
+
+@dataclass
+class LossConfig:
+    """The objective: a weighted sum of loss terms, each logged separately.
+
+    `terms: [clip]`, `terms: [{name: siglip}]`, `terms: [clip, {name: caption, weight: 0.5}]`.
+    Empty = the model's own defaults (`default_terms` of the model class: CLIP -> [clip],
+    PrefixLM -> [caption], joint -> [clip, caption]).
+    """
+
+    terms: list[TermConfig] = field(default_factory=list)
+
+    def validate(self) -> None:
+        names = [t.name for t in self.terms]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"loss.terms names a term twice: {names}")
+
+
+# the flat `loss:` of mmcl <= 0.1 (run folders and configs written before loss terms), per model arch
+_LEGACY_LOSS_KEYS = {"contrastive", "contrastive_weight", "caption_weight", "gather_with_grad", "local_loss"}
+
+
+def _upgrade_legacy_loss(loss: dict[str, Any], arch: str) -> dict[str, Any]:
+    """`{contrastive: clip, contrastive_weight: w, caption_weight: c, ...}` -> `{terms: [...]}`."""
+    if not isinstance(loss, dict) or not _LEGACY_LOSS_KEYS & set(loss):
+        return loss
+    extra = set(loss) - _LEGACY_LOSS_KEYS
+    if extra:
+        raise ConfigError(f"loss: the keys {sorted(extra)} cannot be mixed with the old flat loss keys; use loss.terms")
+    terms: list[dict[str, Any]] = []
+    contrastive = loss.get("contrastive", "clip")
+    if arch in ("clip", "joint") and contrastive != "none":
+        term: dict[str, Any] = {"name": contrastive, "weight": loss.get("contrastive_weight", 1.0)}
+        if "gather_with_grad" in loss:
+            term["gather_with_grad"] = loss["gather_with_grad"]
+        if contrastive == "clip" and "local_loss" in loss:
+            term["local_loss"] = loss["local_loss"]
+        terms.append(term)
+    if arch in ("prefix_lm", "joint"):
+        terms.append({"name": "caption", "weight": loss.get("caption_weight", 1.0)})
+    return {"terms": terms}
 
 
 @dataclass
@@ -315,6 +384,15 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """Read configs written before loss terms (a flat `loss:` mapping) as term lists."""
+        model = data.get("model")
+        arch = model.get("arch", "clip") if isinstance(model, dict) else "clip"
+        if "loss" in data:
+            data = {**data, "loss": _upgrade_legacy_loss(data["loss"], arch)}
+        return data
 
 
 MODEL_PRESET_DIR = Path(__file__).parent / "models" / "configs"
@@ -376,6 +454,7 @@ __all__ = [
     "DecoderConfig",
     "ModelConfig",
     "LossConfig",
+    "TermConfig",
     "TrainConfig",
     "EvalConfig",
     "ExperimentConfig",

@@ -1,4 +1,4 @@
-"""Named builders: models, losses and tasks are looked up by registered name, never by name sniffing."""
+"""Named builders: models and loss terms are looked up by registered name, never by name sniffing."""
 
 from __future__ import annotations
 
@@ -40,4 +40,4 @@ class Registry(Generic[F]):
 
 
 MODELS: Registry = Registry("model architecture")  # arch name -> fn(ModelConfig) -> nn.Module
-TASKS: Registry = Registry("task")  # arch name -> fn(model, LossConfig) -> Task
+LOSSES: Registry = Registry("loss term")  # term name -> LossTerm subclass (mmcl.losses.base)

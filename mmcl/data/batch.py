@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
 
@@ -13,13 +14,15 @@ class Batch:
 
     images:      (B, 3, H, W) float, normalised for the image tower
     text:        (B, L) long token ids, padded; `text_mask` (B, L) 1 = real token
-    captions:    the raw caption strings (PrefixLM splits and tokenizes them itself)
+    captions:    the raw caption strings
     labels:      (B,) long class index, for labelled eval shards
     keys:        sample keys (`__key__`), for reports and resume bookkeeping
     worker:      the (logical) loader worker that built the batch, and how many raw
     consumed:    samples that worker had read when it did (exact resume of the data position)
     skipped:     that worker's running count of skipped samples by reason
     epoch:       the data epoch the batch belongs to
+    views:       named inputs the loss terms asked the loader for (`mmcl.data.views`), e.g.
+                 a second augmented image (B, 3, H, W) or PrefixLM's `prefix_ids` (B, P)
     """
 
     images: torch.Tensor | None = None
@@ -32,6 +35,13 @@ class Batch:
     consumed: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     epoch: int = 0
+    views: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, name: str) -> Any:
+        """A field or a view by name (None when the batch has neither)."""
+        if name in self.views:
+            return self.views[name]
+        return getattr(self, name, None) if name in _FIELDS else None
 
     def __len__(self) -> int:
         for t in (self.images, self.text, self.labels):
@@ -45,7 +55,11 @@ class Batch:
             for f in fields(self)
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
-        return replace(self, **moved)
+        views = {
+            k: v.to(device, non_blocking=non_blocking) if isinstance(v, torch.Tensor) else v
+            for k, v in self.views.items()
+        }
+        return replace(self, **moved, views=views)
 
     def split(self, parts: int) -> list[Batch]:
         """Cut into `parts` micro-batches along the batch dimension (for gradient accumulation)."""
@@ -60,5 +74,14 @@ class Batch:
                 v = getattr(self, f.name)
                 if isinstance(v, torch.Tensor) or (isinstance(v, list) and len(v) == n):
                     sliced[f.name] = v[lo:hi]
+            sliced["views"] = {k: _rows(v, lo, hi) for k, v in self.views.items()}
             out.append(replace(self, **sliced))
         return out
+
+
+def _rows(v: Any, lo: int, hi: int) -> Any:
+    """Rows lo:hi of a per-sample view (tensors and lists; anything else is shared by the batch)."""
+    return v[lo:hi] if isinstance(v, (torch.Tensor, list)) else v
+
+
+_FIELDS = {"images", "text", "text_mask", "captions", "labels", "keys"}

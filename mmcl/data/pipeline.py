@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from mmcl.config import DataConfig
 from mmcl.data.shards import Collator, SampleDecoder, ShardStream, expand_shards
 from mmcl.data.transforms import image_transform
@@ -18,20 +20,31 @@ def build_stream(
     world_size: int = 1,
     batch_size: int | None = None,
     need_caption: bool = True,
+    views: dict[str, Any] | None = None,
 ) -> ShardStream:
-    """A ShardStream over `shards` with `model`'s transform and tokenizer.
+    """A ShardStream over `shards` with `model`'s transform and tokenizer, plus the named `views`
+    the loss terms asked for (`mmcl.data.views`; `Task.views()` collects them).
 
     Training: shuffled, augmented, full batches only. Eval: one ordered pass, no augmentation.
     """
+    views = views or {}
+    image_views = {k: v for k, v in views.items() if v.kind == "sample"}
+    batch_views = {k: v for k, v in views.items() if v.kind == "batch"}
     pre = model.preprocess_cfg()
     transform = image_transform(pre["image_size"], pre["mean"], pre["std"], train=train and cfg.augment)
     decoder = SampleDecoder(
-        transform, cfg.caption_key, cfg.label_key, cfg.max_pixels, pre["image_size"], need_caption=need_caption
+        transform,
+        cfg.caption_key,
+        cfg.label_key,
+        cfg.max_pixels,
+        pre["image_size"],
+        need_caption=need_caption,
+        image_views=image_views,
     )
     return ShardStream(
         [expand_shards(p) for p in shards],
         decoder,
-        Collator(getattr(model, "tokenizer", None) if need_caption else None),
+        Collator(getattr(model, "tokenizer", None) if need_caption else None, batch_views),
         batch_size or cfg.batch_size,
         weights=cfg.train_weights or None,
         resampled=cfg.resampled and train,

@@ -289,7 +289,11 @@ class ShardStream(IterableDataset):
 
 
 class SampleDecoder:
-    """raw sample -> {'image': tensor, 'caption': str, 'label': int|None, 'key': str}. Picklable."""
+    """raw sample -> {'image': tensor, 'caption': str, 'label': int|None, 'key': str, 'views': {...}}.
+
+    `image_views` (name -> `mmcl.data.views.ImageView`) are more transforms of the same decoded
+    image, drawn from the same per-sample RNG after the main one. Picklable.
+    """
 
     def __init__(
         self,
@@ -300,27 +304,35 @@ class SampleDecoder:
         image_size: int = 0,
         need_image: bool = True,
         need_caption: bool = True,
+        image_views: dict[str, Any] | None = None,
     ) -> None:
         self.transform, self.caption_key, self.label_key = transform, caption_key, label_key
         self.max_pixels, self.image_size = max_pixels, image_size
         self.need_image, self.need_caption = need_image, need_caption
+        self.image_views = image_views or {}
 
     def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         meta = decode_json(raw)
         caption = decode_caption(raw, meta, self.caption_key, rng) if self.need_caption else ""
         label = decode_label(raw, meta, self.label_key)
-        image = None
+        image, views = None, {}
         if self.need_image:
             pil = decode_image(image_bytes(raw), self.max_pixels, self.image_size)
             image = self.transform(pil, rng)
-        return {"image": image, "caption": caption, "label": label, "key": raw["__key__"]}
+            views = {name: view(pil, rng) for name, view in self.image_views.items()}
+        return {"image": image, "caption": caption, "label": label, "key": raw["__key__"], "views": views}
 
 
 class Collator:
-    """decoded samples -> Batch, tokenizing the captions in one call. Picklable."""
+    """decoded samples -> Batch, tokenizing the captions in one call. Picklable.
 
-    def __init__(self, tokenizer=None) -> None:
+    Per-sample views are stacked into `batch.views`; batch views (name -> callable(captions, keys,
+    has_images) -> {name: tensor}, e.g. `CaptionSplitView`) add their outputs to `batch.views`.
+    """
+
+    def __init__(self, tokenizer=None, batch_views: dict[str, Any] | None = None) -> None:
         self.tokenizer = tokenizer
+        self.batch_views = batch_views or {}
 
     def __call__(self, samples: list[dict[str, Any]]) -> Batch:
         captions = [s["caption"] for s in samples]
@@ -329,13 +341,18 @@ class Collator:
             text, mask = self.tokenizer(captions)
         labels = [s["label"] for s in samples]
         images = [s["image"] for s in samples]
+        keys = [s["key"] for s in samples]
+        views = {name: torch.stack([s["views"][name] for s in samples]) for name in samples[0].get("views", {})}
+        for view in self.batch_views.values():
+            views.update(view(captions, keys, images[0] is not None))
         return Batch(
             images=torch.stack(images) if images[0] is not None else None,
             text=text,
             text_mask=mask,
             captions=captions,
             labels=torch.tensor(labels) if all(v is not None for v in labels) else None,
-            keys=[s["key"] for s in samples],
+            keys=keys,
+            views=views,
         )
 
 

@@ -23,9 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmcl.utils import atomic_write_text
+from mmcl.utils import UserError, atomic_write_text
 
 STEP_PREFIX = "step_"
+TASK_STATE = "task_state.safetensors"  # the task's own state: loss terms' heads, queues, buffers
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -133,9 +134,15 @@ def tmp_dir_for(root: Path, step: int) -> Path:
 
 
 def write_main_state(
-    tmp_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any]
+    tmp_dir: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    task_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     save_model(model, tmp_dir / "model.safetensors")
+    if task_state:  # the loss terms' heads, queues, momentum encoders, counters
+        save_file({k: v.detach().cpu().contiguous() for k, v in task_state.items()}, str(tmp_dir / TASK_STATE))
     torch.save(optimizer.state_dict(), tmp_dir / "optimizer.pt")
     atomic_write_text(tmp_dir / "trainer.json", json.dumps(trainer_state, indent=1))  # last: marks complete
 
@@ -147,6 +154,27 @@ def publish(tmp_dir: Path, final: Path, keep: int) -> None:
     tmp_dir.rename(final)
     for old in list_checkpoints(final.parent)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def load_task_state(task: nn.Module, ckpt: Path) -> None:
+    """Restore the task's own state (everything but the model); a checkpoint without it is an error when
+    the task has state: re-initialising heads or queues silently would not be the same run."""
+    own = task.state_for_checkpoint()
+    path = ckpt / TASK_STATE
+    if not own:
+        return
+    if not path.is_file():
+        raise UserError(
+            f"{ckpt} has no {TASK_STATE} but the loss terms have state ({', '.join(list(own)[:3])}...): "
+            "it was written by another objective; resume with the same loss.terms or use a new train.output_dir"
+        )
+    state = load_file(str(path))
+    missing = sorted(set(own) - set(state))
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or wrong:
+        what = f"missing {missing[:3]}" if missing else f"{wrong[0]} is {tuple(state[wrong[0]].shape)}"
+        raise UserError(f"{path}: does not match the loss terms' state ({what})")
+    task.load_state_dict({**task.state_dict(), **state})
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:

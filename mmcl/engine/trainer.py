@@ -1,11 +1,13 @@
 """The one training loop: Accelerate, any Task, step checkpoints and exact resume.
 
 The loop knows nothing about CLIP or PrefixLM: it pulls `Batch`es, hands k
-micro-batches to `task.forward_backward`, clips, steps, logs, evaluates and
-checkpoints. What it adds to a plain Accelerate loop:
+micro-batches to the accumulator (`accumulate.forward_backward`), clips, steps,
+calls the task's `on_step_end`, logs, evaluates and checkpoints. What it adds to
+a plain Accelerate loop:
 
-* exact resume: model, optimizer, schedule, RNG and every loader worker's data
-  position are restored, so a killed run continues the same loss curve;
+* exact resume: model, the task's own state (heads, queues, momentum encoders),
+  optimizer, schedule, RNG and every loader worker's data position are restored,
+  so a killed run continues the same loss curve;
 * non-finite steps are skipped and counted; N in a row stop the run;
 * the data loader is never passed to `accelerator.prepare` (webdataset shards
   are split by the stream itself; see DESIGN.md field notes), and the schedule
@@ -14,9 +16,9 @@ checkpoints. What it adds to a plain Accelerate loop:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -31,8 +33,10 @@ from mmcl.data.builtin import is_builtin
 from mmcl.data.pipeline import build_stream
 from mmcl.data.shards import ShardStream, StreamState, count_samples, expand_shards, make_loader
 from mmcl.engine import checkpoint as ckpt
+from mmcl.engine.accumulate import forward_backward
 from mmcl.engine.metrics import MetricsLog, plot_curves
 from mmcl.engine.optim import build_optimizer, lr_at, set_lr
+from mmcl.losses.base import StepContext
 from mmcl.utils import UserError
 
 log = logging.getLogger("mmcl.train")
@@ -145,6 +149,7 @@ class Trainer:
             seed=self.tc.seed,
             rank=acc.process_index,
             world_size=acc.num_processes,
+            views=self.task.views(),
         )
         self.samples_per_step = cfg.data.batch_size * self.tc.grad_accum * acc.num_processes
 
@@ -157,16 +162,6 @@ class Trainer:
             for name in names:
                 ensure_builtin(name, progress=self.tc.progress)
         self.accelerator.wait_for_everyone()
-
-    # ------------------------------------------------------------------ forward/backward plumbing
-
-    def _forward(self, batch: Batch, last: bool = True, **kwargs) -> dict[str, torch.Tensor]:
-        sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.prepared)
-        with sync, self.accelerator.autocast():
-            return self.prepared(batch.to(self.accelerator.device), **kwargs)
-
-    def _backward(self, loss: torch.Tensor, last: bool) -> None:
-        self.accelerator.backward(loss)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -184,7 +179,7 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"step": step, "num_processes": acc.num_processes, **counters}
-            ckpt.write_main_state(tmp, acc.unwrap_model(self.prepared).model, self.optimizer, state)
+            ckpt.write_main_state(tmp, self.task.model, self.optimizer, state, self.task.state_for_checkpoint())
             ckpt.publish(tmp, ckpt.step_dir(self.ckpt_root, step), self.tc.keep_checkpoints)
         acc.wait_for_everyone()
 
@@ -206,7 +201,8 @@ class Trainer:
                 f"{latest} was written by {trainer_state['num_processes']} process(es); resume it "
                 f"with the same number (got {self.accelerator.num_processes})"
             )
-        ckpt.load_model_weights(self.accelerator.unwrap_model(self.prepared).model, latest / "model.safetensors")
+        ckpt.load_model_weights(self.task.model, latest / "model.safetensors")
+        ckpt.load_task_state(self.task, latest)
         ckpt.load_optimizer(self.optimizer, latest)
         rank_state = ckpt.read_rank_state(latest, self.accelerator.process_index)
         ckpt.set_rng_state(rank_state["rng"], rank_state["rng_tensors"])
@@ -228,18 +224,18 @@ class Trainer:
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=step) if acc.is_main_process else None
         bad_in_a_row = counters.get("bad_in_a_row", 0)
         bad_total = counters.get("bad_total", 0)
-        unwrapped = acc.unwrap_model(self.prepared)
         window: dict[str, float] = {}
         window_steps, window_start = 0, time.perf_counter()
         last: dict[str, float] = {}
         eval_metrics: dict[str, float] = {}
-        bar = _progress(acc.is_main_process and tc.progress, tc.steps, step)
+        bar = _progress(acc.is_main_process and tc.progress and sys.stderr.isatty(), tc.steps, step)
+        fit_start, first_step = time.perf_counter(), step
         end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
         while step < end:
             self.prepared.train()
             set_lr(self.optimizer, lr_at(step, tc))
             micro = [source.next() for _ in range(tc.grad_accum)]
-            out = unwrapped.forward_backward(self._forward, micro, self._backward)
+            out = forward_backward(self.task, micro, acc, self.prepared)
             grad_norm = self._grad_norm()
             if not math.isfinite(grad_norm) or not math.isfinite(out.get("loss", 0.0)):
                 self.optimizer.zero_grad(set_to_none=True)
@@ -256,6 +252,7 @@ class Trainer:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             step += 1
+            self.task.on_step_end(self._step_context(step))
             for k, v in {**out, "grad_norm": grad_norm}.items():
                 window[k] = window.get(k, 0.0) + v
             window_steps += 1
@@ -276,6 +273,8 @@ class Trainer:
                 acc.log(last, step=step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}", sps=f"{last['samples_per_s']:.0f}")
+                elif acc.is_main_process and tc.progress:
+                    log.info(_log_line(step, tc.steps, last, time.perf_counter() - fit_start, step - first_step))
                 window, window_steps, window_start = {}, 0, time.perf_counter()
             if self.eval_hook and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 eval_metrics = self._evaluate(step, metrics_log)
@@ -287,6 +286,11 @@ class Trainer:
             eval_metrics = self._evaluate(step, metrics_log)
         final_dir = self._finish(step, metrics_log)
         return TrainResult(self.run_dir, step, final_dir, last, eval_metrics)
+
+    def _step_context(self, step: int) -> StepContext:
+        acc = self.accelerator
+        gather = acc.gather if acc.num_processes > 1 else (lambda t: t)
+        return StepContext(step=step, rank=acc.process_index, world_size=acc.num_processes, gather=gather)
 
     def _grad_norm(self) -> float:
         params = [p for p in self.task.parameters() if p.grad is not None]
@@ -310,7 +314,7 @@ class Trainer:
     def _evaluate(self, step: int, metrics_log: MetricsLog | None) -> dict[str, float]:
         results: dict[str, float] = {}
         if self.accelerator.is_main_process:
-            model = self.accelerator.unwrap_model(self.prepared).model
+            model = self.task.model
             was_training = model.training
             model.eval()
             results = {f"eval_{k}": v for k, v in self.eval_hook(model, step).items()}
@@ -326,7 +330,7 @@ class Trainer:
         final_dir = self.run_dir / "final"
         if self.accelerator.is_main_process:
             final_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.save_model(self.accelerator.unwrap_model(self.prepared).model, final_dir / "model.safetensors")
+            ckpt.save_model(self.task.model, final_dir / "model.safetensors")
             save_yaml(self.cfg, final_dir / "config.yaml")
             if metrics_log is not None and metrics_log.rows:
                 plot_curves(metrics_log.rows, self.run_dir / "curves.png", title=self.run_dir.name)
@@ -356,6 +360,21 @@ class Trainer:
             )
         if step:
             log.info("continuing at step %d of %d", step, self.tc.steps)
+
+
+def _log_line(step: int, total: int, m: dict[str, float], elapsed: float, done: int) -> str:
+    """One plain progress line for logs that are not a terminal (SLURM, CI, nohup)."""
+    eta = elapsed / max(done, 1) * (total - step)
+    skipped = sum(v for k, v in m.items() if k.startswith("skipped_"))
+    return (
+        f"step {step}/{total} loss {m.get('loss', float('nan')):.4f} lr {m['lr']:.3g} "
+        f"samples/s {m['samples_per_s']:.1f} eta {_hms(eta)} skipped {int(skipped)}"
+    )
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def _progress(enabled: bool, total: int, initial: int):

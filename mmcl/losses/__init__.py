@@ -1,6 +1,32 @@
-"""Losses: one objective per class, each returning named scalars {'loss', ...}."""
+"""Loss terms: one objective per file, registered in `mmcl.registry.LOSSES` (see `base.py`)."""
 
-from mmcl.losses.clip_loss import ClipLoss
-from mmcl.losses.siglip_loss import SigLipLoss
+from __future__ import annotations
 
-__all__ = ["ClipLoss", "SigLipLoss"]
+from mmcl.losses.base import LossTerm, StepContext
+from mmcl.losses.captioning import CaptionTerm, PrefixLMLoss
+from mmcl.losses.clip_loss import ClipLoss, ClipTerm
+from mmcl.losses.siglip_loss import SigLipLoss, SigLipTerm
+from mmcl.registry import LOSSES
+
+
+def term_class(name: str, where: str = "loss.terms") -> type[LossTerm]:
+    """The registered term `name`; a ConfigError naming the closest one otherwise."""
+    from mmcl.config import ConfigError
+
+    try:
+        return LOSSES.get(name)
+    except KeyError as e:
+        raise ConfigError(f"{where}: {e.args[0]}") from None
+
+
+__all__ = [
+    "LossTerm",
+    "StepContext",
+    "ClipLoss",
+    "ClipTerm",
+    "SigLipLoss",
+    "SigLipTerm",
+    "PrefixLMLoss",
+    "CaptionTerm",
+    "term_class",
+]

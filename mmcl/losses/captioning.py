@@ -13,11 +13,16 @@ weigh more than short ones, as in a language model.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from mmcl.data.batch import Batch
+from mmcl.data.views import IGNORE_INDEX, CaptionSplitView
+from mmcl.losses.base import LossTerm
+from mmcl.registry import LOSSES
 
 
 class PrefixLMLoss(nn.Module):
@@ -55,3 +60,32 @@ class PrefixLMLoss(nn.Module):
             ppl = plain.exp()
             acc = (flat_logits.argmax(-1) == flat_labels).float().mean()
         return {"loss": loss, "token_acc": acc, "ppl": ppl, "num_tokens": n}
+
+
+@LOSSES.register("caption")
+class CaptionTerm(LossTerm):
+    """PrefixLM captioning (SimVLM) on a model with a PrefixLM decoder (`prefix_lm`, `joint`).
+
+    The loader splits and tokenizes each caption (`CaptionSplitView`, deterministic per sample key);
+    the model takes the token tensors. A per-sample loss: accumulation weighs micro-batches by
+    their target tokens, so k micro-batches give the full batch's token mean.
+    Returns {'loss', 'token_acc', 'ppl'}.
+    """
+
+    inputs = ("images", "prefix_ids", "prefix_mask", "lm_labels", "text_only")
+
+    def __init__(self, model: nn.Module, options: Any = None) -> None:
+        super().__init__(model, options)
+        self.loss = PrefixLMLoss()
+
+    def views(self, model: nn.Module) -> dict[str, Any]:
+        lm = getattr(model, "lm", model)  # a joint model's captioner, or the PrefixLM itself
+        return {"caption_split": CaptionSplitView(lm.tokenizer, lm.dcfg, lm.split_seed)}
+
+    def count(self, batch: Batch) -> float:
+        return float((batch.views["lm_labels"] != IGNORE_INDEX).sum())  # a token mean: weigh by tokens
+
+    def forward(self, feats: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+        out = self.loss(feats["logits"], feats["labels"])
+        out.pop("num_tokens")
+        return out

@@ -3,11 +3,16 @@ Natural Language Supervision"; van den Oord et al. 2018 for InfoNCE)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmcl.data.batch import Batch
+from mmcl.losses.base import LossTerm
 from mmcl.losses.distributed import gather_features, world_info
+from mmcl.registry import LOSSES
 
 
 class ClipLoss(nn.Module):
@@ -71,3 +76,37 @@ class ClipLoss(nn.Module):
             acc_i2t = (logits_per_image.argmax(dim=1) == labels).float().mean()
             acc_t2i = (logits_per_text.argmax(dim=1) == labels).float().mean()
         return {"loss": loss, "acc_i2t": acc_i2t, "acc_t2i": acc_t2i}
+
+
+@dataclass
+class ClipOptions:
+    local_loss: bool = True  # each process computes the rows of its own samples only
+    gather_with_grad: bool = True  # differentiable gather of the other processes' features
+
+
+@LOSSES.register("clip")
+class ClipTerm(LossTerm):
+    """`ClipLoss` on the model's image and text features (a dual encoder: CLIP, joint).
+
+    Returns {'loss', 'acc_i2t', 'acc_t2i', 'logit_scale' (+ 'logit_bias')}.
+    """
+
+    Options = ClipOptions
+    inputs = ("images", "text", "text_mask")
+    batch_features = ("image_features", "text_features")
+
+    def __init__(self, model: nn.Module, options: ClipOptions | None = None) -> None:
+        super().__init__(model, options)
+        self.loss = ClipLoss(local_loss=self.options.local_loss, gather_with_grad=self.options.gather_with_grad)
+
+    def forward(self, feats: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+        return contrastive_outputs(self.loss, feats)
+
+
+def contrastive_outputs(loss: nn.Module, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An image-text loss on `feats` plus the temperature (and bias) as metrics."""
+    out = loss(feats["image_features"], feats["text_features"], feats["logit_scale"], feats.get("logit_bias"))
+    out["logit_scale"] = feats["logit_scale"].detach()
+    if feats.get("logit_bias") is not None:
+        out["logit_bias"] = feats["logit_bias"].detach()
+    return out

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmcl.data.batch import Batch
+from mmcl.losses.base import LossTerm
+from mmcl.losses.clip_loss import contrastive_outputs
 from mmcl.losses.distributed import all_gather_cat, world_info
+from mmcl.registry import LOSSES
+from mmcl.utils import UserError
 
 
 class SigLipLoss(nn.Module):
@@ -56,3 +63,27 @@ class SigLipLoss(nn.Module):
             all_images = all_gather_cat(image_features.detach(), with_grad=False) if world > 1 else image_features
             acc_t2i = ((text_features @ all_images.T).argmax(dim=1) == labels).float().mean()
         return {"loss": loss, "acc_i2t": acc_i2t, "acc_t2i": acc_t2i}
+
+
+@dataclass
+class SigLipOptions:
+    gather_with_grad: bool = True  # differentiable gather of the other processes' text features
+
+
+@LOSSES.register("siglip")
+class SigLipTerm(LossTerm):
+    """`SigLipLoss` on the model's image and text features; the model needs a logit bias
+    (`model.init_logit_bias`, e.g. -10). Returns {'loss', 'acc_i2t', 'acc_t2i', 'logit_scale', 'logit_bias'}."""
+
+    Options = SigLipOptions
+    inputs = ("images", "text", "text_mask")
+    batch_features = ("image_features", "text_features")
+
+    def __init__(self, model: nn.Module, options: SigLipOptions | None = None) -> None:
+        super().__init__(model, options)
+        if getattr(model, "logit_bias", None) is None:
+            raise UserError("the siglip loss term needs a logit bias: set model.init_logit_bias (e.g. -10)")
+        self.loss = SigLipLoss(gather_with_grad=self.options.gather_with_grad)
+
+    def forward(self, feats: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
+        return contrastive_outputs(self.loss, feats)

@@ -36,6 +36,8 @@ class CLIP(nn.Module):
         logit_bias: SigLIP bias parameter, shape (), or None.
     """
 
+    default_terms: tuple[str, ...] = ("clip",)  # the loss terms when loss.terms is empty
+
     def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> None:
         super().__init__()
         self.cfg = cfg

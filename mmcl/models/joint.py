@@ -38,6 +38,8 @@ class JointModel(CLIP):
     open_clip export of the towers) unchanged.
     """
 
+    default_terms = ("clip", "caption")  # the loss terms when loss.terms is empty
+
     def __init__(self, cfg: ModelConfig, split_seed: int = 0) -> None:
         super().__init__(cfg)
         width = self.image.trunk.num_features
@@ -63,15 +65,17 @@ class JointModel(CLIP):
         images: torch.Tensor,
         text: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
-        captions: list[str] | None = None,
-        keys: list[str] | None = None,
+        prefix_ids: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
+        lm_labels: torch.Tensor | None = None,
+        text_only: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Contrastive features and, when `captions` are given, PrefixLM logits.
+        """Contrastive features and, when the caption splits are given, PrefixLM logits.
 
         Returns:
             {'image_features' (B, D), 'text_features' (B, D) when `text` is given, 'logit_scale' (),
             'logit_bias' () for SigLIP} + {'logits' (B, T, V), 'labels' (B, T), 'prefix_len' (B,)}
-            when `captions` is given (see `PrefixLM.forward`).
+            when `lm_labels` is given (see `PrefixLM.forward`).
         """
         scale, bias = self.scale_and_bias()
         # Order matters for exact dropout replay in gradient accumulation: image tower, text tower,
@@ -82,8 +86,8 @@ class JointModel(CLIP):
             out["text_features"] = self.encode_text(text, text_mask)
         if bias is not None:
             out["logit_bias"] = bias
-        if captions is not None:
-            out.update(self.lm(None, captions, keys=keys, image_tokens=tokens))
+        if lm_labels is not None:
+            out.update(self.lm(None, prefix_ids, prefix_mask, lm_labels, text_only, image_tokens=tokens))
         return out
 
     @torch.no_grad()

@@ -13,9 +13,10 @@ start of. SimVLM also mixes in text-only documents (no image tokens).
 Here: the image stem is a timm CNN's first stages or linear patches
 (`image_stem.py`); the encoder-decoder is HF transformers' T5, built from
 scratch from `DecoderConfig` sizes or loaded by `decoder.hf_name` (any seq2seq
-LM), fed with `inputs_embeds`. The model tokenizes and splits the raw
-captions itself; the split is a pure function of (sample key, split_seed), so a
-resumed run cuts every caption exactly as the uninterrupted one did.
+LM), fed with `inputs_embeds`. The loader workers tokenize and split the raw
+captions (`mmcl.data.views.CaptionSplitView`, asked for by the `caption` loss
+term); the model takes token tensors. The split is a pure function of (sample
+key, split_seed), so a resumed run cuts every caption as the uninterrupted one did.
 
 Shapes: images (B, 3, H, W) -> image tokens (B, N, D); prefix (B, P); encoder
 input (B, N + P, D); decoder targets (B, T), T <= decoder.max_text_len.
@@ -25,41 +26,19 @@ Precision: train T5 in bf16 or fp32, not fp16 (its activations overflow fp16).
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from mmcl.config import DecoderConfig, ModelConfig
 from mmcl.data.text import Tokenizer, build_tokenizer
+from mmcl.data.views import IGNORE_INDEX, pad_ids
 from mmcl.models.image_stem import build_image_stem
 from mmcl.registry import MODELS
 from mmcl.utils import UserError
 
 log = logging.getLogger("mmcl.models")
-IGNORE_INDEX = -100  # label value ignored by the loss (HF / torch cross-entropy convention)
-
-
-@dataclass
-class PrefixSplit:
-    """One caption cut for PrefixLM training.
-
-    prefix: token ids given to the encoder after the image tokens.
-    target: token ids the decoder must produce (suffix + EOS); empty = no loss for this sample.
-    text_only: the sample is trained without its image (SimVLM's text-only documents).
-    """
-
-    prefix: list[int]
-    target: list[int]
-    text_only: bool = False
-
-
-def _uniforms(key: str, seed: int, n: int) -> list[float]:
-    """`n` numbers in [0, 1) that depend only on (seed, key): stable across processes and resumes."""
-    digest = hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8 * n).digest()
-    return [int.from_bytes(digest[8 * i : 8 * i + 8], "little") / 2**64 for i in range(n)]
 
 
 def build_seq2seq(dcfg: DecoderConfig, vocab_size: int, pad_id: int, eos_id: int) -> nn.Module:
@@ -100,6 +79,8 @@ class PrefixLM(nn.Module):
         image_stem: module mapping images (B, 3, H, W) -> tokens (B, N, d_model); built from cfg when None.
         split_seed: varies the prefix/suffix cuts (the cut of a sample depends on its key and this seed).
     """
+
+    default_terms: tuple[str, ...] = ("caption",)  # the loss terms when loss.terms is empty
 
     def __init__(
         self,
@@ -160,47 +141,6 @@ class PrefixLM(nn.Module):
         if hasattr(self.image_stem, "set_grad_checkpointing"):
             self.image_stem.set_grad_checkpointing(enable)
 
-    # ------------------------------------------------------------------ prefix / suffix split
-
-    def split_caption(self, caption: str, key: str, has_image: bool = True) -> PrefixSplit:
-        """Tokenize and cut one caption (deterministic in `key` and `split_seed`).
-
-        Captions longer than `max_text_len - 1` tokens are truncated (the EOS needs a slot). An
-        empty caption gets no target (no loss). A sample is text-only when it has no image or, with
-        probability `text_only_ratio`, by draw; a text-only caption keeps at least one prefix token
-        (the encoder needs an input). Otherwise the prefix is empty with probability
-        `empty_prefix_prob` (plain captioning), else floor(f * n) tokens with f uniform in
-        [min_prefix_frac, max_prefix_frac], at most n - 1 so something is left to predict.
-        """
-        d = self.dcfg
-        ids = self.tokenizer.encode(caption.strip())[: d.max_text_len - 1]
-        n = len(ids)
-        u_empty, u_frac, u_text = _uniforms(key, self.split_seed, 3)
-        text_only = not has_image or (u_text < d.text_only_ratio and n > 0)
-        if n == 0:
-            return PrefixSplit([], [], text_only)
-        frac = d.min_prefix_frac + u_frac * (d.max_prefix_frac - d.min_prefix_frac)
-        if text_only:
-            k = n if n == 1 else min(max(int(frac * n), 1), n - 1)
-        elif u_empty < d.empty_prefix_prob:
-            k = 0
-        else:
-            k = min(int(frac * n), n - 1)
-        return PrefixSplit(ids[:k], ids[k:] + [self.tokenizer.eos_id], text_only)
-
-    def split_batch(self, captions: list[str], keys: list[str] | None, has_images: bool) -> list[PrefixSplit]:
-        """`split_caption` for a batch; keys default to the captions themselves."""
-        if not has_images and self.dcfg.text_only_ratio == 0:
-            first = f" (sample '{keys[0]}')" if keys else ""
-            raise UserError(
-                f"a batch without images{first} reached an image-captioning model: set "
-                "decoder.text_only_ratio > 0 to train on text-only samples"
-            )
-        keys = list(keys) if keys else list(captions)
-        if len(keys) != len(captions):
-            raise ValueError(f"{len(keys)} keys for {len(captions)} captions")
-        return [self.split_caption(c, k, has_images) for c, k in zip(captions, keys)]
-
     # ------------------------------------------------------------------ encoder input
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -208,33 +148,34 @@ class PrefixLM(nn.Module):
         return self.image_stem(images)
 
     def encoder_inputs(
-        self, image_tokens: torch.Tensor | None, prefixes: list[list[int]], text_only: list[bool]
+        self,
+        image_tokens: torch.Tensor | None,
+        prefix_ids: torch.Tensor,
+        prefix_mask: torch.Tensor,
+        text_only: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """[image tokens ; embedded prefix] (B, N + P, D) and its attention mask (B, N + P), 1 = attend.
 
-        Prefixes are right-padded; text-only samples mask out their image tokens.
+        Args:
+            image_tokens: (B, N, D) or None (a text-only batch).
+            prefix_ids, prefix_mask: (B, P) right-padded prefix tokens (P may be 0).
+            text_only: (B,) bool; text-only samples mask out their image tokens.
         """
         device = self.device
-        b = len(prefixes)
+        b = prefix_ids.shape[0]
         parts, masks = [], []
         if image_tokens is not None:
             if image_tokens.shape[0] != b:
                 raise ValueError(f"{image_tokens.shape[0]} images for {b} captions")
             parts.append(image_tokens)
-            keep = torch.tensor([not t for t in text_only], device=device)
+            keep = ~text_only.to(device=device, dtype=torch.bool)
             masks.append(keep[:, None].expand(b, image_tokens.shape[1]).long())
-        p = max((len(x) for x in prefixes), default=0)
-        if p > 0:
-            ids = torch.full((b, p), self.tokenizer.pad_id, dtype=torch.long)
-            mask = torch.zeros(b, p, dtype=torch.long)
-            for i, x in enumerate(prefixes):
-                ids[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-                mask[i, : len(x)] = 1
-            embeds = self.seq2seq.get_input_embeddings()(ids.to(device))  # (B, P, D)
+        if prefix_ids.shape[1] > 0:
+            embeds = self.seq2seq.get_input_embeddings()(prefix_ids.to(device))  # (B, P, D)
             if parts:
                 embeds = embeds.to(parts[0].dtype)
             parts.append(embeds)
-            masks.append(mask.to(device))
+            masks.append(prefix_mask.to(device=device, dtype=torch.long))
         if not parts:
             raise UserError("nothing to encode: no images and no text prefix")
         x, mask = torch.cat(parts, 1), torch.cat(masks, 1)
@@ -243,47 +184,51 @@ class PrefixLM(nn.Module):
 
     # ------------------------------------------------------------------ training forward
 
-    def decoder_targets(self, targets: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing: decoder inputs [start, y_0 .. y_{T-2}] and labels y padded with IGNORE_INDEX."""
-        t = max(max((len(x) for x in targets), default=0), 1)
-        labels = torch.full((len(targets), t), IGNORE_INDEX, dtype=torch.long)
-        for i, y in enumerate(targets):
-            labels[i, : len(y)] = torch.tensor(y, dtype=torch.long)
+    def decoder_inputs(self, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: labels (B, T) (IGNORE_INDEX where none) -> decoder inputs [start, y_0 .. y_{T-2}]."""
         inputs = torch.full_like(labels, self.tokenizer.pad_id)
         inputs[:, 0] = self.start_id
         prev = labels[:, :-1]
         inputs[:, 1:] = torch.where(prev == IGNORE_INDEX, self.tokenizer.pad_id, prev)
-        return inputs.to(self.device), labels.to(self.device)
+        return inputs
 
     def forward(
         self,
-        images: torch.Tensor | None,
-        captions: list[str],
-        keys: list[str] | None = None,
+        images: torch.Tensor | None = None,
+        prefix_ids: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
+        lm_labels: torch.Tensor | None = None,
+        text_only: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Split, tokenize and run teacher-forced.
+        """Teacher-forced PrefixLM on captions the loader already split and tokenized
+        (`mmcl.data.views.CaptionSplitView`).
 
         Args:
             images: (B, 3, H, W) normalised images, or None for a text-only batch.
-            captions: B raw caption strings.
-            keys: B sample keys seeding the prefix cuts (default: the captions).
+            prefix_ids, prefix_mask: (B, P) encoder prefix tokens after the image tokens.
+            lm_labels: (B, T) decoder targets (suffix + EOS), IGNORE_INDEX where there is none.
+            text_only: (B,) bool, samples trained without their image (default: none).
             image_tokens: precomputed (B, N, d_model) image tokens (a joint model's shared tower).
 
         Returns:
-            {'logits': (B, T, V), 'labels': (B, T) with IGNORE_INDEX where there is no target,
-            'prefix_len': (B,) prefix lengths in tokens}.
+            {'logits': (B, T, V), 'labels': (B, T), 'prefix_len': (B,) prefix lengths in tokens}.
         """
+        if prefix_ids is None or prefix_mask is None or lm_labels is None:
+            raise UserError(
+                "PrefixLM needs the loader's caption splits (prefix_ids, prefix_mask, lm_labels): train it "
+                "with the 'caption' loss term"
+            )
         self._check_precision(images)
-        has_images = images is not None or image_tokens is not None
-        splits = self.split_batch(captions, keys, has_images)
         if image_tokens is None and images is not None:
             image_tokens = self.encode_images(images)
-        enc, enc_mask = self.encoder_inputs(image_tokens, [s.prefix for s in splits], [s.text_only for s in splits])
-        dec_in, labels = self.decoder_targets([s.target for s in splits])
+        if text_only is None:
+            text_only = torch.zeros(prefix_ids.shape[0], dtype=torch.bool)
+        enc, enc_mask = self.encoder_inputs(image_tokens, prefix_ids, prefix_mask, text_only)
+        labels = lm_labels.to(self.device)
+        dec_in = self.decoder_inputs(labels)
         out = self.seq2seq(inputs_embeds=enc, attention_mask=enc_mask, decoder_input_ids=dec_in, use_cache=False)
-        prefix_len = torch.tensor([len(s.prefix) for s in splits], device=labels.device)
-        return {"logits": out.logits, "labels": labels, "prefix_len": prefix_len}
+        return {"logits": out.logits, "labels": labels, "prefix_len": prefix_mask.sum(1).to(labels.device)}
 
     def _check_precision(self, images: torch.Tensor | None) -> None:
         if self._warned_fp16 or images is None or images.device.type != "cuda":
@@ -338,7 +283,8 @@ class PrefixLM(nn.Module):
         try:
             if image_tokens is None and images is not None:
                 image_tokens = self.encode_images(images.to(self.device))
-            enc, mask = self.encoder_inputs(image_tokens, prefixes, [not has_images] * b)
+            ids, ids_mask = pad_ids(prefixes, self.tokenizer.pad_id)
+            enc, mask = self.encoder_inputs(image_tokens, ids, ids_mask, torch.full((b,), not has_images))
             gen = dict(
                 max_new_tokens=max_new_tokens or self.dcfg.max_text_len,
                 min_new_tokens=min_new_tokens,

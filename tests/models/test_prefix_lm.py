@@ -10,8 +10,9 @@ import torch
 from mmcl.config import model_config
 from mmcl.data.text import build_tokenizer
 from mmcl.data.tokenizer_train import save_tokenizer, train_tokenizer
+from mmcl.data.views import IGNORE_INDEX, CaptionSplitView, pad_ids
 from mmcl.models import build_model
-from mmcl.models.prefix_lm import IGNORE_INDEX, PrefixLM
+from mmcl.models.prefix_lm import PrefixLM
 from mmcl.utils import UserError
 
 CAPTIONS = [
@@ -37,6 +38,16 @@ def make_model(tok_path: Path, seed: int = 0, **decoder) -> PrefixLM:
     return build_model(cfg)
 
 
+def split_view(model: PrefixLM) -> CaptionSplitView:
+    """The loader's caption splitter for `model` (what the 'caption' loss term asks for)."""
+    return CaptionSplitView(model.tokenizer, model.dcfg, model.split_seed)
+
+
+def run(model: PrefixLM, images, captions: list[str], keys: list[str], has_images: bool = True) -> dict:
+    """Teacher-forced forward on captions split as the loader splits them."""
+    return model(images, **split_view(model)(captions, keys, has_images))
+
+
 def test_split_reassembles_caption_and_respects_bounds(tok_path: Path) -> None:
     model = make_model(tok_path, min_prefix_frac=0.2, max_prefix_frac=0.6, empty_prefix_prob=0.3)
     tok = model.tokenizer
@@ -45,7 +56,7 @@ def test_split_reassembles_caption_and_respects_bounds(tok_path: Path) -> None:
     for i in range(n_keys):
         caption = CAPTIONS[i % len(CAPTIONS)]
         ids = tok.encode(caption)
-        s = model.split_caption(caption, key=f"{i:09d}")
+        s = split_view(model).split_caption(caption, key=f"{i:09d}")
         assert s.prefix + s.target[:-1] == ids and s.target[-1] == tok.eos_id
         k = len(s.prefix)
         assert k <= min(int(0.6 * len(ids)), len(ids) - 1)
@@ -61,23 +72,23 @@ def test_split_reassembles_caption_and_respects_bounds(tok_path: Path) -> None:
 def test_split_is_deterministic_in_key_and_seed(tok_path: Path) -> None:
     a, b = make_model(tok_path, seed=0), make_model(tok_path, seed=1)  # different weights, same cuts
     keys = [f"{i:09d}" for i in range(50)]
-    cuts_a = [a.split_caption(CAPTIONS[2], k) for k in keys]
-    assert cuts_a == [b.split_caption(CAPTIONS[2], k) for k in keys]
+    cuts_a = [split_view(a).split_caption(CAPTIONS[2], k) for k in keys]
+    assert cuts_a == [split_view(b).split_caption(CAPTIONS[2], k) for k in keys]
     assert len({len(s.prefix) for s in cuts_a}) > 2, "different keys give different cuts"
     a.split_seed = 1
-    assert [a.split_caption(CAPTIONS[2], k) for k in keys] != cuts_a
+    assert [split_view(a).split_caption(CAPTIONS[2], k) for k in keys] != cuts_a
 
 
 def test_long_caption_truncated(tok_path: Path) -> None:
     model = make_model(tok_path, max_text_len=8)
-    s = model.split_caption(" ".join(CAPTIONS), key="k")
+    s = split_view(model).split_caption(" ".join(CAPTIONS), key="k")
     assert len(s.prefix) + len(s.target) == 8  # max_text_len - 1 caption tokens + EOS
 
 
 def test_labels_cover_only_the_suffix(tok_path: Path) -> None:
     model = make_model(tok_path, empty_prefix_prob=0.0, min_prefix_frac=0.3, max_prefix_frac=0.5)
     keys = [f"k{i}" for i in range(len(CAPTIONS))]
-    out = model(torch.randn(len(CAPTIONS), 3, 32, 32), CAPTIONS, keys=keys)
+    out = run(model, torch.randn(len(CAPTIONS), 3, 32, 32), CAPTIONS, keys)
     labels, logits = out["labels"], out["logits"]
     assert logits.shape[:2] == labels.shape and logits.shape[2] == model.tokenizer.vocab_size
     for row, caption, k in zip(labels, CAPTIONS, out["prefix_len"].tolist()):
@@ -87,7 +98,8 @@ def test_labels_cover_only_the_suffix(tok_path: Path) -> None:
         assert valid == ids[k:] + [model.tokenizer.eos_id]  # suffix + EOS, no prefix token
         assert (row[len(valid) :] == IGNORE_INDEX).all()
     # teacher forcing: decoder input = [start] + labels shifted right
-    dec_in, lab = model.decoder_targets([[5, 6, 2], [7, 2]])
+    lab, _ = pad_ids([[5, 6, 2], [7, 2]], IGNORE_INDEX)
+    dec_in = model.decoder_inputs(lab)
     assert dec_in.tolist() == [[model.start_id, 5, 6], [model.start_id, 7, 2]]  # position 2 of row 1 is ignored
     assert lab.tolist() == [[5, 6, 2], [7, 2, IGNORE_INDEX]]
 
@@ -96,13 +108,14 @@ def test_prefix_reaches_the_encoder_and_padding_does_not(tok_path: Path) -> None
     model = make_model(tok_path).eval()
     tokens = model.encode_images(torch.randn(2, 3, 32, 32))
     p1, p2 = model.tokenizer.encode("a small red"), model.tokenizer.encode("two large blue squares")
-    enc, mask = model.encoder_inputs(tokens, [p1, p2], [False, False])
+    ids, ids_mask = pad_ids([p1, p2], model.tokenizer.pad_id)
+    enc, mask = model.encoder_inputs(tokens, ids, ids_mask, torch.tensor([False, False]))
     n = tokens.shape[1]
     assert enc.shape == (2, n + len(p2), model.d_model)
     assert mask[0].tolist() == [1] * (n + len(p1)) + [0] * (len(p2) - len(p1))
     # a longer padded batch gives the same logits for the short row
-    dec_in, _ = model.decoder_targets([[5, 6, 2]])
-    enc1, mask1 = model.encoder_inputs(tokens[:1], [p1], [False])
+    dec_in = model.decoder_inputs(torch.tensor([[5, 6, 2]]))
+    enc1, mask1 = model.encoder_inputs(tokens[:1], *pad_ids([p1], model.tokenizer.pad_id), torch.tensor([False]))
     alone = model.seq2seq(inputs_embeds=enc1, attention_mask=mask1, decoder_input_ids=dec_in).logits
     together = model.seq2seq(inputs_embeds=enc[:1], attention_mask=mask[:1], decoder_input_ids=dec_in).logits
     torch.testing.assert_close(alone, together, atol=1e-5, rtol=1e-5)
@@ -110,27 +123,27 @@ def test_prefix_reaches_the_encoder_and_padding_does_not(tok_path: Path) -> None
 
 def test_empty_caption_gets_no_loss(tok_path: Path) -> None:
     model = make_model(tok_path)
-    out = model(torch.randn(2, 3, 32, 32), ["", CAPTIONS[0]], keys=["a", "b"])
+    out = run(model, torch.randn(2, 3, 32, 32), ["", CAPTIONS[0]], ["a", "b"])
     assert (out["labels"][0] == IGNORE_INDEX).all() and (out["labels"][1] != IGNORE_INDEX).any()
-    out = model(torch.randn(2, 3, 32, 32), ["", "   "], keys=["a", "b"])
+    out = run(model, torch.randn(2, 3, 32, 32), ["", "   "], ["a", "b"])
     assert (out["labels"] == IGNORE_INDEX).all() and torch.isfinite(out["logits"]).all()
 
 
 def test_text_only_samples(tok_path: Path) -> None:
     image_only = make_model(tok_path)
     with pytest.raises(UserError, match="without images.*sample 'key0'"):
-        image_only(None, CAPTIONS[:2], keys=["key0", "key1"])
+        run(image_only, None, CAPTIONS[:2], ["key0", "key1"], has_images=False)
     with pytest.raises(UserError, match="needs images"):
         image_only.caption(None, prefix="a small")
 
     model = make_model(tok_path, text_only_ratio=1.0).eval()
-    splits = [model.split_caption(c, f"k{i}") for i, c in enumerate(CAPTIONS)]
+    splits = [split_view(model).split_caption(c, f"k{i}") for i, c in enumerate(CAPTIONS)]
     assert all(s.text_only and len(s.prefix) >= 1 for s in splits)
     # image tokens are masked out: the images do not change the output
-    a = model(torch.randn(3, 3, 32, 32), CAPTIONS[:3], keys=["a", "b", "c"])["logits"]
-    b = model(torch.randn(3, 3, 32, 32), CAPTIONS[:3], keys=["a", "b", "c"])["logits"]
+    a = run(model, torch.randn(3, 3, 32, 32), CAPTIONS[:3], ["a", "b", "c"])["logits"]
+    b = run(model, torch.randn(3, 3, 32, 32), CAPTIONS[:3], ["a", "b", "c"])["logits"]
     torch.testing.assert_close(a, b)
-    c = model(None, CAPTIONS[:3], keys=["a", "b", "c"])["logits"]  # a batch without images at all
+    c = run(model, None, CAPTIONS[:3], ["a", "b", "c"], has_images=False)["logits"]  # no images at all
     assert c.shape == a.shape and torch.isfinite(c).all()
     completions = model.caption(None, prefix=["a small", "two"], max_new_tokens=4)
     assert completions[0].startswith("a small") and completions[1].startswith("two")
@@ -140,7 +153,7 @@ def _overfit(model: PrefixLM, images: torch.Tensor, captions: list[str], steps: 
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for step in range(steps):
-        out = model(images, captions, keys=[f"{i}-{step}" for i in range(len(captions))])
+        out = run(model, images, captions, [f"{i}-{step}" for i in range(len(captions))])
         loss = torch.nn.functional.cross_entropy(out["logits"].flatten(0, 1), out["labels"].flatten())
         opt.zero_grad()
         loss.backward()
@@ -226,7 +239,7 @@ def test_hf_decoder_and_vocab_mismatch(tok_path: Path, tmp_path: Path) -> None:
     T5ForConditionalGeneration(big).save_pretrained(tmp_path / "t5-ok")
     model = make_model(tok_path, hf_name=str(tmp_path / "t5-ok"))
     assert model.d_model == 48  # the image stem follows the loaded decoder's width
-    out = model(torch.randn(2, 3, 32, 32), CAPTIONS[:2], keys=["a", "b"])
+    out = run(model, torch.randn(2, 3, 32, 32), CAPTIONS[:2], ["a", "b"])
     assert out["logits"].shape[-1] == tok.vocab_size + 8
     with pytest.raises(UserError, match="cannot load"):
         make_model(tok_path, hf_name=str(tmp_path / "missing-model"))
@@ -248,7 +261,7 @@ def test_conv_stem_and_presets(tok_path: Path) -> None:
     pre = model.preprocess_cfg()
     assert pre["image_size"] == 64 and len(pre["mean"]) == 3 and len(pre["std"]) == 3
     model.set_grad_checkpointing(True)
-    out = model(torch.randn(2, 3, 64, 64), CAPTIONS[:2], keys=["a", "b"])
+    out = run(model, torch.randn(2, 3, 64, 64), CAPTIONS[:2], ["a", "b"])
     out["logits"].logsumexp(-1).mean().backward()
     assert model.image_stem.trunk.conv1[0].weight.grad is not None
     for name in ("prefixlm-tiny", "prefixlm-tiny-conv", "prefixlm-small", "prefixlm-base"):

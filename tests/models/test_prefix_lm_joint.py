@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from mmcl.config import model_config
 from mmcl.data.tokenizer_train import save_tokenizer, train_tokenizer
+from mmcl.data.views import CaptionSplitView
 from mmcl.models import build_model
 from mmcl.models.clip import CLIP
 from mmcl.models.joint import JointModel
@@ -31,6 +32,11 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> JointModel:
     return build_model(cfg)
 
 
+def splits(model: JointModel, keys: list[str]) -> dict:
+    """The caption splits the loader builds for the joint model's captioner."""
+    return CaptionSplitView(model.lm.tokenizer, model.lm.dcfg, model.lm.split_seed)(CAPTIONS, keys, True)
+
+
 def test_shared_tower_and_interfaces(model: JointModel) -> None:
     assert isinstance(model, CLIP) and isinstance(model, JointModel)
     assert model.lm.tokenizer is model.tokenizer
@@ -41,7 +47,7 @@ def test_shared_tower_and_interfaces(model: JointModel) -> None:
     # the one-pass features are exactly what CLIP's encode_image computes
     torch.testing.assert_close(F.normalize(features, dim=-1), model.encode_image(images))
     assert tokens.shape == (3, 1 + 16, model.lm.d_model)  # class token + 4x4 patches
-    out = model(images, text, mask, captions=CAPTIONS, keys=["a", "b", "c"])
+    out = model(images, text, mask, **splits(model, ["a", "b", "c"]))
     assert {"image_features", "text_features", "logit_scale", "logits", "labels", "prefix_len"} <= set(out)
     torch.testing.assert_close(out["text_features"], model.encode_text(text, mask))
     assert out["image_features"].shape == out["text_features"].shape == (3, 64)
@@ -53,7 +59,7 @@ def test_shared_tower_and_interfaces(model: JointModel) -> None:
 def test_caption_loss_trains_the_shared_tower(model: JointModel) -> None:
     model.train()
     model.zero_grad()
-    out = model(torch.randn(3, 3, 32, 32), captions=CAPTIONS, keys=["a", "b", "c"])
+    out = model(torch.randn(3, 3, 32, 32), **splits(model, ["a", "b", "c"]))
     assert "text_features" not in out
     F.cross_entropy(out["logits"].flatten(0, 1), out["labels"].flatten()).backward()
     trunk_grads = [p.grad for p in model.image.trunk.parameters() if p.grad is not None]

@@ -31,7 +31,7 @@ from mmcl.data.synthetic import SyntheticSample, attributes_in_caption, generate
 from mmcl.data.tokenizer_train import save_tokenizer, train_tokenizer
 from mmcl.models import build_model
 from mmcl.models.prefix_lm import PrefixLM
-from mmcl.tasks.prefix_lm import PrefixLMTask
+from mmcl.tasks import build_task
 
 N_TRAIN, N_VAL, STEPS, BATCH, LR = 6000, 300, 1000, 32, 3e-3
 ATTRIBUTES = ("colour", "shape", "size", "position", "count")
@@ -90,7 +90,8 @@ def _train(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     most_common = collections.Counter(captions).most_common(1)[0][0]
     constant = score([most_common] * N_VAL, val)
 
-    task = PrefixLMTask(model, LossConfig())
+    task = build_task(model, LossConfig())  # the model's default terms: [caption]
+    split = task.views()["caption_split"]
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=STEPS, pct_start=0.1)
     g = torch.Generator().manual_seed(0)
@@ -98,8 +99,9 @@ def _train(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     first = last = None
     for _ in range(STEPS):
         idx = torch.randint(N_TRAIN, (BATCH,), generator=g).tolist()
-        batch = Batch(images=x_train[idx], captions=[captions[i] for i in idx], keys=[f"{i:06d}" for i in idx])
-        out = task(batch)
+        caps, keys = [captions[i] for i in idx], [f"{i:06d}" for i in idx]
+        batch = Batch(images=x_train[idx], captions=caps, keys=keys, views=split(caps, keys, True))
+        out = {"loss": task.loss(task(batch), batch)[0]}
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -1,4 +1,4 @@
-"""PrefixLMLoss against a plain reference, and the PrefixLM task (registry, weights, accumulation)."""
+"""PrefixLMLoss against a plain reference, and the caption term (registry, weights, loader splits)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmcl.config import LossConfig, load_experiment
+from mmcl.config import load_experiment
 from mmcl.data.batch import Batch
 from mmcl.data.tokenizer_train import save_tokenizer, train_tokenizer
-from mmcl.losses.captioning import IGNORE_INDEX, PrefixLMLoss
+from mmcl.data.views import IGNORE_INDEX
+from mmcl.losses.captioning import PrefixLMLoss
 from mmcl.models import build_model
 from mmcl.tasks import build_task
-from mmcl.tasks.prefix_lm import PrefixLMTask
 
 CAPTIONS = [
     "a small red circle in the top left corner",
@@ -78,46 +78,44 @@ def tok_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def _batch(task, images: torch.Tensor, keys: list[str]) -> Batch:
+    """A batch as the loader builds it: the caption splits come from the term's view."""
+    batch = Batch(images=images, captions=CAPTIONS, keys=keys)
+    for view in task.views().values():
+        batch.views.update(view(CAPTIONS, keys, True))
+    return batch
+
+
 def test_task_from_experiment_config(tok_path: Path) -> None:
     torch.manual_seed(0)
     cfg = load_experiment(
-        None, ["model.preset=prefixlm-tiny", f"model.text.tokenizer={tok_path}", "loss.caption_weight=0.5"]
+        None,
+        ["model.preset=prefixlm-tiny", f"model.text.tokenizer={tok_path}", "loss.terms=[{name: caption, weight: 0.5}]"],
     )
     task = build_task(build_model(cfg.model), cfg)
-    assert isinstance(task, PrefixLMTask)
+    assert list(task.terms) == ["caption"] and task.batch_feature_names == []
     images = torch.randn(4, 3, 32, 32)
-    batch = Batch(images=images, captions=CAPTIONS, keys=["a", "b", "c", "d"])
+    batch = _batch(task, images, ["a", "b", "c", "d"])
     task.eval()
-    out = task(batch)
-    assert set(out) == {"loss", "caption_loss", "token_acc", "ppl"}
-    assert out["loss"].item() == pytest.approx(0.5 * out["caption_loss"].item(), rel=1e-6)
-    assert torch.equal(task(batch)["loss"], out["loss"]), "cuts are seeded by the keys: same batch, same loss"
-    logits_out = task.model(images, CAPTIONS, keys=batch.keys)
-    assert out["caption_loss"].item() == pytest.approx(
-        reference_loss(logits_out["logits"], logits_out["labels"])[0], rel=1e-5
-    )
-    other_keys = task(Batch(images=images, captions=CAPTIONS, keys=["e", "f", "g", "h"]))
-    assert other_keys["loss"].item() != pytest.approx(out["loss"].item())
+    total, outputs = task.loss(task(batch), batch)
+    metrics = task.metrics({n: {m: float(v) for m, v in o.items()} for n, o in outputs.items()})
+    assert set(metrics) == {"loss", "caption_loss", "token_acc", "ppl"}
+    assert total.item() == pytest.approx(0.5 * metrics["caption_loss"], rel=1e-6)
+    assert metrics["loss"] == pytest.approx(total.item(), rel=1e-6)
+    again = _batch(task, images, ["a", "b", "c", "d"])
+    assert torch.equal(task.loss(task(again), again)[0], total), "cuts are seeded by the keys: same batch, same loss"
+    feats = task.model(images, **{k: batch.views[k] for k in ("prefix_ids", "prefix_mask", "lm_labels", "text_only")})
+    assert metrics["caption_loss"] == pytest.approx(reference_loss(feats["logits"], feats["labels"])[0], rel=1e-5)
+    other = _batch(task, images, ["e", "f", "g", "h"])
+    assert task.loss(task(other), other)[0].item() != pytest.approx(total.item())
 
 
-def test_forward_backward_accumulates_mean_of_micro_batches(tok_path: Path) -> None:
-    torch.manual_seed(0)
+def test_model_without_loader_splits_is_a_user_error(tok_path: Path) -> None:
+    from mmcl.utils import UserError
+
     cfg = load_experiment(None, ["model.preset=prefixlm-tiny", f"model.text.tokenizer={tok_path}"])
-    task = PrefixLMTask(build_model(cfg.model), LossConfig())
-    batch = Batch(images=torch.randn(4, 3, 32, 32), captions=CAPTIONS, keys=["a", "b", "c", "d"])
-    calls = []
-
-    def backward(loss: torch.Tensor, last: bool) -> None:
-        calls.append(last)
-        loss.backward()
-
-    metrics = task.forward_backward(task, batch.split(2), backward)
-    assert calls == [False, True]
-    accumulated = {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
-    task.zero_grad()
-    parts = [task(mb)["loss"] for mb in batch.split(2)]
-    (sum(parts) / 2).backward()
-    for name, p in task.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(accumulated[name], p.grad, atol=1e-6, rtol=1e-5)
-    assert metrics["loss"] == pytest.approx(float(sum(parts).detach() / 2), rel=1e-5)
+    model = build_model(cfg.model)
+    with pytest.raises(UserError, match="'caption' loss term"):
+        model(torch.randn(2, 3, 32, 32))
+    with pytest.raises(UserError, match="needs a model that takes"):
+        build_task(model, load_experiment(None, ["model.preset=prefixlm-tiny", "loss.terms=[clip]"]))

@@ -1,0 +1,145 @@
+"""Named views: inputs a loss term needs beyond the image and its tokenized caption, built in the
+loader workers (deterministically per sample, so exact resume keeps working) and carried by name
+in `Batch.views`.
+
+Two kinds:
+
+* `ImageView`: another transform of the same decoded image (SimCLR / SLIP's second augmented
+  view, each with its own augmentation settings), drawn from the sample's own RNG;
+* batch views (`CaptionSplitView`): made at collate time from the batch's captions and keys,
+  e.g. PrefixLM's prefix/suffix cut and tokenization.
+
+A term returns `{name: view}` from `LossTerm.views(model)`; `mmcl.data.pipeline.build_stream` hands
+them to the `SampleDecoder` / `Collator` of the stream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+IGNORE_INDEX = -100  # label value ignored by the loss (HF / torch cross-entropy convention)
+
+
+class ImageView:
+    """A second (third, ...) view of the sample's image: `transform(pil, rng)` -> (3, S, S) tensor.
+
+    Collated by stacking into `batch.views[name]` (B, 3, S, S). The transform draws from the
+    per-sample RNG after the main view, so every view is a pure function of (seed, epoch, key).
+    """
+
+    kind = "sample"
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        return self.transform(image, rng)
+
+
+@dataclass
+class PrefixSplit:
+    """One caption cut for PrefixLM training.
+
+    prefix: token ids given to the encoder after the image tokens.
+    target: token ids the decoder must produce (suffix + EOS); empty = no loss for this sample.
+    text_only: the sample is trained without its image (SimVLM's text-only documents).
+    """
+
+    prefix: list[int]
+    target: list[int]
+    text_only: bool = False
+
+
+def _uniforms(key: str, seed: int, n: int) -> list[float]:
+    """`n` numbers in [0, 1) that depend only on (seed, key): stable across processes and resumes."""
+    digest = hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8 * n).digest()
+    return [int.from_bytes(digest[8 * i : 8 * i + 8], "little") / 2**64 for i in range(n)]
+
+
+class CaptionSplitView:
+    """PrefixLM's inputs from raw captions (SimVLM, Wang et al. 2021): each caption tokenized and cut
+    at a random token into a prefix (encoder) and a target (decoder).
+
+    Produces `prefix_ids` (B, P) and `prefix_mask` (B, P) (right-padded), `lm_labels` (B, T) (target
+    ids + EOS, IGNORE_INDEX where there is none) and `text_only` (B,) bool. The cut of a sample depends
+    only on (its key, `split_seed`), so a resumed run cuts every caption as the uninterrupted one did.
+
+    Args:
+        tokenizer: the decoder's `mmcl.data.text.Tokenizer`.
+        dcfg: `DecoderConfig` (max_text_len, prefix fractions, empty_prefix_prob, text_only_ratio).
+        split_seed: varies the cuts.
+    """
+
+    kind = "batch"
+
+    def __init__(self, tokenizer, dcfg, split_seed: int = 0) -> None:
+        self.tokenizer, self.dcfg, self.split_seed = tokenizer, dcfg, split_seed
+
+    def split_caption(self, caption: str, key: str, has_image: bool = True) -> PrefixSplit:
+        """Tokenize and cut one caption (deterministic in `key` and `split_seed`).
+
+        Captions longer than `max_text_len - 1` tokens are truncated (the EOS needs a slot). An
+        empty caption gets no target (no loss). A sample is text-only when it has no image or, with
+        probability `text_only_ratio`, by draw; a text-only caption keeps at least one prefix token
+        (the encoder needs an input). Otherwise the prefix is empty with probability
+        `empty_prefix_prob` (plain captioning), else floor(f * n) tokens with f uniform in
+        [min_prefix_frac, max_prefix_frac], at most n - 1 so something is left to predict.
+        """
+        d = self.dcfg
+        ids = self.tokenizer.encode(caption.strip())[: d.max_text_len - 1]
+        n = len(ids)
+        u_empty, u_frac, u_text = _uniforms(key, self.split_seed, 3)
+        text_only = not has_image or (u_text < d.text_only_ratio and n > 0)
+        if n == 0:
+            return PrefixSplit([], [], text_only)
+        frac = d.min_prefix_frac + u_frac * (d.max_prefix_frac - d.min_prefix_frac)
+        if text_only:
+            k = n if n == 1 else min(max(int(frac * n), 1), n - 1)
+        elif u_empty < d.empty_prefix_prob:
+            k = 0
+        else:
+            k = min(int(frac * n), n - 1)
+        return PrefixSplit(ids[:k], ids[k:] + [self.tokenizer.eos_id], text_only)
+
+    def split_batch(self, captions: list[str], keys: list[str] | None, has_images: bool) -> list[PrefixSplit]:
+        """`split_caption` for a batch; keys default to the captions themselves."""
+        from mmcl.utils import UserError
+
+        if not has_images and self.dcfg.text_only_ratio == 0:
+            first = f" (sample '{keys[0]}')" if keys else ""
+            raise UserError(
+                f"a batch without images{first} reached an image-captioning model: set "
+                "decoder.text_only_ratio > 0 to train on text-only samples"
+            )
+        keys = list(keys) if keys else list(captions)
+        if len(keys) != len(captions):
+            raise ValueError(f"{len(keys)} keys for {len(captions)} captions")
+        return [self.split_caption(c, k, has_images) for c, k in zip(captions, keys)]
+
+    def __call__(self, captions: list[str], keys: list[str] | None, has_images: bool = True) -> dict[str, Any]:
+        splits = self.split_batch(captions, keys, has_images)
+        prefix_ids, prefix_mask = pad_ids([s.prefix for s in splits], self.tokenizer.pad_id)
+        labels, _ = pad_ids([s.target for s in splits], IGNORE_INDEX, min_len=1)
+        return {
+            "prefix_ids": prefix_ids,
+            "prefix_mask": prefix_mask,
+            "lm_labels": labels,
+            "text_only": torch.tensor([s.text_only for s in splits]),
+        }
+
+
+def pad_ids(rows: list[list[int]], pad: int, min_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists: (B, L) ids and (B, L) mask (1 = real token), L = max(longest, min_len)."""
+    length = max(max((len(r) for r in rows), default=0), min_len)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask

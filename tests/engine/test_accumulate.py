@@ -1,0 +1,203 @@
+"""The one accumulator: for every shipped term and a mix, k micro-batches give the full-batch gradient
+(every negative kept), dropout is replayed, and the DDP version on 2 gloo processes agrees."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mmcl.config import load_experiment
+from mmcl.data.batch import Batch
+from mmcl.data.tokenizer_train import save_tokenizer, train_tokenizer
+from mmcl.engine.accumulate import forward_backward
+from mmcl.models import build_model
+from mmcl.registry import LOSSES
+from mmcl.tasks import Task, build_task
+
+COLOURS = ["red", "green", "blue", "white"]
+SHAPES = ["circle", "square", "star", "cross"]
+CAPTIONS = [f"a {COLOURS[i % 4]} {SHAPES[(i // 4) % 4]} number {i}" for i in range(16)]
+
+# (model preset, loss.terms) for every shipped term alone and for a mix
+SETUPS = {
+    "clip": ("clip-tiny", "[clip]"),
+    "siglip": ("siglip-tiny", "[siglip]"),
+    "caption": ("prefixlm-tiny", "[caption]"),
+    "clip+caption": ("joint-tiny", "[{name: clip, weight: 0.7}, {name: caption, weight: 2.0}]"),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared CPU: one thread is faster and stable
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("accum_tok") / "tokenizer.json"
+    save_tokenizer(train_tokenizer(CAPTIONS * 5, vocab_size=100, min_frequency=1), path)
+    return path
+
+
+def make_task(preset: str, terms: str, tok: Path | None = None, *extra: str) -> Task:
+    torch.manual_seed(0)
+    overrides = [f"model.preset={preset}", f"loss.terms={terms}", *extra]
+    if tok is not None and preset != "clip-tiny" and preset != "siglip-tiny":
+        overrides += [f"model.text.tokenizer={tok}", "model.text.vocab_size=100"]
+    cfg = load_experiment(None, overrides)
+    return build_task(build_model(cfg.model), cfg)
+
+
+def make_batch(task: Task, n: int = 16, seed: int = 0) -> Batch:
+    """A batch as the loader builds it: images, tokenized captions and every view the terms ask for."""
+    g = torch.Generator().manual_seed(seed)
+    captions, keys = CAPTIONS[:n], [f"{i:06d}" for i in range(n)]
+    ids, mask = task.model.tokenizer(captions)
+    size = task.model.preprocess_cfg()["image_size"]
+    batch = Batch(
+        images=torch.randn(n, 3, size, size, generator=g), text=ids, text_mask=mask, captions=captions, keys=keys
+    )
+    for view in task.views().values():
+        batch.views.update(view(captions, keys, True))
+    return batch
+
+
+class Recorder(torch.nn.Module):
+    """Stands in for the prepared (DDP) task and records each forward: grad mode, cache pass, features."""
+
+    def __init__(self, task: Task) -> None:
+        super().__init__()
+        self.task, self.calls = task, []
+
+    def forward(self, batch: Batch, **kwargs):
+        out = self.task(batch, **kwargs)
+        self.calls.append(
+            (torch.is_grad_enabled(), kwargs.get("batch_only", False), {k: v.detach().clone() for k, v in out.items()})
+        )
+        return out
+
+
+def step(task: Task, batch: Batch, k: int, recorder: Recorder | None = None):
+    task.zero_grad()
+    out = forward_backward(task, batch.split(k), prepared=recorder)
+    return out, {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
+
+
+def test_every_registered_term_is_covered() -> None:
+    assert {"clip", "siglip", "caption"} <= set(LOSSES.names())
+    covered = {
+        t.strip(" {}").split(",")[0].removeprefix("name: ")
+        for _, terms in SETUPS.values()
+        for t in terms.strip("[]").split("}, {")
+    }
+    assert covered >= {"clip", "siglip", "caption"}
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_accumulated_gradient_equals_the_full_batch(setup: str, tokenizer_path: Path) -> None:
+    task = make_task(*SETUPS[setup], tokenizer_path)
+    task.train()
+    batch = make_batch(task)
+    full_out, full = step(task, batch, 1)
+    recorder = Recorder(task)
+    acc_out, acc = step(task, batch, 4, recorder)
+    assert full.keys() == acc.keys() and len(full) > 0
+    for name in full:
+        torch.testing.assert_close(acc[name], full[name], atol=2e-5, rtol=1e-4, msg=name)
+    # reported: the full batch's loss of every term (batch terms from the last pass, per-sample terms
+    # weighed by their share of the tokens), and the weighted total
+    for name in ["loss", *(f"{t}_loss" for t in task.terms)]:
+        assert acc_out[name] == pytest.approx(full_out[name], rel=1e-5, abs=1e-6), name
+    if task.batch_feature_names:  # GradCache: 4 cache passes without grad, then 4 recomputes with grad
+        assert [(g, c) for g, c, _ in recorder.calls] == [(False, True)] * 4 + [(True, False)] * 4
+    else:  # per-sample terms only: plain accumulation
+        assert [(g, c) for g, c, _ in recorder.calls] == [(True, False)] * 4
+
+
+def test_weights_apply_once_and_terms_are_logged_apart(tokenizer_path: Path) -> None:
+    task = make_task(*SETUPS["clip+caption"], tokenizer_path)
+    out, _ = step(task, make_batch(task), 2)
+    assert {"loss", "clip_loss", "caption_loss", "acc_i2t", "acc_t2i", "logit_scale", "token_acc", "ppl"} <= set(out)
+    assert out["loss"] == pytest.approx(0.7 * out["clip_loss"] + 2.0 * out["caption_loss"], rel=1e-6)
+
+
+def test_dropout_is_replayed_in_the_recompute_pass() -> None:
+    task = make_task("clip-tiny", "[clip]", None, "model.image.timm_kwargs={proj_drop_rate: 0.3, attn_drop_rate: 0.3}")
+    task.train()
+    recorder = Recorder(task)
+    step(task, make_batch(task), 2, recorder)
+    cached, recomputed = [c[2] for c in recorder.calls[:2]], [c[2] for c in recorder.calls[2:]]
+    for a, b in zip(cached, recomputed):
+        torch.testing.assert_close(a["image_features"], b["image_features"])
+    again = task(make_batch(task).split(2)[0])["image_features"]  # dropout really is active
+    assert not torch.allclose(again, cached[0]["image_features"])
+
+
+# ---------------------------------------------------------------- DDP: 2 processes x 2 micro-batches
+
+WORLD = 2
+
+
+class DDPRunner:
+    """The parts of an Accelerator the accumulator uses, over a plain DistributedDataParallel."""
+
+    def __init__(self, ddp) -> None:
+        self.ddp, self.device = ddp, torch.device("cpu")
+
+    def no_sync(self, module):
+        return module.no_sync()
+
+    def autocast(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+
+def _ddp_worker(rank: int, port: int, root: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        saved = torch.load(Path(root) / "reference.pt", weights_only=True)
+        task = make_task("clip-tiny", "[clip]")
+        task.load_state_dict(saved["state"])
+        ddp = DistributedDataParallel(task)
+        n = saved["images"].shape[0] // WORLD
+        own = slice(rank * n, (rank + 1) * n)
+        batch = Batch(images=saved["images"][own], text=saved["text"][own], text_mask=saved["mask"][own])
+        out = forward_backward(task, batch.split(2), DDPRunner(ddp), prepared=ddp)
+        loss = torch.tensor(out["loss"])
+        dist.all_reduce(loss)
+        torch.testing.assert_close(loss / WORLD, saved["loss"], atol=1e-6, rtol=1e-5)
+        for name, p in task.named_parameters():
+            torch.testing.assert_close(p.grad, saved["grads"][name], atol=1e-5, rtol=1e-4, msg=f"rank {rank} {name}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_with_accumulation_equals_the_full_batch(tmp_path: Path) -> None:
+    task = make_task("clip-tiny", "[clip]")
+    batch = make_batch(task)
+    out, grads = step(task, batch, 1)
+    torch.save(
+        {"state": task.state_dict(), "images": batch.images, "text": batch.text, "mask": batch.text_mask,
+         "loss": torch.tensor(out["loss"]), "grads": grads},
+        tmp_path / "reference.pt",
+    )  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: children inherit the imports (spawn re-imports torch, timm, transformers: ~40 s here)
+    mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
