@@ -29,7 +29,7 @@ from mmcl.eval.zeroshot import build_classifier, zero_shot_eval
 from mmcl.utils import UserError
 
 if TYPE_CHECKING:
-    pass
+    from mmcl.inference import Encoder
 
 EncodeImages = Callable[[Any], torch.Tensor]
 EncodeTexts = Callable[[list[str]], torch.Tensor]
@@ -282,34 +282,34 @@ def run_captioning(
     }
 
 
-def _require(pipeline: Any, flag: str, what: str) -> None:
-    if not getattr(pipeline, flag, True):
+def _require(encoder: Encoder, can: bool, what: str) -> None:
+    if not can:
         raise UserError(
-            f"this model cannot {what} (it has no {'contrastive towers' if flag == 'can_encode' else 'decoder'})"
+            f"this model cannot {what} (it has no {'decoder' if 'caption' in what else 'contrastive towers'})"
         )
 
 
 def evaluate_zero_shot(
-    pipeline: Any, dataset: Iterable[EvalSample], classnames: list[str], templates: list[str], **kw: Any
+    encoder: Encoder, dataset: Iterable[EvalSample], classnames: list[str], templates: list[str], **kw: Any
 ) -> dict:
-    """`run_zero_shot` with an `mmcl.inference.Pipeline`'s `encode_images` / `encode_texts`."""
-    _require(pipeline, "can_encode", "encode images and texts")
-    return run_zero_shot(pipeline.encode_images, pipeline.encode_texts, dataset, classnames, templates, **kw)
+    """`run_zero_shot` with an `mmcl.inference.Encoder`'s `encode_images` / `encode_texts`."""
+    _require(encoder, encoder.can_encode, "encode images and texts")
+    return run_zero_shot(encoder.encode_images, encoder.encode_texts, dataset, classnames, templates, **kw)
 
 
-def evaluate_retrieval(pipeline: Any, dataset: Iterable[EvalSample], **kw: Any) -> dict:
-    """`run_retrieval` with an `mmcl.inference.Pipeline`."""
-    _require(pipeline, "can_encode", "encode images and texts")
-    return run_retrieval(pipeline.encode_images, pipeline.encode_texts, dataset, **kw)
+def evaluate_retrieval(encoder: Encoder, dataset: Iterable[EvalSample], **kw: Any) -> dict:
+    """`run_retrieval` with an `mmcl.inference.Encoder`."""
+    _require(encoder, encoder.can_encode, "encode images and texts")
+    return run_retrieval(encoder.encode_images, encoder.encode_texts, dataset, **kw)
 
 
 def evaluate_captions(
-    pipeline: Any, dataset: Iterable[EvalSample], generate_kwargs: dict | None = None, **kw: Any
+    encoder: Encoder, dataset: Iterable[EvalSample], generate_kwargs: dict | None = None, **kw: Any
 ) -> dict:
-    """`run_captioning` with an `mmcl.inference.Pipeline`'s `caption(images, **generate_kwargs)`."""
-    _require(pipeline, "can_caption", "write captions")
+    """`run_captioning` with an `mmcl.inference.Encoder`'s `caption(images, **generate_kwargs)`."""
+    _require(encoder, encoder.can_caption, "write captions")
     gen = generate_kwargs or {}
-    return run_captioning(lambda images: pipeline.caption(images, **gen), dataset, **kw)
+    return run_captioning(lambda images: encoder.caption(images, **gen), dataset, **kw)
 
 
 def zero_shot_from_config(
