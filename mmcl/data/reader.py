@@ -176,14 +176,18 @@ def read_samples(
     """
     from webdataset import tariterators
 
-    def handler(exn: Exception) -> bool:
-        # webdataset appends the shard's url to the args of the exception it hands on
-        counter.add("unreadable_tar", where=str(exn.args[-1]) if exn.args else "", detail=type(exn).__name__)
-        return True
+    for url in urls:  # one shard at a time, so damage is counted once per shard however often tarfile trips on it
+        errors: list[Exception] = []
 
-    streams = tariterators.url_opener(({"url": u} for u in urls), handler=handler)
-    files = tariterators.tar_file_expander(streams, handler=handler, select_files=select)
-    yield from tariterators.group_by_keys(files, handler=handler)
+        def handler(exn: Exception) -> bool:
+            errors.append(exn)
+            return True  # keep what can still be read
+
+        opened = tariterators.url_opener([{"url": url}], handler=handler)
+        files = tariterators.tar_file_expander(opened, handler=handler, select_files=select)
+        yield from tariterators.group_by_keys(files, handler=handler)
+        if errors:
+            counter.add("unreadable_tar", where=url, detail=f"{type(errors[0]).__name__}: {errors[0].args[0]}")
 
 
 def file_sample(path: str | Path) -> dict[str, Any]:
