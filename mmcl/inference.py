@@ -150,7 +150,7 @@ class Pipeline:
         if not self.can_encode:
             raise UserError(f"this {self._arch} model has no image/text encoder (it only captions)")
         scale, bias = self.model.scale_and_bias()  # clamped at the model's own max_logit_scale
-        return float(scale), (float(bias) if bias is not None else None)
+        return float(scale.detach()), (float(bias.detach()) if bias is not None else None)
 
 
 def load_pipeline(path: str | Path, device: str | torch.device | None = None) -> Pipeline:

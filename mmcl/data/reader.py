@@ -171,23 +171,52 @@ def read_samples(
     Args:
         urls: shard paths or URLs (any iterable, e.g. an endless resampled stream).
         counter: receives one `unreadable_tar` per shard that cannot be opened or read to its end
-            (0 bytes, not a tar, truncated); the samples read before the damage are kept.
+            (0 bytes, not a tar, truncated); the complete samples read before the damage are kept, the one
+            being read when it broke off is dropped.
         select: which members to read (by file name); must never admit pickles (see `wanted_member`).
     """
     from webdataset import tariterators
 
     for url in urls:  # one shard at a time, so damage is counted once per shard however often tarfile trips on it
-        errors: list[Exception] = []
+        errors: list[Exception] = [] if is_remote(url) else _missing_end(url)
 
-        def handler(exn: Exception) -> bool:
+        def handler(exn: Exception, errors: list[Exception] = errors) -> bool:
             errors.append(exn)
             return True  # keep what can still be read
 
         opened = tariterators.url_opener([{"url": url}], handler=handler)
         files = tariterators.tar_file_expander(opened, handler=handler, select_files=select)
-        yield from tariterators.group_by_keys(files, handler=handler)
+        last = None
+        for sample in tariterators.group_by_keys(files, handler=handler):
+            if last is not None:
+                yield last
+            last = sample
+        if last is not None and not errors:  # the sample being read when the shard broke off is incomplete
+            yield last
         if errors:
             counter.add("unreadable_tar", where=url, detail=f"{type(errors[0]).__name__}: {errors[0].args[0]}")
+
+
+def _missing_end(path: str) -> list[Exception]:
+    """[the problem] when a local tar cannot be complete, else [].
+
+    Python's tarfile ends a stream silently where a header is cut short, so a shard truncated at or inside a
+    member header reads as a shorter valid one. A complete tar is a whole number of 512-byte blocks ending
+    in (at least) two zero blocks; check that instead (two small reads).
+    """
+    try:
+        size = os.path.getsize(path)
+        if size == 0:
+            return []  # tarfile itself reports an empty file
+        if size % 512:
+            return [OSError(f"truncated: {size} bytes is not a whole number of 512-byte tar blocks")]
+        with open(path, "rb") as f:
+            f.seek(max(0, size - 1024))
+            if f.read().strip(b"\0"):
+                return [OSError("truncated: no end-of-archive blocks")]
+    except OSError as e:
+        return [e]
+    return []
 
 
 def file_sample(path: str | Path) -> dict[str, Any]:

@@ -52,7 +52,7 @@ def good_members(start: int, n: int, marker: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def damaged(tmp_path: Path) -> tuple[Path, Path]:
-    """A folder with two good shards (3 samples each) and a 0-byte, a truncated and a non-tar shard."""
+    """A folder with two good shards (3 samples each) and a 0-byte, two truncated and a non-tar shard."""
     marker = tmp_path / "unpickled"
     folder = tmp_path / "shards"
     write_tar(folder / "000.tar", good_members(0, 3, marker))
@@ -60,6 +60,7 @@ def damaged(tmp_path: Path) -> tuple[Path, Path]:
     full = write_tar(tmp_path / "full.tar", good_members(10, 3, marker)).read_bytes()
     (folder / "002.tar").write_bytes(full[: 3 * 512 + 10])  # cut inside the data of the 2nd member (00010.txt)
     (folder / "003.tar").write_bytes(b"not a tar " * 100)
+    (folder / "0035.tar").write_bytes(full[: 6 * 512])  # cut at a block boundary: tarfile alone sees no damage
     write_tar(folder / "004.tar", good_members(20, 3, marker))
     return folder, marker
 
@@ -70,7 +71,7 @@ def test_read_samples_skips_and_counts_each_unreadable_tar_once(damaged):
     samples = list(read_samples(expand_shards(str(folder)), counter))
     keys = [s["__key__"] for s in samples]
     assert {"00000", "00001", "00002", "00020", "00021", "00022"} <= set(keys)
-    assert counter.counts == {"unreadable_tar": 3}  # 0-byte, truncated, not a tar: once each
+    assert counter.counts == {"unreadable_tar": 4}  # 0-byte, 2 truncated, not a tar: once each
     assert all("pkl" not in s for s in samples) and not marker.exists()  # pickles are never even read
 
 
@@ -88,7 +89,7 @@ def test_index_and_tokenizer_trainer_read_through_the_same_reader(damaged, tmp_p
             return torch.nn.functional.normalize(torch.ones(len(images), 4), dim=-1)
 
     index = build_index(Encoder(), [str(folder)], tmp_path / "idx", progress=False)
-    assert len(index) >= 6 and index.info["skipped"] == {"unreadable_tar": 3}
+    assert len(index) >= 6 and index.info["skipped"] == {"unreadable_tar": 4}
     assert index.metas[0]["caption"] == "caption 0\nsecond caption 0"  # every caption line, as eval reads them
     captions = list(iter_captions([str(folder)]))
     assert captions[:2] == ["caption 0", "second caption 0"] and "caption 22" in captions
