@@ -31,16 +31,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from mmcl.data.decode import (
-    MAX_PIXELS,
-    SkipCounter,
-    SkipSample,
-    caption_options,
-    decode_image,
-    decode_json,
-    describe_counts,
-    image_bytes,
-)
+from mmcl.data import decode
+from mmcl.data.decode import MAX_PIXELS, SkipCounter, SkipSample
 from mmcl.data.reader import file_sample, list_inputs, read_samples
 from mmcl.utils import UserError, atomic_open, atomic_write_bytes, atomic_write_text
 
@@ -319,7 +311,7 @@ def iter_samples(
         for raw in raws:
             key, source = raw["__key__"], f"{where}#{raw['__key__']}" if kind == "shard" else where
             try:
-                image = decode_image(image_bytes(raw), max_pixels)
+                image = decode.decode_image(decode.image_bytes(raw), max_pixels)
             except SkipSample as e:
                 counter.add(e.reason, source, e.detail)
                 continue
@@ -330,8 +322,8 @@ def _caption(raw: dict[str, Any]) -> str:
     """The caption lines of `.txt` (the data layer's rule), else the `.json` 'caption' field; '' if none."""
     for key in ("txt", "caption"):
         try:
-            meta = decode_json(raw) if key != "txt" else {}
-            return "\n".join(caption_options(raw, meta, key, errors="replace"))
+            meta = decode.decode_json(raw) if key != "txt" else {}
+            return "\n".join(decode.caption_options(raw, meta, key, errors="replace"))
         except SkipSample:
             continue
     return ""
@@ -405,10 +397,10 @@ def build_index(
             index.add(vectors, rows)
             bar.update(len(batch))
     if index is None:
-        counts = f" (skipped: {describe_counts(skipped.counts)})" if skipped.counts else ""
+        counts = f" (skipped: {decode.describe_counts(skipped.counts)})" if skipped.counts else ""
         raise UserError(f"no readable images in {', '.join(map(str, sources))}{counts}")
     if skipped.counts:
-        log.warning("index: skipped %s", describe_counts(skipped.counts))
+        log.warning("index: skipped %s", decode.describe_counts(skipped.counts))
     index.info.update(info or {}, skipped=dict(skipped.counts))
     index.info["sources"] = list(dict.fromkeys([*index.info.get("sources", []), *map(str, sources)]))
     index.save(out)
