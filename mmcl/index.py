@@ -24,14 +24,20 @@ import logging
 import math
 import re
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
+from mmcl.data import decode
+from mmcl.data.decode import MAX_PIXELS, SkipCounter, SkipSample
+from mmcl.data.reader import file_sample, list_inputs, read_samples
 from mmcl.utils import UserError, atomic_open, atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from mmcl.inference import Encoder
 
 log = logging.getLogger("mmcl")
 
@@ -41,8 +47,6 @@ KINDS = ("auto", "flat", "ivf", "hnsw")
 DEFAULT_IVF_THRESHOLD = 100_000
 IVF_MIN_TRAIN = 1_000  # kind='ivf' stays exact below this many vectors (k-means needs data)
 IVF_RETRAIN_GROWTH = 4  # re-train the coarse quantizer when the collection has grown this much
-MAX_PIXELS = 40_000_000  # images whose header declares more are refused before decoding
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 MANIFEST = "manifest.json"
 THUMBS = "images"
 FORMAT = "mmcl-index"
@@ -51,53 +55,6 @@ PARAMS = ("kind", "ivf_threshold", "nlist", "nprobe", "hnsw_m", "ef_search")  # 
 
 class EmptyIndexError(UserError):
     """A search on an index that holds no vectors."""
-
-
-class ImageEncoder(Protocol):
-    """What the builder needs from `mmcl.inference.Pipeline`."""
-
-    def encode_images(self, images: list[Image.Image]) -> Any: ...
-
-
-def probe_image(source: str | Path | bytes, name: str = "", max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open an image lazily (header only) and check its declared size; see `open_image`."""
-    name = name or (str(source) if not isinstance(source, bytes) else "image")
-    if Image.MAX_IMAGE_PIXELS is None:  # someone disabled PIL's own bomb check: restore its default
-        Image.MAX_IMAGE_PIXELS = int(1024 * 1024 * 1024 // 4 // 3)
-    try:
-        im = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    except Image.DecompressionBombError as e:
-        raise UserError(f"{name}: refused, the image is too large to decode safely ({e})") from None
-    except Image.UnidentifiedImageError:
-        raise UserError(f"{name}: not a readable image file (unknown format)") from None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{name}: not a readable image file ({e})") from None
-    width, height = im.size
-    if width * height > max_pixels:
-        im.close()
-        raise UserError(f"{name}: refused, {width}x{height} is more than the {max_pixels:,} pixel limit")
-    return im
-
-
-def open_image(source: str | Path | bytes, name: str = "", max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode an image to RGB, refusing it before decoding when its header declares more than `max_pixels`.
-
-    Args:
-        source: a file path or the encoded bytes.
-        name: how to call the image in error messages (defaults to the path).
-        max_pixels: width x height limit read from the header (decompression-bomb guard).
-
-    Raises:
-        UserError: not an image, too large, or corrupt; the message names the image.
-    """
-    im = probe_image(source, name, max_pixels)
-    try:
-        im.load()
-        return ImageOps.exif_transpose(im).convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise UserError(f"{name}: corrupt image data ({e})") from None
-    finally:
-        im.close()
 
 
 def _as_matrix(vectors: Any, dim: int | None) -> np.ndarray:
@@ -337,82 +294,39 @@ def thumbs_dir(index_dir: str | Path) -> Path:
     return Path(index_dir) / THUMBS
 
 
-def _skip_and_warn(e: Exception) -> bool:
-    log.warning("index: skipping unreadable shard data (%s: %s)", type(e).__name__, e)
-    return True  # keep going: one bad shard member must not end a long build
-
-
-def _expand_sources(sources: Sequence[str]) -> Iterator[tuple[str, str]]:
-    """('shard', url) or ('file', path) for shard files or brace patterns and folders of shards or images."""
-    import braceexpand
-
-    for src in sources:
-        path = Path(src)
-        if path.is_dir():
-            shards = sorted(path.glob("*.tar"))
-            files = [f for f in sorted(path.rglob("*")) if f.suffix.lower().lstrip(".") in IMAGE_EXTS and f.is_file()]
-            if not shards and not files:
-                raise UserError(f"{src}: no .tar shards and no images in this folder")
-            yield from (("shard", str(s)) for s in shards)
-            if not shards:
-                yield from (("file", str(f)) for f in files)
-        elif path.is_file() and path.suffix.lower().lstrip(".") in IMAGE_EXTS:
-            yield "file", str(path)
-        else:
-            for url in braceexpand.braceexpand(src):
-                if "://" not in url and not url.startswith("pipe:") and not Path(url).is_file():
-                    raise UserError(f"{url}: no such shard, image or folder")
-                yield "shard", url
-
-
-def _shard_items(url: str) -> Iterator[tuple[str, bytes, str, str]]:
-    """(key, image bytes, caption, source) per sample of one shard; only image/txt/json members are read."""
-    from webdataset.tariterators import tarfile_samples
-
-    def wanted(fname: str) -> bool:
-        ext = fname.rsplit(".", 1)[-1].lower()
-        return ext in IMAGE_EXTS or ext in ("txt", "json")
-
-    for sample in tarfile_samples([{"url": url}], handler=_skip_and_warn, select_files=wanted):
-        key = sample.get("__key__")
-        ext = next((e for e in IMAGE_EXTS if e in sample), None)
-        if not key or ext is None:
-            continue
-        caption = sample["txt"].decode("utf-8", "replace").strip() if "txt" in sample else ""
-        if not caption and "json" in sample:
-            try:
-                caption = str(json.loads(sample["json"]).get("caption", ""))
-            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-                caption = ""
-        yield key, sample[ext], caption, f"{url}#{key}"
-
-
-def _file_item(path: str) -> tuple[str, bytes, str, str]:
-    sidecar = Path(path).with_suffix(".txt")  # img2dataset-style folders keep captions beside the images
-    caption = sidecar.read_text(errors="replace").strip() if sidecar.is_file() else ""
-    return Path(path).stem, Path(path).read_bytes(), caption, path
-
-
-def iter_samples(sources: Sequence[str], max_pixels: int = MAX_PIXELS) -> Iterator[tuple[dict[str, Any], Image.Image]]:
-    """(metadata, RGB image) for every image in `sources`; unreadable images are skipped with a warning.
+def iter_samples(
+    sources: Sequence[str], max_pixels: int = MAX_PIXELS, counter: SkipCounter | None = None
+) -> Iterator[tuple[dict[str, Any], Image.Image]]:
+    """(metadata, RGB image) for every image in `sources`; unreadable images and shards are skipped and counted.
 
     Args:
         sources: shard paths or brace patterns (`data/{000000..000009}.tar`), folders of shards, folders of
-            images (captions from sidecar `.txt` files) or single image files.
+            images (captions from sidecar `.txt` files) or single image files (see `mmcl.data.reader.list_inputs`).
         max_pixels: images whose header declares more pixels are skipped without decoding.
+        counter: receives the skips by reason (default: a fresh one that only logs).
     """
-    skipped = 0
-    for kind, where in _expand_sources(sources):
-        items: Iterable[tuple[str, bytes, str, str]] = _shard_items(where) if kind == "shard" else [_file_item(where)]
-        for key, data, caption, source in items:
+    counter = counter or SkipCounter(log)
+    for kind, where in list_inputs(sources):
+        raws = read_samples([where], counter) if kind == "shard" else [file_sample(where)]
+        for raw in raws:
+            key, source = raw["__key__"], f"{where}#{raw['__key__']}" if kind == "shard" else where
             try:
-                image = open_image(data, name=source, max_pixels=max_pixels)
-            except UserError as e:
-                skipped += 1
-                if skipped <= 20 or skipped % 1000 == 0:
-                    log.warning("index: skipping image %d: %s", skipped, e)
+                image = decode.decode_image(decode.image_bytes(raw), max_pixels)
+            except SkipSample as e:
+                counter.add(e.reason, source, e.detail)
                 continue
-            yield {"key": key, "caption": caption, "source": source}, image
+            yield {"key": key, "caption": _caption(raw), "source": source}, image
+
+
+def _caption(raw: dict[str, Any]) -> str:
+    """The caption lines of `.txt` (the data layer's rule), else the `.json` 'caption' field; '' if none."""
+    for key in ("txt", "caption"):
+        try:
+            meta = decode.decode_json(raw) if key != "txt" else {}
+            return "\n".join(decode.caption_options(raw, meta, key, errors="replace"))
+        except SkipSample:
+            continue
+    return ""
 
 
 def _write_thumb(image: Image.Image, path: Path, size: int) -> None:
@@ -425,7 +339,7 @@ def _write_thumb(image: Image.Image, path: Path, size: int) -> None:
 
 
 def build_index(
-    encoder: ImageEncoder,
+    encoder: Encoder,
     sources: Sequence[str],
     out_dir: str | Path,
     *,
@@ -443,7 +357,7 @@ def build_index(
     """Embed every image of `sources` with `encoder` and save an index (with thumbnails) to `out_dir`.
 
     Args:
-        encoder: anything with `encode_images(list[PIL.Image]) -> (N, D)`, e.g. `mmcl.inference.load_pipeline(run)`.
+        encoder: an `mmcl.inference.Encoder`, e.g. `mmcl.inference.load_pipeline(run)` or `OpenClipEncoder(name)`.
         sources: see `iter_samples`.
         out_dir: the index folder.
         batch_size: images per `encode_images` call.
@@ -466,7 +380,8 @@ def build_index(
         raise UserError(f"{out} already holds an index: pass --append to add to it or --overwrite to replace it")
     index = EmbeddingIndex.load(out) if exists and append else None
     (out / THUMBS).mkdir(parents=True, exist_ok=True)
-    samples: Iterator = iter_samples(sources, max_pixels)
+    skipped = SkipCounter(log)
+    samples: Iterator = iter_samples(sources, max_pixels, skipped)
     if max_samples:
         samples = itertools.islice(samples, max_samples)
     with tqdm(desc="embedding images", unit="img", disable=not progress) as bar:
@@ -482,8 +397,11 @@ def build_index(
             index.add(vectors, rows)
             bar.update(len(batch))
     if index is None:
-        raise UserError(f"no readable images in {', '.join(map(str, sources))}")
-    index.info.update(info or {})
+        counts = f" (skipped: {decode.describe_counts(skipped.counts)})" if skipped.counts else ""
+        raise UserError(f"no readable images in {', '.join(map(str, sources))}{counts}")
+    if skipped.counts:
+        log.warning("index: skipped %s", decode.describe_counts(skipped.counts))
+    index.info.update(info or {}, skipped=dict(skipped.counts))
     index.info["sources"] = list(dict.fromkeys([*index.info.get("sources", []), *map(str, sources)]))
     index.save(out)
     for thumb in (out / THUMBS).glob("*.jpg"):  # left over from a replaced, larger index

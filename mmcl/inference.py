@@ -1,15 +1,20 @@
-"""Load a trained model for use: encode images and texts, caption images.
+"""The one encoder protocol (`Encoder`) and its implementations: a trained mmcl model and an open_clip model.
 
 pipe = load_pipeline("runs/demo")          # a run folder, its final/ or a checkpoints/step_*/ folder
 img = pipe.encode_images([PIL.Image...])   # (N, D), L2-normalised
 txt = pipe.encode_texts(["a red circle"])  # (N, D)
 pipe.caption([image], prefix="a small")    # PrefixLM / joint models
+pipe.logit_scale_and_bias()                # (exp(logit_scale) within the model's own limit, SigLIP bias or None)
+
+Evaluation (`mmcl.eval.runner`, the trainer's hook via `Pipeline.from_model`), the retrieval index and the
+app all take an `Encoder`; what a model can do is read from `can_encode` / `can_caption`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from PIL import Image
@@ -41,26 +46,72 @@ def find_weights(path: str | Path) -> tuple[Path, Path]:
     raise UserError(f"{path}: not an mmcl run or checkpoint (no model.safetensors with a config.yaml)")
 
 
+class Encoder(Protocol):
+    """What eval, the index and the app need from a model: embeddings, captions, the similarity scale.
+
+    Attributes:
+        can_encode: `encode_images` / `encode_texts` / `logit_scale_and_bias` work (contrastive towers).
+        can_caption: `caption` works (a captioning decoder).
+    """
+
+    can_encode: bool
+    can_caption: bool
+
+    def encode_images(self, images: list[Image.Image] | torch.Tensor) -> torch.Tensor:
+        """(N, D) L2-normalised float32 CPU embeddings of PIL images (or an already preprocessed batch)."""
+        ...
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """(N, D) L2-normalised float32 CPU embeddings."""
+        ...
+
+    def caption(self, images: list[Image.Image], prefix: str | list[str] | None = None, **generate: Any) -> list[str]:
+        """One caption per image, continuing `prefix` when given."""
+        ...
+
+    def logit_scale_and_bias(self) -> tuple[float, float | None]:
+        """The learned temperature exp(logit_scale), clamped to the model's own maximum, and the SigLIP bias."""
+        ...
+
+
+def _capabilities(model: torch.nn.Module) -> tuple[bool, bool]:
+    """(can_encode, can_caption) of an mmcl model, from its type: CLIP/SigLIP and joint encode; PrefixLM and
+    joint caption."""
+    from mmcl.models.clip import CLIP
+    from mmcl.models.joint import JointModel
+    from mmcl.models.prefix_lm import PrefixLM
+
+    return isinstance(model, CLIP), isinstance(model, (PrefixLM, JointModel))
+
+
 @dataclass
 class Pipeline:
-    """A model ready for inference, with its preprocessing and tokenizer."""
+    """An mmcl model ready for inference, with its preprocessing and tokenizer (an `Encoder`).
+
+    Args:
+        model: a built mmcl model (`mmcl.models.build_model`), in eval mode.
+        config: the run's config (None for an in-memory model, e.g. the trainer's eval hook).
+        device: where the model lives.
+    """
 
     model: torch.nn.Module
-    config: ExperimentConfig
+    config: ExperimentConfig | None
     device: torch.device
 
     def __post_init__(self) -> None:
         pre = self.model.preprocess_cfg()
         self.preprocess = image_transform(pre["image_size"], pre["mean"], pre["std"], train=False)
-        self.tokenizer = getattr(self.model, "tokenizer", None)
+        self.tokenizer = self.model.tokenizer
+        self.can_encode, self.can_caption = _capabilities(self.model)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module) -> Pipeline:
+        """An `Encoder` over an in-memory model (left in whatever train/eval mode it is in)."""
+        return cls(model, None, next(model.parameters()).device)
 
     @property
-    def can_encode(self) -> bool:
-        return hasattr(self.model, "encode_image") and hasattr(self.model, "encode_text")
-
-    @property
-    def can_caption(self) -> bool:
-        return hasattr(self.model, "caption")
+    def _arch(self) -> str:
+        return self.config.model.arch if self.config is not None else type(self.model).__name__
 
     def images_to_tensor(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device)
@@ -68,7 +119,7 @@ class Pipeline:
     @torch.no_grad()
     def encode_images(self, images: list[Image.Image] | torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         if not self.can_encode:
-            raise UserError(f"this {self.config.model.arch} model has no image/text encoder (it only captions)")
+            raise UserError(f"this {self._arch} model has no image/text encoder (it only captions)")
         if isinstance(images, torch.Tensor):
             return self.model.encode_image(images.to(self.device), normalize=True).float().cpu()
         out = [
@@ -80,7 +131,7 @@ class Pipeline:
     @torch.no_grad()
     def encode_texts(self, texts: list[str], batch_size: int = 1024) -> torch.Tensor:
         if not self.can_encode:
-            raise UserError(f"this {self.config.model.arch} model has no image/text encoder (it only captions)")
+            raise UserError(f"this {self._arch} model has no image/text encoder (it only captions)")
         out = []
         for i in range(0, len(texts), batch_size):
             ids, mask = self.tokenizer(list(texts[i : i + batch_size]))
@@ -90,10 +141,16 @@ class Pipeline:
     @torch.no_grad()
     def caption(self, images: list[Image.Image], prefix: str | list[str] | None = None, **generate) -> list[str]:
         if not self.can_caption:
-            raise UserError(f"this {self.config.model.arch} model cannot caption (train a prefix_lm or joint model)")
+            raise UserError(f"this {self._arch} model cannot caption (train a prefix_lm or joint model)")
         if isinstance(prefix, str):
             prefix = [prefix] * len(images)
         return self.model.caption(self.images_to_tensor(images), prefix=prefix, **generate)
+
+    def logit_scale_and_bias(self) -> tuple[float, float | None]:
+        if not self.can_encode:
+            raise UserError(f"this {self._arch} model has no image/text encoder (it only captions)")
+        scale, bias = self.model.scale_and_bias()  # clamped at the model's own max_logit_scale
+        return float(scale.detach()), (float(bias.detach()) if bias is not None else None)
 
 
 def load_pipeline(path: str | Path, device: str | torch.device | None = None) -> Pipeline:
@@ -114,3 +171,61 @@ def load_pipeline(path: str | Path, device: str | torch.device | None = None) ->
         raise UserError(str(e)) from None
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return Pipeline(model.to(device).eval(), cfg, device)
+
+
+OPEN_CLIP_MAX_LOGIT_SCALE = 100.0  # open_clip's training loop clamps logit_scale to log(100)
+
+
+class OpenClipPipeline:
+    """The `Encoder` protocol over an open_clip contrastive model.
+
+    Args:
+        name: an open_clip model name (`open_clip.list_models()`), e.g. 'ViT-B-32'.
+        pretrained: a pretrained tag (`open_clip.list_pretrained_tags_by_model(name)`), e.g. 'laion2b_s34b_b79k';
+            empty = random weights. Tags are downloaded from the Hugging Face hub: this needs internet.
+        device: torch device.
+    """
+
+    can_encode = True
+    can_caption = False
+
+    def __init__(self, name: str, pretrained: str = "", device: str = "cpu") -> None:
+        import open_clip
+
+        name, pretrained = name.strip(), pretrained.strip()
+        if not name:
+            raise UserError("no open_clip model name given (e.g. 'ViT-B-32')")
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained or None, device=device
+            )
+        except Exception as e:  # hub errors differ by version (HTTP, offline-mode, OSError, RuntimeError, ...)
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            hint = (
+                " Pretrained weights come from the Hugging Face hub: this needs internet access." if pretrained else ""
+            )
+            raise UserError(
+                f"could not load open_clip model '{name}' (pretrained '{pretrained}'): {reason}.{hint}"
+            ) from None
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.device = device
+
+    @torch.no_grad()
+    def encode_images(self, images: list[Image.Image] | torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor):
+            images = torch.stack([self.preprocess(im.convert("RGB")) for im in images])
+        return self.model.encode_image(images.to(self.device), normalize=True).float().cpu()
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.model.encode_text(self.tokenizer(texts).to(self.device), normalize=True).float().cpu()
+
+    def caption(self, images: list[Image.Image], prefix: str | list[str] | None = None, **generate: Any) -> list[str]:
+        raise UserError("open_clip contrastive models cannot caption")
+
+    def logit_scale_and_bias(self) -> tuple[float, float | None]:
+        scale = min(float(self.model.logit_scale.detach().exp()), OPEN_CLIP_MAX_LOGIT_SCALE)
+        bias = getattr(self.model, "logit_bias", None)  # only open_clip's SigLIP models have one
+        return scale, (float(bias.detach()) if bias is not None else None)

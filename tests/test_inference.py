@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from mmcl.config import load_experiment, save_yaml
@@ -57,3 +60,48 @@ def test_not_an_mmcl_checkpoint(tmp_path, run):
     save_yaml(load_experiment(None, ["model.preset=clip-tiny", "model.embed_dim=32"]), folder / "config.yaml")
     with pytest.raises(UserError, match="weights do not match the model config"):
         load_pipeline(folder)
+
+
+def test_encoder_protocol_flags_and_the_models_own_logit_scale_limit():
+    """`Pipeline` reports what the model can do and its temperature within the model's own maximum (not 100)."""
+    from mmcl.inference import Pipeline
+
+    cfg = load_experiment(None, ["model.preset=clip-tiny", "model.max_logit_scale=200"])
+    model = build_model(cfg.model).eval()
+    pipe = Pipeline.from_model(model)
+    assert pipe.can_encode and not pipe.can_caption
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(150.0))
+    scale, bias = pipe.logit_scale_and_bias()
+    assert math.isclose(scale, 150.0, rel_tol=1e-5) and bias is None
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(500.0))
+    assert math.isclose(pipe.logit_scale_and_bias()[0], 200.0, rel_tol=1e-5)
+
+
+def test_app_probabilities_equal_eval_zero_shot(tmp_path):
+    """The app's zero-shot answer is eval's classifier scored with the model's own scale, uncapped at 100."""
+    from mmcl.app import handlers as H
+    from mmcl.eval.templates import format_prompts
+    from mmcl.inference import Pipeline
+
+    torch.manual_seed(0)
+    cfg = load_experiment(None, ["model.preset=clip-tiny", "model.max_logit_scale=200"])
+    model = build_model(cfg.model).eval()
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(150.0))
+    pipe = Pipeline.from_model(model)
+    state = H.AppState()
+    state.set_pipeline(pipe, "tiny")
+    image, labels = Image.new("RGB", (40, 30), "red"), ["red circle", "blue square", "green triangle"]
+    templates = H.resolve_templates("short")
+    app = dict(H.classify(state, image, ", ".join(labels), "short", top_k=3))
+    # plain reference: mean of normalised prompt embeddings per class, cosine, x150, softmax
+    img = pipe.encode_images([image])[0]
+    classes = torch.stack(
+        [F.normalize(pipe.encode_texts(format_prompts(c, templates)), dim=-1).mean(0) for c in labels]
+    )
+    cos = F.normalize(classes, dim=-1) @ img
+    expected = (150.0 * cos).softmax(0)
+    for label, p in zip(labels, expected.tolist()):
+        assert math.isclose(app[label], p, rel_tol=1e-4, abs_tol=1e-6)

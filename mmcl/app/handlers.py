@@ -1,8 +1,8 @@
 """What the app's buttons do, as plain Python: no Gradio here, so every path is unit-testable.
 
 The UI (`mmcl.app.ui`) calls these functions and turns their `UserError`s into messages in the page.
-`AppState` holds the model (a `mmcl.inference.Pipeline`-like object) and the retrieval index shared by
-every browser session of one server.
+`AppState` holds the model (an `mmcl.inference.Encoder`) and the retrieval index shared by every browser
+session of one server. Zero-shot classification is `mmcl.eval.zeroshot`'s, with the model's own logit scale.
 """
 
 from __future__ import annotations
@@ -12,12 +12,17 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
-from mmcl.index import MAX_PIXELS, EmbeddingIndex, open_image, thumbs_dir
+from mmcl.data.decode import MAX_PIXELS
+from mmcl.data.decode import load_image as decode_file
+from mmcl.eval.zeroshot import build_classifier, class_probabilities
+from mmcl.index import EmbeddingIndex, thumbs_dir
+from mmcl.inference import Encoder
 from mmcl.utils import UserError
 
 log = logging.getLogger("mmcl")
@@ -29,17 +34,6 @@ DEFAULT_LABELS = "red circle, blue square, green triangle, yellow star, purple c
 MAX_LABELS = 1000
 MAX_PROMPTS = 20_000  # labels x templates encoded per request
 TEXT_BATCH = 256
-
-
-class Pipeline(Protocol):
-    """The part of `mmcl.inference.Pipeline` the app uses."""
-
-    can_encode: bool
-    can_caption: bool
-
-    def encode_images(self, images: list[Image.Image]) -> Any: ...
-    def encode_texts(self, texts: list[str]) -> Any: ...
-    def caption(self, images: list[Image.Image], prefix: list[str] | None = None, **gen: Any) -> list[str]: ...
 
 
 @dataclass
@@ -57,7 +51,7 @@ class Hit:
 class AppState:
     """The model and index one server answers with; the model picker may replace the model at run time."""
 
-    pipeline: Pipeline | None = None
+    pipeline: Encoder | None = None
     model_name: str = ""
     index: EmbeddingIndex | None = None
     index_dir: Path | None = None
@@ -65,12 +59,12 @@ class AppState:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _text_cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
-    def set_pipeline(self, pipeline: Pipeline, name: str) -> None:
+    def set_pipeline(self, pipeline: Encoder, name: str) -> None:
         with self.lock:
             self.pipeline, self.model_name = pipeline, name
             self._text_cache.clear()
 
-    def require_pipeline(self, need: str = "encode") -> Pipeline:
+    def require_pipeline(self, need: str = "encode") -> Encoder:
         pipeline = self.pipeline
         if pipeline is None:
             raise UserError(f"no model loaded: train the demo model with `{DEMO_COMMAND}`, or load one under 'Model'")
@@ -88,8 +82,8 @@ class AppState:
             )
         return self.index
 
-    def class_embeddings(self, pipeline: Pipeline, labels: list[str], templates: list[str]) -> np.ndarray:
-        """(L, D) mean template embedding per label, renormalised (CLIP's prompt ensembling); cached.
+    def classifier(self, pipeline: Encoder, labels: list[str], templates: list[str]) -> torch.Tensor:
+        """(D, L) zero-shot classifier of `mmcl.eval.zeroshot.build_classifier` (CLIP's prompt ensembling); cached.
 
         Entries keep their pipeline alive, so its id cannot be reused by another model while cached.
         """
@@ -98,17 +92,12 @@ class AppState:
             if key in self._text_cache:
                 self._text_cache.move_to_end(key)
                 return self._text_cache[key][1]
-        prompts = [t.replace("{}", label) for label in labels for t in templates]
-        feats = np.concatenate(
-            [to_numpy(pipeline.encode_texts(prompts[i : i + TEXT_BATCH])) for i in range(0, len(prompts), TEXT_BATCH)]
-        )
-        feats = feats.reshape(len(labels), len(templates), -1).mean(axis=1)  # (L, D)
-        feats /= np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+        weights = build_classifier(pipeline.encode_texts, labels, templates, batch_size=TEXT_BATCH)
         with self.lock:
-            self._text_cache[key] = (pipeline, feats)
+            self._text_cache[key] = (pipeline, weights)
             while len(self._text_cache) > 16:
                 self._text_cache.popitem(last=False)
-        return feats
+        return weights
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -128,7 +117,7 @@ def load_image(value: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
         return value.convert("RGB")
     if isinstance(value, np.ndarray):
         return load_image(Image.fromarray(value), max_pixels)
-    return open_image(str(value), name=Path(str(value)).name, max_pixels=max_pixels)
+    return decode_file(str(value), name=Path(str(value)).name, max_pixels=max_pixels)
 
 
 def parse_labels(text: str, max_labels: int = MAX_LABELS) -> list[str]:
@@ -153,19 +142,6 @@ def resolve_templates(choice: str, custom: str = "") -> list[str]:
     return load_templates(choice)
 
 
-def _logit_scale_and_bias(pipeline: Pipeline) -> tuple[float, float | None]:
-    """The model's learned temperature exp(logit_scale) and SigLIP bias; CLIP's final 100 when absent."""
-    model = getattr(pipeline, "model", None)
-    scale, bias = (_scalar(getattr(model, name, None)) for name in ("logit_scale", "logit_bias"))
-    return (min(float(np.exp(scale)), 100.0) if scale is not None else 100.0), bias
-
-
-def _scalar(x: Any) -> float | None:
-    if x is None:
-        return None
-    return float(x.detach()) if hasattr(x, "detach") else float(x)
-
-
 def classify(
     state: AppState,
     image: Any,
@@ -176,8 +152,8 @@ def classify(
 ) -> list[tuple[str, float]]:
     """Zero-shot classification: the top-k (label, probability) pairs, best first.
 
-    Probabilities are softmax(scale * cos(image, class)) over the labels for CLIP models and
-    sigmoid(scale * cos + bias) per label for SigLIP models (which have a `logit_bias`).
+    Probabilities are `mmcl.eval.zeroshot.class_probabilities` with the model's own learned scale (within its
+    own maximum): softmax over the labels for CLIP models, sigmoid(scale * cos + bias) per label for SigLIP.
     """
     pipeline = state.require_pipeline()
     labels = parse_labels(labels_text)
@@ -188,18 +164,12 @@ def classify(
             f"than {MAX_PROMPTS}: pick the 'short' or 'none' template set or fewer labels"
         )
     picture = load_image(image, state.max_pixels)
-    classes = state.class_embeddings(pipeline, labels, templates)  # (L, D)
-    img = to_numpy(pipeline.encode_images([picture]))  # (1, D)
-    if img.shape[1] != classes.shape[1]:
-        raise UserError(f"image and text embeddings differ in size ({img.shape[1]} vs {classes.shape[1]})")
-    scale, bias = _logit_scale_and_bias(pipeline)
-    logits = scale * (img @ classes.T)[0]  # (L,)
-    if bias is not None:
-        probs = 1.0 / (1.0 + np.exp(-(logits + bias)))
-    else:
-        probs = np.exp(logits - logits.max())
-        probs /= probs.sum()
-    order = np.argsort(-probs, kind="stable")[: max(1, int(top_k))]
+    classifier = state.classifier(pipeline, labels, templates)  # (D, L)
+    img = pipeline.encode_images([picture])  # (1, D)
+    if img.shape[1] != classifier.shape[0]:
+        raise UserError(f"image and text embeddings differ in size ({img.shape[1]} vs {classifier.shape[0]})")
+    probs = class_probabilities(img, classifier, *pipeline.logit_scale_and_bias())[0]  # (L,)
+    order = torch.sort(-probs, stable=True).indices[: max(1, int(top_k))].tolist()
     return [(labels[i], float(probs[i])) for i in order]
 
 

@@ -20,7 +20,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import gradio as gr  # noqa: E402
 
 from mmcl.app import handlers as H  # noqa: E402
-from mmcl.index import MAX_PIXELS, EmbeddingIndex, probe_image, thumbs_dir  # noqa: E402
+from mmcl.data.decode import MAX_PIXELS, check_image  # noqa: E402
+from mmcl.index import EmbeddingIndex, thumbs_dir  # noqa: E402
 from mmcl.utils import UserError  # noqa: E402
 
 log = logging.getLogger("mmcl")
@@ -45,7 +46,7 @@ def _image(label: str, sources: list[str], max_pixels: int, **kw: Any) -> gr.Ima
         if path:
             name = getattr(payload, "orig_name", None) or Path(path).name
             try:
-                probe_image(path, name=name, max_pixels=max_pixels).close()
+                check_image(path, name=name, max_pixels=max_pixels)
             except UserError as e:
                 raise gr.Error(str(e)) from None
         return gradio_preprocess(payload)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mmcl.data.decode import MAX_PIXELS, describe_counts
+
 TASKS = {
     "zeroshot": "zero-shot classification of labelled images (top-1/top-5, mean per-class recall)",
     "retrieval": "image<->text retrieval on captioned images (recall@k, median rank)",
@@ -34,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         t.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
         t.add_argument("--max-samples", type=int, default=0, help="stop after this many images (0 = all)")
         t.add_argument("--workers", type=int, default=0, help="data loader processes decoding images")
-        t.add_argument("--max-pixels", type=int, default=89_478_485, help="skip larger images unread")
+        t.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="skip larger images unread")
         t.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "zeroshot":
             t.add_argument("--classnames", help="class names file, one per line (default: found with the data)")
@@ -109,5 +111,7 @@ def run(args: argparse.Namespace) -> int:
     written = write_report(results, out, title=f"{task} evaluation of {args.run}", settings=settings)
     for k, v in results["metrics"].items():
         print(f"{k:>24}  {v:.4f}" if isinstance(v, float) else f"{k:>24}  {v}")
+    if results.get("skipped"):
+        print(f"{'skipped':>24}  {describe_counts(results['skipped'])}")
     print(f"report: {written['eval.md']}")
     return 0

@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from mmcl.data.decode import MAX_PIXELS
+
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", help="run folder or checkpoint folder whose model embeds the images")
@@ -32,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--ivf-threshold", type=int, default=100_000, help="'auto' uses IVF from this many images on")
     b.add_argument("--thumb-size", type=int, default=256, help="longest side of the stored thumbnails")
     b.add_argument("--max-samples", type=int, default=0, help="stop after this many images (0 = all)")
-    b.add_argument("--max-pixels", type=int, default=40_000_000, help="skip larger images unread")
+    b.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="skip larger images unread")
     mode = b.add_mutually_exclusive_group()
     mode.add_argument("--append", action="store_true", help="add to the index already in --out")
     mode.add_argument("--overwrite", action="store_true", help="replace the index already in --out")

@@ -10,13 +10,17 @@ import io
 import json
 import logging
 import random
+from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
+
+from mmcl.utils import UserError
 
 log = logging.getLogger("mmcl.data")
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
+MAX_PIXELS = 40_000_000  # the one default pixel limit (training, eval, index, app): checked from the header
 
 
 class SkipSample(Exception):
@@ -52,6 +56,11 @@ class SkipCounter:
             )
 
 
+def describe_counts(counts: dict[str, int]) -> str:
+    """'2 unreadable_tar, 1 not_an_image': skip counts by reason for one-line messages and reports."""
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+
+
 def image_bytes(sample: dict[str, Any]) -> bytes:
     for ext in IMAGE_EXTS:
         if ext in sample:
@@ -59,25 +68,38 @@ def image_bytes(sample: dict[str, Any]) -> bytes:
     raise SkipSample("missing_image")
 
 
-def decode_image(data: bytes, max_pixels: int, target_size: int = 0) -> Image.Image:
-    """Decode to RGB, refusing images whose header declares more than `max_pixels`.
+def probe_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open an image lazily (header only), refusing it when the header declares more than `max_pixels`.
 
-    `target_size` lets JPEG decode at a reduced scale (DCT scaling via `draft`),
-    which is far cheaper than decoding full size and resizing afterwards.
+    Raises:
+        SkipSample: 'not_an_image', 'too_many_pixels' or 'corrupt_image'.
     """
     try:
         img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # past PIL's own limit: refused before ours is even read
+        raise SkipSample("too_many_pixels", str(e)) from None
     except Exception as e:  # PIL raises several types for non-images (HTML saved as .jpg, empty files)
         raise SkipSample("not_an_image", type(e).__name__) from None
     width, height = img.size
     if width * height > max_pixels:
-        raise SkipSample("too_many_pixels", f"{width}x{height} pixels")
+        raise SkipSample("too_many_pixels", f"{width}x{height} pixels, more than the {max_pixels:,} pixel limit")
     if width < 1 or height < 1:
         raise SkipSample("corrupt_image", "zero size")
+    return img
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, target_size: int = 0) -> Image.Image:
+    """Decode to RGB, upright (EXIF orientation applied), refusing images whose header declares more than `max_pixels`.
+
+    `target_size` lets JPEG decode at a reduced scale (DCT scaling via `draft`),
+    which is far cheaper than decoding full size and resizing afterwards.
+    """
+    img = probe_image(data, max_pixels)
+    width, height = img.size
     if target_size and img.format == "JPEG" and min(width, height) >= 2 * target_size:
         img.draft("RGB", (target_size, target_size))
     try:
-        return img.convert("RGB")  # forces the full decode: truncated data fails here
+        return ImageOps.exif_transpose(img).convert("RGB")  # forces the full decode: truncated data fails here
     except Exception as e:
         raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from None
 
@@ -137,3 +159,36 @@ def decode_label(sample: dict[str, Any], meta: dict[str, Any], key: str) -> int 
             raise SkipSample("bad_label", f".cls holds {text!r}, not an integer class index") from None
     value = meta.get(key)
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+_REFUSALS = {
+    "not_an_image": "not a readable image file",
+    "too_many_pixels": "refused, the image is too large to decode safely",
+    "corrupt_image": "corrupt image data",
+}
+
+
+def load_image(source: str | Path | bytes, name: str = "", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """`decode_image` for one file or upload (the index builder, the app): a one-line `UserError` naming it.
+
+    Args:
+        source: a file path or the encoded bytes.
+        name: how to call the image in error messages (defaults to the path).
+        max_pixels: width x height limit read from the header (decompression-bomb guard).
+    """
+    return _named(decode_image, source, name, max_pixels)
+
+
+def check_image(source: str | Path | bytes, name: str = "", max_pixels: int = MAX_PIXELS) -> None:
+    """`probe_image` (header only, nothing decoded) for one file or upload; a one-line `UserError` naming it."""
+    _named(probe_image, source, name, max_pixels).close()
+
+
+def _named(fn: Any, source: str | Path | bytes, name: str, max_pixels: int) -> Image.Image:
+    name = name or (str(source) if not isinstance(source, bytes) else "image")
+    try:
+        return fn(source if isinstance(source, bytes) else Path(source).read_bytes(), max_pixels)
+    except OSError as e:
+        raise UserError(f"{name}: cannot read the file ({e.strerror or e})") from None
+    except SkipSample as e:
+        raise UserError(f"{name}: {_REFUSALS.get(e.reason, e.reason)} ({e.detail})") from None

@@ -20,21 +20,15 @@ supports). What mmcl adds:
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
 import logging
-import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import braceexpand
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset import tariterators
 
 from mmcl.data.batch import Batch
 from mmcl.data.decode import (
@@ -46,71 +40,10 @@ from mmcl.data.decode import (
     decode_label,
     image_bytes,
 )
+from mmcl.data.reader import count_samples, expand_shards, read_samples  # noqa: F401 (listing lives there)
 from mmcl.utils import UserError
 
 log = logging.getLogger("mmcl.data")
-
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://")
-WANTED_SUFFIXES = {"jpg", "jpeg", "png", "webp", "txt", "json", "cls"}  # never pkl/pth/npy
-
-
-# ----------------------------------------------------------------------------- shard lists
-
-
-def wanted_member(name: str) -> bool:
-    """Whether to read a tar member: images, captions, json, labels; never pickles, torch or numpy files."""
-    return name.rsplit(".", 1)[-1].lower() in WANTED_SUFFIXES
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """A directory (all its .tar), a glob, a brace pattern or `builtin:NAME` -> sorted shard list.
-
-    A pattern that matches nothing is a clear error naming it.
-    """
-    from mmcl.data.builtin import builtin_dir, is_builtin
-
-    if is_builtin(pattern):
-        pattern = str(builtin_dir(pattern))
-    if pattern.startswith(REMOTE_PREFIXES):
-        return list(braceexpand.braceexpand(pattern))
-    path = Path(pattern)
-    if path.is_dir():
-        found = sorted(str(p) for p in path.glob("*.tar"))
-    else:
-        found = []
-        for expanded in braceexpand.braceexpand(pattern):
-            found.extend(sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded])
-        missing = [p for p in found if not os.path.exists(p)]
-        if missing:
-            raise UserError(f"shard pattern '{pattern}': {len(missing)} file(s) not found, e.g. {missing[0]}")
-    if not found:
-        raise UserError(f"shard pattern '{pattern}' matches no .tar file")
-    return found
-
-
-def _read_counts(directory: Path) -> dict[str, int]:
-    """Sample counts per shard from mmcl/webdataset `sizes.json` or img2dataset `*_stats.json`."""
-    sizes = directory / "sizes.json"
-    if sizes.is_file():
-        return {str(directory / name): int(n) for name, n in json.loads(sizes.read_text()).items()}
-    counts = {}
-    for stats in directory.glob("*_stats.json"):
-        data = json.loads(stats.read_text())
-        tar = directory / (stats.name[: -len("_stats.json")] + ".tar")
-        counts[str(tar)] = int(data.get("successes", data.get("count", 0)))
-    return counts
-
-
-def count_samples(shards: list[str]) -> int | None:
-    """Total samples in `shards` from the stats beside them; None if any shard is not covered."""
-    counts: dict[str, int] = {}
-    for directory in {Path(s).parent for s in shards if not s.startswith(REMOTE_PREFIXES)}:
-        counts.update(_read_counts(directory))
-    try:
-        return sum(counts[str(Path(s))] for s in shards)
-    except KeyError:
-        return None
-
 
 # ----------------------------------------------------------------------------- the stream
 
@@ -227,14 +160,7 @@ class ShardStream(IterableDataset):
             yield rng.choice(source)
 
     def _raw_samples(self, shards, counter: SkipCounter) -> Iterator[dict[str, Any]]:
-        def handler(exn: Exception) -> bool:
-            counter.add("unreadable_tar", where=str(exn.args[-1]) if exn.args else "", detail=type(exn).__name__)
-            return True
-
-        urls = ({"url": u} for u in shards)
-        streams = tariterators.url_opener(urls, handler=handler)
-        files = tariterators.tar_file_expander(streams, handler=handler, select_files=wanted_member)
-        yield from tariterators.group_by_keys(files, handler=handler)
+        return read_samples(shards, counter)
 
     def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
         if self.shuffle_buffer <= 1:

@@ -4,9 +4,10 @@ A captioning model on a narrow domain needs far fewer than CLIP's 49k tokens: a
 1k-token vocabulary learned from the captions themselves makes the output
 softmax ~50x cheaper. Point `model.text.tokenizer` at the saved file.
 
-Inputs: shards (a .tar, a directory of .tar, a glob or brace pattern; only the
-`.txt` members, or a `.json` field, are read, nothing is decoded) or plain text
-files (one caption per line).
+Inputs: shards (a .tar, a directory of .tar, a glob or brace pattern, read with
+`mmcl.data.reader`; only the `.txt` and `.json` members are read, nothing else is
+decoded; captions follow `mmcl.data.decode.caption_options`) or plain text files
+(one caption per line).
 
 Layout of the saved tokenizer: special tokens `<pad>`=0, `<s>`=1, `</s>`=2,
 `<unk>`=3 (T5/BART/RoBERTa names, so `PreTrainedTokenizerFast` and mmcl's
@@ -19,13 +20,13 @@ word-aligned prefix tokenizes the same way alone as inside its caption.
 
 from __future__ import annotations
 
-import json
 import logging
-import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from mmcl.data.decode import SkipCounter, SkipSample, caption_options, decode_json, describe_counts
+from mmcl.data.reader import expand_shards, read_samples
 from mmcl.utils import UserError, atomic_write_text
 
 log = logging.getLogger("mmcl.data")
@@ -34,41 +35,29 @@ PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]  # ids 0..3 in this order
 
 
-def _captions_from_tar(path: str, caption_key: str) -> Iterator[str]:
-    """Captions of one shard, streaming; reads only `.txt` (or `.json`) members."""
-    suffix = ".txt" if caption_key == "txt" else ".json"
-    try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                if not member.isfile() or not member.name.endswith(suffix):
-                    continue
-                data = tar.extractfile(member).read()
-                try:
-                    text = data.decode("utf-8")
-                    if suffix == ".txt":
-                        yield from (line.strip() for line in text.splitlines() if line.strip())
-                        continue
-                    value: Any = json.loads(text).get(caption_key)
-                except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-                    log.warning("%s: skipping unreadable member %s", path, member.name)
-                    continue
-                for v in value if isinstance(value, list) else [value]:
-                    if isinstance(v, str) and v.strip():
-                        yield v.strip()
-    except tarfile.TarError as e:
-        raise UserError(f"{path}: not a readable tar shard ({e})") from None
+def _shard_captions(shards: list[str], caption_key: str, counter: SkipCounter) -> Iterator[str]:
+    """Every caption of every sample (the data layer's caption rule), reading only `.txt` and `.json` members."""
+    for raw in read_samples(shards, counter, select=lambda name: name.rsplit(".", 1)[-1].lower() in ("txt", "json")):
+        try:
+            meta = decode_json(raw) if caption_key != "txt" else {}
+            yield from caption_options(raw, meta, caption_key)
+        except SkipSample as e:
+            counter.add(e.reason, f"{raw.get('__url__', '?')}:{raw['__key__']}", e.detail)
 
 
 def iter_captions(inputs: Iterable[str], caption_key: str = "txt", max_samples: int = 0) -> Iterator[str]:
     """Captions from shards (.tar / directory / glob / brace pattern) and text files (one caption per line).
+
+    Unreadable shards and samples without a caption are skipped and counted; when no caption at all could
+    be read and some shard was unreadable, a `UserError` says what was skipped.
 
     Args:
         inputs: paths or patterns; `.txt` files are read line by line, everything else as shards.
         caption_key: `txt` for the `.txt` member, or a key of the sample's `.json`.
         max_samples: stop after this many captions (0 = all).
     """
-    from mmcl.data.shards import expand_shards
-
+    inputs = list(inputs)
+    counter = SkipCounter(log)
     count = 0
     for item in inputs:
         if item.endswith(".txt") and not Path(item).is_dir():
@@ -77,12 +66,14 @@ def iter_captions(inputs: Iterable[str], caption_key: str = "txt", max_samples: 
             lines = (line.strip() for line in Path(item).read_text(encoding="utf-8").splitlines())
             source: Iterator[str] = (line for line in lines if line)
         else:
-            source = (c for shard in expand_shards(item) for c in _captions_from_tar(shard, caption_key))
+            source = _shard_captions(expand_shards(item), caption_key, counter)
         for caption in source:
             yield caption
             count += 1
             if max_samples and count >= max_samples:
                 return
+    if not count and counter.counts.get("unreadable_tar"):
+        raise UserError(f"no captions read from {', '.join(inputs)}: skipped {describe_counts(counter.counts)}")
 
 
 def train_tokenizer(

@@ -11,27 +11,27 @@ Every reader yields `EvalSample(key, image, label, captions)` with a decoded RGB
   `ROOT/zeroshot_classification_templates.txt`, `ROOT/dataset_type.txt`, `ROOT/<split>/nshards.txt`,
   `ROOT/<split>/{0..n-1}.tar` holding `.webp/.png/.jpg` + `.cls` or multi-line `.txt` captions.
 
-Tar members are chosen, images decoded and captions split by the training data layer (`mmcl.data.shards`,
+Shards are listed and read, images decoded and captions split by the training data layer (`mmcl.data.reader`,
 `mmcl.data.decode`): only image, `.txt`, `.json` and `.cls` members are read (webdataset's default decoders
 would unpickle `.pyd` and `torch.load` `.pth`); images whose header declares more than `max_pixels` pixels
-are skipped before decoding, as are undecodable ones (counted and logged). Unlike training, a label that
-cannot be read or is out of range is a `UserError`: it means the data and the class names disagree.
+are skipped before decoding, as are undecodable ones and unreadable (0-byte, truncated) tars: counted by
+reason in `ShardDataset.skipped` (and reported by `mmcl.eval.runner`) and logged. Unlike training, a label
+that cannot be read or is out of range is a `UserError`: it means the data and the class names disagree.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from mmcl.data import shards as data_shards
 from mmcl.data.decode import (
     IMAGE_EXTS,
+    MAX_PIXELS,
     SkipCounter,
     SkipSample,
     caption_options,
@@ -40,12 +40,12 @@ from mmcl.data.decode import (
     decode_label,
     image_bytes,
 )
+from mmcl.data.reader import is_remote, list_shards, read_samples
 from mmcl.eval.templates import check_classnames, load_classnames, parse_templates
 from mmcl.utils import UserError
 
 log = logging.getLogger("mmcl.eval")
 
-MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
 CLASSNAMES_FILE = "classnames.txt"
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
 
@@ -58,6 +58,13 @@ class EvalSample:
     captions: list[str] = field(default_factory=list)
 
 
+@dataclass
+class SkipReport:
+    """A loader worker's skip counts by reason: the last item of its stream (see `mmcl.eval.runner.iterate_batches`)."""
+
+    counts: dict[str, int]
+
+
 def _reason(e: SkipSample) -> str:
     """'not_an_image' -> 'not an image': the data layer's skip reason as words for eval logs and errors."""
     return e.reason.replace("_", " ")
@@ -68,39 +75,6 @@ def _read_sidecar(dirs: list[Path], name: str) -> Path | None:
         if (d / name).is_file():
             return d / name
     return None
-
-
-def expand_shards(specs: str | list[str], split: str = "test") -> list[str]:
-    """Shard URLs for one spec or several, in the order given.
-
-    A spec is a CLIP_benchmark root (`ROOT/<split>/nshards.txt` lists `ROOT/<split>/{0..n-1}.tar`, read in
-    that numeric order), a folder whose tars sit in its `<split>` sub-folder, or anything
-    `mmcl.data.shards.expand_shards` takes: a folder of tars, a glob, a brace pattern (`data/{000..009}.tar`), a URL.
-
-    Raises:
-        UserError: a spec that matches no tar file.
-    """
-    specs = [specs] if isinstance(specs, str) else list(specs)
-    if not specs:
-        raise UserError("no shards given")
-    urls: list[str] = []
-    for spec in specs:
-        path = Path(spec)
-        nshards = path / split / "nshards.txt"
-        if nshards.is_file():  # CLIP_benchmark layout
-            found = [str(path / split / f"{i}.tar") for i in range(int(nshards.read_text().strip()))]
-            missing = [u for u in found if not os.path.isfile(u)]
-            if not found or missing:
-                raise UserError(f"no shard found: {nshards} lists {len(found)} shard(s), {len(missing)} missing")
-            urls.extend(found)
-            continue
-        if path.is_dir() and not any(path.glob("*.tar")) and (path / split).is_dir():
-            spec = str(path / split)
-        try:
-            urls.extend(data_shards.expand_shards(spec))
-        except UserError as e:
-            raise UserError(f"no shard found: {e}") from None
-    return urls
 
 
 class ShardDataset(IterableDataset):
@@ -120,13 +94,11 @@ class ShardDataset(IterableDataset):
         max_pixels: int = MAX_PIXELS,
     ) -> None:
         super().__init__()
-        self.urls = expand_shards(shards, split=split)
+        self.urls = list_shards(shards, split=split)
         self.label_key = label_key
         self.max_pixels = max_pixels
         first = Path(self.urls[0])
-        sidecar_dirs = (
-            [first.parent, first.parent.parent] if not self.urls[0].startswith(data_shards.REMOTE_PREFIXES) else []
-        )
+        sidecar_dirs = [first.parent, first.parent.parent] if not is_remote(self.urls[0]) else []
         if isinstance(classnames, (str, Path)):
             classnames = load_classnames(classnames)
         elif classnames is None and (found := _read_sidecar(sidecar_dirs, CLASSNAMES_FILE)):
@@ -137,6 +109,7 @@ class ShardDataset(IterableDataset):
         self._index = {n: i for i, n in reversed(list(enumerate(self.classnames or [])))}
         templates = _read_sidecar(sidecar_dirs, TEMPLATES_FILE)
         self.templates = parse_templates(templates.read_text().splitlines(), str(templates)) if templates else None
+        self.skipped: dict[str, int] = {}  # of the last in-process iteration
 
     def _label(self, raw: dict, where: str) -> int | None:
         """The `.cls` integer, else `json[label_key]` as an index or a class name; None when there is neither."""
@@ -159,34 +132,34 @@ class ShardDataset(IterableDataset):
             raise UserError(f"{where}: label {label} is outside the {len(self.classnames)} class names")
         return label
 
-    def __iter__(self) -> Iterator[EvalSample]:
-        import webdataset as wds
-
-        pipeline = wds.DataPipeline(
-            wds.SimpleShardList(self.urls),
-            wds.split_by_worker,
-            wds.tarfile_to_samples(select_files=data_shards.wanted_member),
-        )
+    def __iter__(self) -> Iterator[EvalSample | SkipReport]:
+        """The samples of this process's share of the shards; a loader worker ends with its `SkipReport`."""
+        info = get_worker_info()
+        urls = self.urls[info.id :: info.num_workers] if info else self.urls
         skips = SkipCounter(log)
-        for raw in pipeline:
+        self.skipped = skips.counts
+        for raw in read_samples(urls, skips):
             key = raw["__key__"]
             where = f"{raw.get('__url__', '?')}:{key}"
             try:
                 image = decode_image(image_bytes(raw), self.max_pixels)
             except SkipSample as e:
-                skips.add(_reason(e), where, e.detail)
+                skips.add(e.reason, where, e.detail)
                 continue
             try:  # every line of .txt is a reference caption (retrieval, captioning), none is dropped
                 captions = caption_options(raw, {}, "txt", errors="replace")
             except SkipSample:  # no .txt or only blank lines: still an image for zero-shot
                 captions = []
             yield EvalSample(key=key, image=image, label=self._label(raw, where), captions=captions)
+        if info is not None:  # counts made in a worker process reach the caller only through the stream
+            yield SkipReport(dict(skips.counts))
 
 
 class ImageFolderDataset(Dataset):
     """`ROOT/<class folder>/<image>`: label = index of the folder in sorted order."""
 
     def __init__(self, root: str | Path, max_pixels: int = MAX_PIXELS) -> None:
+        self.skipped: dict[str, int] = {}  # always empty: a bad image in a folder is an error, not a skip
         self.root = Path(root)
         if not self.root.is_dir():
             raise UserError(f"image folder {self.root} does not exist")

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from mmcl.data.decode import describe_counts
 from mmcl.utils import atomic_write_bytes, atomic_write_text
 
 
@@ -54,6 +55,8 @@ def _markdown(results: dict, title: str) -> str:
     parts = [f"# {title}\n"]
     if results.get("settings"):
         parts.append(_md_table(["setting", "value"], [[k, v] for k, v in results["settings"].items()]))
+    if results.get("skipped"):
+        parts.append(f"Skipped while reading the data: {describe_counts(results['skipped'])}.\n")
     if task == "retrieval":
         ks = sorted(int(k.split("@")[1]) for k in metrics if k.startswith("i2t_recall@"))
         rows = [

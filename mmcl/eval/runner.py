@@ -6,25 +6,30 @@ The `run_*` functions take plain callables so the trainer's eval hook can pass a
     encode_texts(list[str]) -> (N, D)
     caption(list[PIL.Image]) -> list[str]
 
-The `evaluate_*` functions do the same for an `mmcl.inference.Pipeline`. Results are dicts with
-`task`, `metrics` (scalars only, ready for a tracker), task details, and `examples` (a few thumbnails
-with their predictions) for `mmcl.eval.report.write_report`.
+The `evaluate_*` functions do the same for an `mmcl.inference.Encoder` (a trained run, an in-memory model
+or an open_clip model). Results are dicts with `task`, `metrics` (scalars only, ready for a tracker), task
+details, `skipped` (samples and shards the reader skipped, by reason) and `examples` (a few thumbnails with
+their predictions) for `mmcl.eval.report.write_report`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
 
+from mmcl.data.decode import describe_counts
 from mmcl.eval.caption_metrics import caption_scores
-from mmcl.eval.datasets import EvalSample, open_eval_dataset
+from mmcl.eval.datasets import EvalSample, SkipReport, open_eval_dataset
 from mmcl.eval.retrieval import retrieval_eval, top_texts
 from mmcl.eval.templates import load_templates
 from mmcl.eval.zeroshot import build_classifier, zero_shot_eval
 from mmcl.utils import UserError
+
+if TYPE_CHECKING:
+    from mmcl.inference import Encoder
 
 EncodeImages = Callable[[Any], torch.Tensor]
 EncodeTexts = Callable[[list[str]], torch.Tensor]
@@ -40,11 +45,16 @@ def iterate_batches(
     num_workers: int = 0,
     progress: bool = False,
     desc: str = "eval",
+    skipped: dict[str, int] | None = None,
 ) -> Iterator[list[EvalSample]]:
     """Lists of at most `batch_size` samples, stopping after `max_samples` (0 = all).
 
     With `num_workers > 0` a torch DataLoader decodes in worker processes (sample order then
     interleaves across workers; `ShardDataset` splits its shards between them).
+
+    Args:
+        skipped: filled with the reader's skip counts by reason (bad images, unreadable tars) once the
+            batches are exhausted.
     """
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
@@ -66,8 +76,13 @@ def iterate_batches(
 
         bar = tqdm(total=total, desc=desc, unit="img")
     seen = 0
+    worker_skips: dict[str, int] = {}
     try:
         for batch in source:
+            for report in (s for s in batch if isinstance(s, SkipReport)):
+                for reason, n in report.counts.items():
+                    worker_skips[reason] = worker_skips.get(reason, 0) + n
+            batch = [s for s in batch if not isinstance(s, SkipReport)]
             if max_samples:
                 batch = batch[: max_samples - seen]
             seen += len(batch)
@@ -80,6 +95,13 @@ def iterate_batches(
     finally:
         if bar is not None:
             bar.close()
+        if skipped is not None:
+            skipped.update(worker_skips if num_workers > 0 else getattr(dataset, "skipped", {}))
+
+
+def describe_skips(skipped: dict[str, int]) -> str:
+    """'; skipped: 2 unreadable_tar, 1 not_an_image' (empty when nothing was skipped), for messages."""
+    return f"; skipped: {describe_counts(skipped)}" if skipped else ""
 
 
 def _chunks(dataset: Iterable[EvalSample], n: int) -> Iterator[list[EvalSample]]:
@@ -139,7 +161,8 @@ def run_zero_shot(
     """
     classifier = build_classifier(encode_texts, classnames, templates, batch_size=text_batch_size)
     feats, labels, keys, examples = [], [], [], []
-    for batch in iterate_batches(dataset, batch_size, max_samples, num_workers, progress, "zero-shot"):
+    skipped: dict[str, int] = {}
+    for batch in iterate_batches(dataset, batch_size, max_samples, num_workers, progress, "zero-shot", skipped):
         for s in batch:
             if s.label is None:
                 raise UserError(f"sample {s.key} has no label (need a .cls file or a label in its .json)")
@@ -148,7 +171,7 @@ def run_zero_shot(
         keys.extend(s.key for s in batch)
         examples.extend({"key": s.key, "image": _thumb(s.image)} for s in batch[: num_examples - len(examples)])
     if not feats:
-        raise UserError("the eval dataset yielded no samples")
+        raise UserError(f"the eval dataset yielded no samples{describe_skips(skipped)}")
     res = zero_shot_eval(torch.cat(feats), torch.tensor(labels), classifier)
     pred, topk, scores = res.pop("predictions").tolist(), res.pop("topk").tolist(), res.pop("scores").tolist()
     for i, ex in enumerate(examples):
@@ -165,6 +188,7 @@ def run_zero_shot(
             {"key": k, "label": y, "pred": p, "topk": t, "score": s}
             for k, y, p, t, s in zip(keys, labels, pred, topk, scores)
         ],
+        "skipped": skipped,
         "examples": examples,
     }
 
@@ -191,7 +215,8 @@ def run_retrieval(
     """
     feats, texts, text_to_image, examples = [], [], [], []
     n_img = 0
-    for batch in iterate_batches(dataset, batch_size, max_samples, num_workers, progress, "retrieval"):
+    skipped: dict[str, int] = {}
+    for batch in iterate_batches(dataset, batch_size, max_samples, num_workers, progress, "retrieval", skipped):
         batch = [s for s in batch if s.captions]  # an image without captions cannot be a query
         if not batch:
             continue
@@ -203,7 +228,7 @@ def run_retrieval(
                 examples.append({"key": s.key, "image": _thumb(s.image), "captions": s.captions, "index": n_img})
             n_img += 1
     if not feats:
-        raise UserError("the eval dataset yielded no captioned samples (need .txt captions)")
+        raise UserError(f"the eval dataset yielded no captioned samples (need .txt captions){describe_skips(skipped)}")
     image_features = torch.cat(feats)
     text_features = encode_all_texts(encode_texts, texts, text_batch_size)
     t2i = torch.tensor(text_to_image)
@@ -213,7 +238,7 @@ def run_retrieval(
         scores, top = top_texts(image_features[idx], text_features, k=3)
         for ex, i, s, t in zip(examples, idx.tolist(), scores.tolist(), top.tolist()):
             ex["retrieved"] = [{"text": texts[j], "score": sc, "correct": text_to_image[j] == i} for j, sc in zip(t, s)]
-    return {"task": "retrieval", "metrics": metrics, "examples": examples}
+    return {"task": "retrieval", "metrics": metrics, "skipped": skipped, "examples": examples}
 
 
 def run_captioning(
@@ -231,7 +256,8 @@ def run_captioning(
         `task`='captions', `metrics`, `predictions` (key, prediction, references), `examples`.
     """
     preds, refs, keys, examples = {}, {}, [], []
-    for batch in iterate_batches(dataset, batch_size, max_samples, num_workers, progress, "captions"):
+    skipped: dict[str, int] = {}
+    for batch in iterate_batches(dataset, batch_size, max_samples, num_workers, progress, "captions", skipped):
         batch = [s for s in batch if s.captions]
         if not batch:
             continue
@@ -245,44 +271,45 @@ def run_captioning(
             if len(examples) < num_examples:
                 examples.append({"key": s.key, "image": _thumb(s.image), "prediction": c, "captions": s.captions})
     if not preds:
-        raise UserError("the eval dataset yielded no captioned samples (need .txt captions)")
+        raise UserError(f"the eval dataset yielded no captioned samples (need .txt captions){describe_skips(skipped)}")
     metrics = caption_scores(preds, refs)
     return {
         "task": "captions",
         "metrics": metrics,
         "predictions": [{"key": keys[i], "prediction": preds[i], "references": refs[i]} for i in preds],
+        "skipped": skipped,
         "examples": examples,
     }
 
 
-def _require(pipeline: Any, flag: str, what: str) -> None:
-    if not getattr(pipeline, flag, True):
+def _require(encoder: Encoder, can: bool, what: str) -> None:
+    if not can:
         raise UserError(
-            f"this model cannot {what} (it has no {'contrastive towers' if flag == 'can_encode' else 'decoder'})"
+            f"this model cannot {what} (it has no {'decoder' if 'caption' in what else 'contrastive towers'})"
         )
 
 
 def evaluate_zero_shot(
-    pipeline: Any, dataset: Iterable[EvalSample], classnames: list[str], templates: list[str], **kw: Any
+    encoder: Encoder, dataset: Iterable[EvalSample], classnames: list[str], templates: list[str], **kw: Any
 ) -> dict:
-    """`run_zero_shot` with an `mmcl.inference.Pipeline`'s `encode_images` / `encode_texts`."""
-    _require(pipeline, "can_encode", "encode images and texts")
-    return run_zero_shot(pipeline.encode_images, pipeline.encode_texts, dataset, classnames, templates, **kw)
+    """`run_zero_shot` with an `mmcl.inference.Encoder`'s `encode_images` / `encode_texts`."""
+    _require(encoder, encoder.can_encode, "encode images and texts")
+    return run_zero_shot(encoder.encode_images, encoder.encode_texts, dataset, classnames, templates, **kw)
 
 
-def evaluate_retrieval(pipeline: Any, dataset: Iterable[EvalSample], **kw: Any) -> dict:
-    """`run_retrieval` with an `mmcl.inference.Pipeline`."""
-    _require(pipeline, "can_encode", "encode images and texts")
-    return run_retrieval(pipeline.encode_images, pipeline.encode_texts, dataset, **kw)
+def evaluate_retrieval(encoder: Encoder, dataset: Iterable[EvalSample], **kw: Any) -> dict:
+    """`run_retrieval` with an `mmcl.inference.Encoder`."""
+    _require(encoder, encoder.can_encode, "encode images and texts")
+    return run_retrieval(encoder.encode_images, encoder.encode_texts, dataset, **kw)
 
 
 def evaluate_captions(
-    pipeline: Any, dataset: Iterable[EvalSample], generate_kwargs: dict | None = None, **kw: Any
+    encoder: Encoder, dataset: Iterable[EvalSample], generate_kwargs: dict | None = None, **kw: Any
 ) -> dict:
-    """`run_captioning` with an `mmcl.inference.Pipeline`'s `caption(images, **generate_kwargs)`."""
-    _require(pipeline, "can_caption", "write captions")
+    """`run_captioning` with an `mmcl.inference.Encoder`'s `caption(images, **generate_kwargs)`."""
+    _require(encoder, encoder.can_caption, "write captions")
     gen = generate_kwargs or {}
-    return run_captioning(lambda images: pipeline.caption(images, **gen), dataset, **kw)
+    return run_captioning(lambda images: encoder.caption(images, **gen), dataset, **kw)
 
 
 def zero_shot_from_config(

@@ -48,6 +48,26 @@ def build_classifier(
     return F.normalize(emb, dim=-1).t().contiguous()  # (D, C)
 
 
+@torch.no_grad()
+def class_probabilities(
+    image_features: torch.Tensor, classifier: torch.Tensor, logit_scale: float, logit_bias: float | None = None
+) -> torch.Tensor:
+    """Class probabilities as the model was trained to score them.
+
+    Args:
+        image_features: (N, D) L2-normalised image embeddings.
+        classifier: (D, C) from `build_classifier`.
+        logit_scale: exp of the model's learned temperature (within the model's own maximum).
+        logit_bias: the SigLIP bias, or None for a CLIP (softmax) model.
+
+    Returns:
+        (N, C) float32: softmax(scale * cos) over the classes (CLIP), or sigmoid(scale * cos + bias) for each
+        class independently (SigLIP, Zhai et al. 2023).
+    """
+    logits = logit_scale * (image_features.float().cpu() @ classifier.float().cpu())  # (N, C)
+    return torch.sigmoid(logits + logit_bias) if logit_bias is not None else logits.softmax(dim=-1)
+
+
 def per_class_recall(confusion: torch.Tensor) -> torch.Tensor:
     """(C,) recall of each class from a (C, C) confusion matrix (rows true); NaN for absent classes."""
     support = confusion.sum(dim=1).double()

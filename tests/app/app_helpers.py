@@ -29,13 +29,13 @@ DIM = len(COLOURS) + HASH_DIMS
 
 
 class FakePipeline:
-    """The `mmcl.inference.Pipeline` protocol with colour-histogram embeddings (see module docstring)."""
+    """The `mmcl.inference.Encoder` protocol with colour-histogram embeddings (see module docstring)."""
 
     can_encode = True
 
-    def __init__(self, can_caption: bool = True, model: Any = None) -> None:
+    def __init__(self, can_caption: bool = True, logit_scale: float = 100.0, logit_bias: float | None = None) -> None:
         self.can_caption = can_caption
-        self.model = model
+        self.scale_and_bias = (logit_scale, logit_bias)
         self.text_calls = 0
         self.last_gen: dict[str, Any] = {}
         self._palette = np.array(list(PALETTE.values()), dtype=np.float32)  # (C, 3)
@@ -62,6 +62,9 @@ class FakePipeline:
             if not out[i].any():
                 out[i, -1] = 1.0
         return torch.nn.functional.normalize(out, dim=-1)
+
+    def logit_scale_and_bias(self) -> tuple[float, float | None]:
+        return self.scale_and_bias
 
     def caption(self, images: list[Image.Image], prefix: list[str] | None = None, **gen: Any) -> list[str]:
         self.last_gen = dict(gen)

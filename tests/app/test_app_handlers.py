@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from app_helpers import FakePipeline, bomb_png, coloured
 
 from mmcl.app import handlers as H
@@ -67,9 +65,7 @@ def test_classify_probabilities_softmax_vs_siglip(fake):
     state.set_pipeline(fake, "clip")
     top = H.classify(state, coloured("red"), "red, green, blue", "none", top_k=3)
     assert math.isclose(sum(p for _, p in top), 1.0, rel_tol=1e-5)
-    siglip = FakePipeline(
-        model=SimpleNamespace(logit_scale=torch.tensor(math.log(10.0)), logit_bias=torch.tensor(-5.0))
-    )
+    siglip = FakePipeline(logit_scale=10.0, logit_bias=-5.0)
     state.set_pipeline(siglip, "siglip")
     probs = dict(H.classify(state, coloured("red"), "red, green, blue", "none", top_k=3))
     cos_red = float(siglip.encode_images([coloured("red")]) @ siglip.encode_texts(["red"]).T)

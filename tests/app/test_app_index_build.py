@@ -8,7 +8,8 @@ import pickle
 import pytest
 from app_helpers import FakePipeline, bomb_png, coloured, png_bytes, write_shard
 
-from mmcl.index import EmbeddingIndex, build_index, iter_samples, open_image, read_manifest
+from mmcl.data.decode import load_image as open_image
+from mmcl.index import EmbeddingIndex, build_index, iter_samples, read_manifest
 from mmcl.utils import UserError
 
 
@@ -97,7 +98,7 @@ def test_max_samples_and_iter_samples(image_folder):
 def test_open_image_guards(tmp_path):
     with pytest.raises(UserError, match="too large to decode safely"):
         open_image(bomb_png(100_000, 100_000), name="huge.png")  # past PIL's own limit
-    with pytest.raises(UserError, match="8000x8000 is more than the 40,000,000 pixel limit"):
+    with pytest.raises(UserError, match="8000x8000 pixels, more than the 40,000,000 pixel limit"):
         open_image(bomb_png(8000, 8000), name="big.png")  # under PIL's limit, over ours
     with pytest.raises(UserError, match="not a readable image"):
         open_image(b"hello world", name="notes.txt")

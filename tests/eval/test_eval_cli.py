@@ -98,3 +98,19 @@ def test_user_errors_are_one_line(cli, tmp_path, capsys):
     assert cli("eval", "retrieval", cli.run_dir, "--shards", str(tmp_path / "missing-*.tar")) == 2
     assert "no shard found" in capsys.readouterr().err
     assert cli.loaded == []  # input is checked before the model is loaded
+
+
+@pytest.mark.parametrize("task, workers", [("zeroshot", "0"), ("retrieval", "2")])
+def test_damaged_tars_among_the_shards_are_skipped_counted_and_reported(cli, tmp_path, capsys, task, workers):
+    """A 0-byte and a truncated tar beside a good one: the eval runs on the good samples and says what it skipped."""
+    data = tmp_path / "data"
+    (data / "1.tar").write_bytes(b"")
+    good = write_tar(tmp_path / "full.tar", labelled_members(list(range(12, 16)), [0, 1, 2, 0])).read_bytes()
+    (data / "2.tar").write_bytes(good[: 2 * 512 + 100])  # inside the data of the second member
+    out = tmp_path / "report"
+    rc = cli("eval", task, cli.run_dir, "--shards", str(data), "--out", str(out), "--workers", workers, "--quiet")
+    assert rc == 0
+    summary = json.loads((out / "eval.json").read_text())
+    assert summary["skipped"] == {"unreadable_tar": 2}
+    assert summary["metrics"]["n_samples" if task == "zeroshot" else "n_images"] == 12  # the good tar's samples
+    assert "2 unreadable_tar" in (out / "eval.md").read_text() and "2 unreadable_tar" in capsys.readouterr().out
