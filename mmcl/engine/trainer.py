@@ -189,7 +189,7 @@ class Trainer:
         acc.wait_for_everyone()
 
     def _restore(self) -> tuple[int, StreamState, dict[str, Any]]:
-        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        latest = ckpt.newest_valid_checkpoint(self.ckpt_root)  # a damaged newest one: warn, use the previous
         if latest is None:
             return 0, StreamState(), {}
         saved_cfg = self.run_dir / "config.yaml"
