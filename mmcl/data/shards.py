@@ -62,6 +62,17 @@ def wanted_member(name: str) -> bool:
     return name.rsplit(".", 1)[-1].lower() in WANTED_SUFFIXES
 
 
+def _drop_unwanted(member: dict[str, Any]) -> dict[str, Any]:
+    """Keep a member mmcl never reads (.pkl, .pth, ...) as an empty placeholder, never its bytes.
+
+    Dropping it whole would make a sample made only of such members vanish uncounted; with the
+    placeholder it reaches the decoder and is counted as `no_image`.
+    """
+    if "fname" in member and not wanted_member(member["fname"]):
+        return {**member, "data": b""}
+    return member
+
+
 def expand_shards(pattern: str) -> list[str]:
     """A directory (all its .tar), a glob, a brace pattern or `builtin:NAME` -> sorted shard list.
 
@@ -121,26 +132,55 @@ def _seed(*parts: Any) -> int:
 
 
 @dataclass
+class EpochEnd:
+    """What a loader worker sends after its last batch of an epoch (only when `ShardStream.report_epoch_end`):
+    its final counts, including samples skipped after its last batch or in an epoch that made no batch."""
+
+    worker: int
+    consumed: int
+    skipped: dict[str, int]
+    epoch: int
+
+
+@dataclass
 class StreamState:
-    """Where every logical worker of one rank stands; saved with each checkpoint."""
+    """Where every logical worker of one rank stands; saved with each checkpoint.
+
+    `skipped` holds this epoch's counts per worker (restored into each worker on resume);
+    `skipped_before` the totals of all earlier epochs, so `skip_totals()` is cumulative over the run.
+    """
 
     epoch: int = 0
     next_worker: int = 0
     consumed: dict[int, int] = field(default_factory=dict)
     skipped: dict[int, dict[str, int]] = field(default_factory=dict)
+    skipped_before: dict[str, int] = field(default_factory=dict)
 
-    def record(self, batch: Batch, num_workers: int) -> None:
+    def record(self, batch: Batch | EpochEnd, num_workers: int) -> None:
         if batch.epoch != self.epoch:
-            self.epoch, self.consumed, self.skipped = batch.epoch, {}, {}
+            self.next_epoch(batch.epoch)
         self.consumed[batch.worker] = batch.consumed
         self.skipped[batch.worker] = dict(batch.skipped)
-        self.next_worker = (batch.worker + 1) % max(num_workers, 1)
+        if isinstance(batch, Batch):
+            self.next_worker = (batch.worker + 1) % max(num_workers, 1)
 
-    def skip_totals(self) -> dict[str, int]:
+    def next_epoch(self, epoch: int) -> None:
+        """Move to `epoch`, folding this epoch's skip counts into the run's totals."""
+        self.skipped_before = self.skip_totals()
+        self.epoch, self.next_worker, self.consumed, self.skipped = epoch, 0, {}, {}
+
+    def epoch_skip_totals(self) -> dict[str, int]:
         totals: dict[str, int] = {}
         for counts in self.skipped.values():
             for reason, n in counts.items():
                 totals[reason] = totals.get(reason, 0) + n
+        return totals
+
+    def skip_totals(self) -> dict[str, int]:
+        """Skipped samples by reason since the run began (resumes included)."""
+        totals = dict(self.skipped_before)
+        for reason, n in self.epoch_skip_totals().items():
+            totals[reason] = totals.get(reason, 0) + n
         return totals
 
     def to_dict(self) -> dict[str, Any]:
@@ -149,6 +189,7 @@ class StreamState:
             "next_worker": self.next_worker,
             "consumed": {str(k): v for k, v in self.consumed.items()},
             "skipped": {str(k): v for k, v in self.skipped.items()},
+            "skipped_before": dict(self.skipped_before),
         }
 
     @classmethod
@@ -158,6 +199,7 @@ class StreamState:
             d["next_worker"],
             {int(k): v for k, v in d["consumed"].items()},
             {int(k): v for k, v in d["skipped"].items()},
+            dict(d.get("skipped_before", {})),  # checkpoints from before cumulative counts: none
         )
 
 
@@ -198,6 +240,7 @@ class ShardStream(IterableDataset):
         self.drop_last = drop_last
         self.num_workers = 1
         self.state = StreamState()
+        self.report_epoch_end = False  # the trainer sets it to receive an EpochEnd from each worker
         if not resampled and world_size > len(self.all_shards):
             raise UserError(
                 f"{len(self.all_shards)} shard(s) cannot be split over {world_size} processes: "
@@ -227,14 +270,23 @@ class ShardStream(IterableDataset):
             yield rng.choice(source)
 
     def _raw_samples(self, shards, counter: SkipCounter) -> Iterator[dict[str, Any]]:
-        def handler(exn: Exception) -> bool:
-            counter.add("unreadable_tar", where=str(exn.args[-1]) if exn.args else "", detail=type(exn).__name__)
-            return True
+        for url in shards:  # one shard at a time, so a broken tar is counted once however it breaks
+            broken = False
 
-        urls = ({"url": u} for u in shards)
-        streams = tariterators.url_opener(urls, handler=handler)
-        files = tariterators.tar_file_expander(streams, handler=handler, select_files=wanted_member)
-        yield from tariterators.group_by_keys(files, handler=handler)
+            def tar_failed(exn: Exception, url: str = url) -> bool:
+                nonlocal broken
+                if not broken:  # a truncated tar fails inside a member and again at the next header
+                    counter.add("unreadable_tar", where=url, detail=type(exn).__name__)
+                broken = True
+                return True
+
+            def bad_group(exn: Exception, url: str = url) -> bool:
+                counter.add("duplicate_member", where=url, detail=str(exn.args[0])[:200] if exn.args else "")
+                return True
+
+            streams = tariterators.url_opener([{"url": url}], handler=tar_failed)
+            files = tariterators.tar_file_expander(streams, handler=tar_failed)
+            yield from tariterators.group_by_keys(map(_drop_unwanted, files), handler=bad_group)
 
     def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
         if self.shuffle_buffer <= 1:
@@ -278,6 +330,8 @@ class ShardStream(IterableDataset):
                 pending = []
         if pending and not self.drop_last:
             yield self._finish(pending, worker, consumed, counter, epoch)
+        if self.report_epoch_end:
+            yield EpochEnd(worker, consumed, dict(counter.counts), epoch)
 
     def _finish(self, samples, worker: int, consumed: int, counter: SkipCounter, epoch: int) -> Batch:
         batch = self.collate_fn(samples)
