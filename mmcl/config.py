@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,6 +35,13 @@ def _suggest(key: str, valid: list[str], prefix: str = "") -> str:
     if close:
         return f" (did you mean '{prefix}{close[0]}'?)"
     return f" (valid: {', '.join(sorted(valid))})"
+
+
+def _require_ranges(section: str, checks: dict[str, tuple[bool, str]]) -> None:
+    """Raise a ConfigError for the first `field: (ok, what it must be)` that is not ok."""
+    for name, (ok, rule) in checks.items():
+        if not ok:
+            raise ConfigError(f"{section}.{name} must be {rule}")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -141,8 +150,83 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# A shell-style brace group (`{00000..41407}`, `{a,b}`): no spaces or colons inside, so it cannot be meant as a
+# YAML flow mapping (those are written `{key: value}`). Protected from the YAML parser and put back after.
+_BRACE_GROUP = re.compile(r"\{[^{}\s:]*(?:\.\.|,)[^{}\s:]*\}")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key written twice in one mapping (PyYAML keeps the last one silently)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            mark = key_node.start_mark
+            raise ConfigError(f"{mark.name}:{mark.line + 1}:{mark.column + 1}: duplicate key '{key}'")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """`text` parsed with the safe loader; duplicate keys and syntax errors become one-line ConfigErrors.
+
+    Args:
+        where: a file name (errors read `FILE:LINE:COL: ...`) or a description such as "override 'a=b'".
+    """
+    loader = _UniqueKeyLoader(text)
+    loader.name = where  # the marks in errors carry this instead of "<unicode string>"
+    try:
+        return loader.get_single_data()
+    except yaml.YAMLError as e:  # PyYAML's report spans several lines with a caret drawing: one line here
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        position = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}{position}: invalid YAML: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def _parse_value(raw: str, item: str) -> Any:
+    """An override's value as YAML, with shell brace groups kept as written (`[/d/{000..041}.tar]`)."""
+    groups: list[str] = []
+
+    def protect(m: re.Match) -> str:
+        groups.append(m.group(0))
+        return f"__mmcl_brace_{len(groups) - 1}__"
+
+    text = raw
+    while True:  # innermost groups first, so nested ones ({a,{b,c}}) are protected whole
+        protected = _BRACE_GROUP.sub(protect, text)
+        if protected == text:
+            break
+        text = protected
+    value = parse_yaml(text, f"override {item!r}, value")
+
+    def restore(v: Any) -> Any:
+        if isinstance(v, str):
+            for i in reversed(range(len(groups))):
+                v = v.replace(f"__mmcl_brace_{i}__", groups[i])
+            return v
+        if isinstance(v, list):
+            return [restore(x) for x in v]
+        if isinstance(v, dict):
+            return {restore(k): restore(x) for k, x in v.items()}
+        return v
+
+    return restore(value) if groups else value
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """`['train.lr=1e-3', 'data.batch_size=8']` -> nested dict of YAML-parsed values."""
+    """`['train.lr=1e-3', 'data.batch_size=8']` -> nested dict of YAML-parsed values.
+
+    Shell brace patterns in a value are kept as written: `data.train_shards=[/d/{00000..00099}.tar]`.
+    """
     nested: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -154,15 +238,16 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}' conflicts with another override")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        node[leaf] = _parse_value(raw, item) if raw.strip() else ""
     return nested
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping; syntax errors and duplicate keys name the file, line and column."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = parse_yaml(path.read_text(), str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return data
@@ -195,8 +280,19 @@ class DataConfig:
     def validate(self) -> None:
         if self.train_weights and len(self.train_weights) != len(self.train_shards):
             raise ConfigError("data.train_weights needs one weight per entry of data.train_shards")
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ConfigError("data.batch_size must be >= 1 and data.num_workers >= 0")
+        _require_ranges(
+            "data",
+            {
+                "batch_size": (self.batch_size >= 1, f">= 1 (got {self.batch_size})"),
+                "num_workers": (self.num_workers >= 0, f">= 0 (got {self.num_workers})"),
+                "shuffle_buffer": (self.shuffle_buffer >= 0, f">= 0 (got {self.shuffle_buffer})"),
+                "max_pixels": (self.max_pixels >= 1, f">= 1 (got {self.max_pixels})"),
+                "train_weights": (
+                    all(w >= 0 for w in self.train_weights) and (not self.train_weights or sum(self.train_weights) > 0),
+                    f">= 0 with a positive sum (got {self.train_weights})",
+                ),
+            },
+        )
 
 
 @dataclass
@@ -213,6 +309,15 @@ class ImageTowerConfig:
     unlocked_layers: int = 0  # with lock: keep the last N blocks trainable
     # PrefixLM conv stem: a timm CNN cut after `stem_out_index` (stride 16 for ResNets at index 3)
     stem_out_index: int = 3
+
+    def validate(self) -> None:
+        _require_ranges(
+            "model.image",
+            {
+                "image_size": (self.image_size >= 1, f">= 1 (got {self.image_size})"),
+                "unlocked_layers": (self.unlocked_layers >= 0, f">= 0 (got {self.unlocked_layers})"),
+            },
+        )
 
 
 @dataclass
@@ -231,6 +336,19 @@ class TextTowerConfig:
     mlp_ratio: float = 4.0
     lock: bool = False
     unlocked_layers: int = 0
+
+    def validate(self) -> None:
+        _require_ranges(
+            "model.text",
+            {
+                name: (getattr(self, name) >= 1, f">= 1 (got {getattr(self, name)})")
+                for name in ("context_length", "vocab_size", "width", "heads", "layers")
+            }
+            | {
+                "mlp_ratio": (self.mlp_ratio > 0, f"> 0 (got {self.mlp_ratio})"),
+                "unlocked_layers": (self.unlocked_layers >= 0, f">= 0 (got {self.unlocked_layers})"),
+            },
+        )
 
 
 @dataclass
@@ -251,6 +369,21 @@ class DecoderConfig:
     max_prefix_frac: float = 0.5  # prefix length drawn uniformly in [min, max] x caption length
     empty_prefix_prob: float = 0.25  # share of samples captioned from the image alone
     text_only_ratio: float = 0.0  # share of text-only samples mixed into a batch
+
+    def validate(self) -> None:
+        fractions = ("dropout", "min_prefix_frac", "max_prefix_frac", "empty_prefix_prob", "text_only_ratio")
+        sizes = ("d_model", "d_ff", "num_heads", "encoder_layers", "decoder_layers", "patch_size", "max_text_len")
+        _require_ranges(
+            "model.decoder",
+            {n: (getattr(self, n) >= 1, f">= 1 (got {getattr(self, n)})") for n in sizes}
+            | {n: (0 <= getattr(self, n) <= 1, f"in [0, 1] (got {getattr(self, n)})") for n in fractions}
+            | {
+                "max_prefix_frac": (
+                    self.min_prefix_frac <= self.max_prefix_frac <= 1,
+                    f"in [min_prefix_frac, 1] (got {self.max_prefix_frac})",
+                )
+            },
+        )
 
 
 @dataclass
@@ -365,6 +498,29 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     progress: bool = True
 
+    def validate(self) -> None:
+        _require_ranges(
+            "train",
+            {
+                "steps": (self.steps >= 1, f">= 1 (got {self.steps})"),
+                "lr": (self.lr > 0 and math.isfinite(self.lr), f"a positive number (got {self.lr})"),
+                "min_lr": (0 <= self.min_lr <= self.lr, f"between 0 and train.lr (got {self.min_lr})"),
+                "weight_decay": (self.weight_decay >= 0, f">= 0 (got {self.weight_decay})"),
+                "betas": (all(0 <= b < 1 for b in self.betas), f"in [0, 1) (got {list(self.betas)})"),
+                "eps": (self.eps > 0, f"> 0 (got {self.eps})"),
+                "warmup_steps": (self.warmup_steps >= 0, f">= 0 (got {self.warmup_steps})"),
+                "grad_clip": (self.grad_clip >= 0, f">= 0, 0 = off (got {self.grad_clip})"),
+                "grad_accum": (self.grad_accum >= 1, f">= 1 (got {self.grad_accum})"),
+                "log_every": (self.log_every >= 1, f">= 1 (got {self.log_every})"),
+                "ckpt_every": (self.ckpt_every >= 1, f">= 1 (got {self.ckpt_every})"),
+                "keep_checkpoints": (self.keep_checkpoints >= 0, f">= 0, 0 = all (got {self.keep_checkpoints})"),
+                "max_bad_steps": (self.max_bad_steps >= 1, f">= 1 (got {self.max_bad_steps})"),
+                "eval_every": (self.eval_every >= 0, f">= 0, 0 = at the end (got {self.eval_every})"),
+                "seed": (self.seed >= 0, f">= 0 (got {self.seed})"),
+                "output_dir": (bool(self.output_dir.strip()), "a folder path (got an empty string)"),
+            },
+        )
+
 
 @dataclass
 class EvalConfig:
@@ -375,6 +531,15 @@ class EvalConfig:
     templates: str = "openai"  # 'openai' (80), 'short' (7), 'cifar', 'none', or a file
     max_samples: int = 0  # 0 = all
     batch_size: int = 128
+
+    def validate(self) -> None:
+        _require_ranges(
+            "eval",
+            {
+                "max_samples": (self.max_samples >= 0, f">= 0, 0 = all (got {self.max_samples})"),
+                "batch_size": (self.batch_size >= 1, f">= 1 (got {self.batch_size})"),
+            },
+        )
 
 
 @dataclass

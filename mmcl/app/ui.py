@@ -249,6 +249,8 @@ def launch(
     prevent_thread_lock: bool = False,
     quiet: bool = False,
     state: H.AppState | None = None,
+    auth: tuple[str, str] | None = None,
+    allowed_origins: tuple[str, ...] = (),
 ) -> tuple[gr.Blocks, str]:
     """Build and serve the app; returns the Blocks and the local URL.
 
@@ -264,8 +266,13 @@ def launch(
         picker: show the model picker; None = only on a local, non-shared server.
         prevent_thread_lock: return at once (tests, notebooks) instead of serving until interrupted.
         state: a ready state (tests inject fake models); overrides run/index/open_clip.
+        auth: (user, password) for Gradio's login page; advisable on any host other than localhost.
+        allowed_origins: other web origins whose pages may call the server (default: only its own).
     """
     import faiss
+    from starlette.middleware import Middleware
+
+    from mmcl.app.guard import OriginGuard
 
     # One query per request: faiss's OpenMP threads only add synchronisation there (measured 2.5x slower
     # single-query search at 100k vectors on 2 shared cores); concurrent requests use the cores instead.
@@ -291,5 +298,7 @@ def launch(
         footer_links=[],
         ssr_mode=False,
         mcp_server=False,
+        auth=auth,
+        app_kwargs={"middleware": [Middleware(OriginGuard, allowed=allowed_origins)]},
     )
     return demo, url

@@ -25,6 +25,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images before decoding them")
     p.add_argument("--concurrency", type=int, default=2, help="requests computed at once; the rest queue (default 2)")
     p.add_argument("--queue-size", type=int, default=64, help="requests that may wait in the queue (default 64)")
+    p.add_argument("--auth", metavar="USER:PASSWORD", help="require this login (Gradio auth); use it off localhost")
+    p.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="another web origin allowed to call the server, e.g. https://example.org (default: only its own)",
+    )
     picker = p.add_mutually_exclusive_group()
     picker.add_argument("--lock-model", dest="picker", action="store_false", default=None, help="hide the model picker")
     picker.add_argument(
@@ -35,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mmcl.app import launch
+    from mmcl.app.guard import parse_auth
+
+    auth = parse_auth(args.auth) if args.auth else None
 
     launch(
         args.run,
@@ -49,5 +60,7 @@ def run(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         queue_size=args.queue_size,
         picker=args.picker,
+        auth=auth,
+        allowed_origins=tuple(args.allow_origin),
     )
     return 0

@@ -140,5 +140,10 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"wrote {summary.samples} samples in {len(summary.shards)} shards to {summary.out_dir}{kept}; "
         f"{summary.failed} inputs failed"
+        + (
+            f" ({', '.join(f'{r}: {n}' for r, n in sorted(summary.failed_by_reason.items()))})"
+            if summary.failed
+            else ""
+        )
     )
     return 0

@@ -10,6 +10,7 @@ import io
 import json
 import logging
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ def image_bytes(sample: dict[str, Any]) -> bytes:
     for ext in IMAGE_EXTS:
         if ext in sample:
             return sample[ext]
-    raise SkipSample("missing_image")
+    raise SkipSample("no_image")  # also a sample made only of members mmcl never reads (.pkl, .pyd, .pth)
 
 
 def probe_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -75,9 +76,11 @@ def probe_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         SkipSample: 'not_an_image', 'too_many_pixels' or 'corrupt_image'.
     """
     try:
-        img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:  # past PIL's own limit: refused before ours is even read
-        raise SkipSample("too_many_pixels", str(e)) from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # max_pixels is checked below
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # PIL's own guard fired first (over twice its MAX_IMAGE_PIXELS)
+        raise SkipSample("too_many_pixels", str(e).split(" pixels")[0]) from None
     except Exception as e:  # PIL raises several types for non-images (HTML saved as .jpg, empty files)
         raise SkipSample("not_an_image", type(e).__name__) from None
     width, height = img.size
@@ -100,6 +103,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, target_size: int = 0
         img.draft("RGB", (target_size, target_size))
     try:
         return ImageOps.exif_transpose(img).convert("RGB")  # forces the full decode: truncated data fails here
+    except Image.DecompressionBombError as e:  # a size that grows while decoding (e.g. an animated frame)
+        raise SkipSample("too_many_pixels", str(e).split(" pixels")[0]) from None
     except Exception as e:
         raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from None
 

@@ -185,7 +185,7 @@ def read_samples(
             return True  # keep what can still be read
 
         opened = tariterators.url_opener([{"url": url}], handler=handler)
-        files = tariterators.tar_file_expander(opened, handler=handler, select_files=select)
+        files = (_placeholder(f, select) for f in tariterators.tar_file_expander(opened, handler=handler))
         last = None
         for sample in tariterators.group_by_keys(files, handler=handler):
             if last is not None:
@@ -195,6 +195,17 @@ def read_samples(
             yield last
         if errors:
             counter.add("unreadable_tar", where=url, detail=f"{type(errors[0]).__name__}: {errors[0].args[0]}")
+
+
+def _placeholder(member: dict[str, Any], select: Callable[[str], bool]) -> dict[str, Any]:
+    """A member mmcl does not read (.pkl, .pth, ...) kept as an empty placeholder, never its bytes.
+
+    Dropping it whole would make a sample made only of such members vanish uncounted; with the
+    placeholder it reaches the decoder and is counted (`no_image`).
+    """
+    if "fname" in member and not select(member["fname"]):
+        return {**member, "data": b""}
+    return member
 
 
 def _missing_end(path: str) -> list[Exception]:

@@ -54,26 +54,55 @@ def _seed(*parts: Any) -> int:
 
 
 @dataclass
+class EpochEnd:
+    """What a loader worker sends after its last batch of an epoch (only when `ShardStream.report_epoch_end`):
+    its final counts, including samples skipped after its last batch or in an epoch that made no batch."""
+
+    worker: int
+    consumed: int
+    skipped: dict[str, int]
+    epoch: int
+
+
+@dataclass
 class StreamState:
-    """Where every logical worker of one rank stands; saved with each checkpoint."""
+    """Where every logical worker of one rank stands; saved with each checkpoint.
+
+    `skipped` holds this epoch's counts per worker (restored into each worker on resume);
+    `skipped_before` the totals of all earlier epochs, so `skip_totals()` is cumulative over the run.
+    """
 
     epoch: int = 0
     next_worker: int = 0
     consumed: dict[int, int] = field(default_factory=dict)
     skipped: dict[int, dict[str, int]] = field(default_factory=dict)
+    skipped_before: dict[str, int] = field(default_factory=dict)
 
-    def record(self, batch: Batch, num_workers: int) -> None:
+    def record(self, batch: Batch | EpochEnd, num_workers: int) -> None:
         if batch.epoch != self.epoch:
-            self.epoch, self.consumed, self.skipped = batch.epoch, {}, {}
+            self.next_epoch(batch.epoch)
         self.consumed[batch.worker] = batch.consumed
         self.skipped[batch.worker] = dict(batch.skipped)
-        self.next_worker = (batch.worker + 1) % max(num_workers, 1)
+        if isinstance(batch, Batch):
+            self.next_worker = (batch.worker + 1) % max(num_workers, 1)
 
-    def skip_totals(self) -> dict[str, int]:
+    def next_epoch(self, epoch: int) -> None:
+        """Move to `epoch`, folding this epoch's skip counts into the run's totals."""
+        self.skipped_before = self.skip_totals()
+        self.epoch, self.next_worker, self.consumed, self.skipped = epoch, 0, {}, {}
+
+    def epoch_skip_totals(self) -> dict[str, int]:
         totals: dict[str, int] = {}
         for counts in self.skipped.values():
             for reason, n in counts.items():
                 totals[reason] = totals.get(reason, 0) + n
+        return totals
+
+    def skip_totals(self) -> dict[str, int]:
+        """Skipped samples by reason since the run began (resumes included)."""
+        totals = dict(self.skipped_before)
+        for reason, n in self.epoch_skip_totals().items():
+            totals[reason] = totals.get(reason, 0) + n
         return totals
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,6 +111,7 @@ class StreamState:
             "next_worker": self.next_worker,
             "consumed": {str(k): v for k, v in self.consumed.items()},
             "skipped": {str(k): v for k, v in self.skipped.items()},
+            "skipped_before": dict(self.skipped_before),
         }
 
     @classmethod
@@ -91,6 +121,7 @@ class StreamState:
             d["next_worker"],
             {int(k): v for k, v in d["consumed"].items()},
             {int(k): v for k, v in d["skipped"].items()},
+            dict(d.get("skipped_before", {})),  # checkpoints from before cumulative counts: none
         )
 
 
@@ -131,6 +162,7 @@ class ShardStream(IterableDataset):
         self.drop_last = drop_last
         self.num_workers = 1
         self.state = StreamState()
+        self.report_epoch_end = False  # the trainer sets it to receive an EpochEnd from each worker
         if not resampled and world_size > len(self.all_shards):
             raise UserError(
                 f"{len(self.all_shards)} shard(s) cannot be split over {world_size} processes: "
@@ -204,6 +236,8 @@ class ShardStream(IterableDataset):
                 pending = []
         if pending and not self.drop_last:
             yield self._finish(pending, worker, consumed, counter, epoch)
+        if self.report_epoch_end:
+            yield EpochEnd(worker, consumed, dict(counter.counts), epoch)
 
     def _finish(self, samples, worker: int, consumed: int, counter: SkipCounter, epoch: int) -> Batch:
         batch = self.collate_fn(samples)

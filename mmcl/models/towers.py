@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmcl.config import ImageTowerConfig, TextTowerConfig
-from mmcl.data.text import Tokenizer, resolve_model_path
+from mmcl.data.text import Tokenizer, hf_error, resolve_model_path
 from mmcl.models.lock import largest_module_list, lock_layer_stack, lock_timm
 from mmcl.utils import UserError
 
@@ -357,9 +357,9 @@ class HFTextTower(nn.Module):
         path = resolve_model_path(cfg.hf_name)
         try:
             # float32 weights whatever the checkpoint's dtype: mixed precision comes from autocast
-            self.model = AutoModel.from_pretrained(path, dtype=torch.float32)
+            self.model = AutoModel.from_pretrained(path, dtype=torch.float32, trust_remote_code=False)
         except (OSError, ValueError) as e:
-            raise UserError(f"model.text.hf_name '{cfg.hf_name}': {str(e).splitlines()[0]}") from None
+            raise UserError(f"model.text.hf_name '{cfg.hf_name}': {hf_error(cfg.hf_name, e)}") from None
         if getattr(self.model, "pooler", None) is not None:
             self.model.pooler = None  # unused: it would get no gradient (and DDP would complain)
         vocab = self.model.get_input_embeddings().num_embeddings

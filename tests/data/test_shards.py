@@ -170,7 +170,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
         "missing_caption",
         "empty_caption",
         "too_many_pixels",
-        "missing_image",
+        "no_image",
         "unreadable_tar",
     ):
         assert skipped.get(reason, 0) >= 1, (reason, skipped)

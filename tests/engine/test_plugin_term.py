@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from mmcl.config import load_experiment
 from mmcl.engine.checkpoint import TASK_STATE, list_checkpoints
 from mmcl.engine.metrics import read_metrics
-from mmcl.engine.trainer import Trainer
+from mmcl.engine.trainer import Trainer, train
 from mmcl.utils import UserError
 
 HERE = Path(__file__).parent
@@ -68,10 +68,14 @@ def test_term_trains_with_accumulation_and_its_state_is_checkpointed(demo_shards
     assert int(resumed.task.terms[NAME].updates) == 6
     torch.testing.assert_close(resumed.task.terms[NAME].center, term.center)
 
-    # a checkpoint without the term's state is an error, not a silent re-initialisation
-    (list_checkpoints(out / "checkpoints")[-1] / TASK_STATE).unlink()
+    # a checkpoint without the term's state (written by a run without the term) is an error, not a silent
+    # re-initialisation of the head and buffers
+    other = tmp_path / "clip-only"
+    clip_only = [a for a in args if a not in (TERMS,) and not a.startswith("train.output_dir")]
+    train(load_experiment(None, [*clip_only, f"train.output_dir={other}", "train.steps=2", "loss.terms=[clip]"]))
+    with_term = load_experiment(None, [*args[:-2], f"train.output_dir={other}", "data.num_workers=0", "train.steps=4"])
     with pytest.raises(UserError, match="task_state.safetensors"):
-        Trainer(more).fit(stop_after=0)
+        Trainer(with_term).fit(stop_after=0)
 
 
 def test_unknown_term_and_option_name_the_closest(tmp_path: Path) -> None:

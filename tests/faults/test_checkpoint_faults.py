@@ -1,0 +1,164 @@
+"""Checkpoints that survive a bad disk: fsync before rename, a manifest checked on resume, no unsafe unpickling."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmcl.cli import main
+from mmcl.config import load_experiment
+from mmcl.engine import checkpoint as ckpt
+from mmcl.engine.trainer import train
+
+TINY = [
+    "model.preset=clip-tiny",
+    "train.trackers=[none]",
+    "train.progress=false",
+    "train.warmup_steps=1",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "data.shuffle_buffer=16",
+    "train.ckpt_every=2",
+    "train.keep_checkpoints=3",
+]
+
+
+def _args(shards: Path, out: Path, steps: int) -> list[str]:
+    return [*TINY, f"data.train_shards=[{shards / 'train'}]", f"train.output_dir={out}", f"train.steps={steps}"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(demo_shards, tmp_path_factory) -> Path:
+    """A run with checkpoints at steps 2 and 4 (copied per test: tests damage them)."""
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    train(load_experiment(None, _args(demo_shards, out, 4)))
+    return out
+
+
+@pytest.fixture
+def run(trained_run, tmp_path) -> Path:
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    return copy
+
+
+def test_every_file_and_the_folder_are_fsynced_before_the_rename(demo_shards, tmp_path, monkeypatch):
+    events: list[tuple[str, str]] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def rename(src, dst) -> None:
+        events.append(("rename", f"{src} -> {dst}"))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    out = tmp_path / "run"
+    train(load_experiment(None, _args(demo_shards, out, 2)))
+    final = out / "checkpoints" / "step_0000002"
+    tmp = str(ckpt.tmp_dir_for(out / "checkpoints", 2).resolve())
+    renamed = [i for i, (kind, what) in enumerate(events) if kind == "rename" and what.startswith(tmp)]
+    assert len(renamed) == 1
+    before = {what for kind, what in events[: renamed[0]] if kind == "fsync"}
+    for path in final.iterdir():  # fsynced under its own name or the temporary one it was renamed from
+        names = {what[len(tmp) + 1 :] for what in before if what.startswith(f"{tmp}/")}
+        assert path.name in names or any(n.startswith(f".{path.name}.") for n in names), f"{path.name} not fsynced"
+    assert tmp in before, "the checkpoint folder was not fsynced before the rename"
+    after = {what for kind, what in events[renamed[0] :] if kind == "fsync"}
+    assert str(final.parent.resolve()) in after, "the parent folder was not fsynced after the rename"
+    assert ckpt.verify_checkpoint(final) is None
+
+
+def test_manifest_lists_every_file_with_size_and_hash(run):
+    import json
+
+    newest = ckpt.list_checkpoints(run / "checkpoints")[-1]
+    files = json.loads((newest / "manifest.json").read_text())["files"]
+    assert set(files) == {p.name for p in newest.iterdir()} - {"manifest.json"}
+    assert files["model.safetensors"]["size"] == (newest / "model.safetensors").stat().st_size
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(run, demo_shards, caplog):
+    newest = run / "checkpoints" / "step_0000004"
+    weights = newest / "model.safetensors"
+    size = weights.stat().st_size
+    with weights.open("r+b") as f:
+        f.truncate(size // 2)
+    with caplog.at_level(logging.INFO, logger="mmcl"):
+        result = train(load_experiment(None, _args(demo_shards, run, 6)))
+    assert result.step == 6
+    warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "damaged" in r.getMessage()]
+    assert warning and f"model.safetensors is {size // 2} bytes, the manifest says {size}" in warning[0]
+    assert "falling back to step_0000002" in warning[0]
+    assert any("resumed from" in r.getMessage() and "step_0000002" in r.getMessage() for r in caplog.records)
+
+
+def test_flipped_byte_is_caught_by_the_hash(run):
+    newest = run / "checkpoints" / "step_0000004"
+    data = bytearray((newest / "optimizer.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (newest / "optimizer.pt").write_bytes(bytes(data))
+    assert ckpt.verify_checkpoint(newest) == "optimizer.pt does not match its SHA-256 in the manifest"
+    assert ckpt.newest_valid_checkpoint(run / "checkpoints").name == "step_0000002"
+
+
+class _Payload:
+    """Unpickling this would create a file: proof that code ran."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _hostile_pickle(marker: Path) -> bytes:
+    payload = _Payload()
+    payload.marker = str(marker)
+    buf = io.BytesIO()
+    torch.save({"state": {0: payload}, "param_groups": []}, buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", ["optimizer.pt", "rank0_rng.pt"])
+def test_hostile_pickle_is_refused_in_one_line(run, demo_shards, tmp_path, capsys, name):
+    marker = tmp_path / "pwned"
+    newest = run / "checkpoints" / "step_0000004"
+    (newest / name).write_bytes(_hostile_pickle(marker))
+    ckpt.write_manifest(newest)  # a consistent manifest: the file looks intact, only its content is hostile
+    rc = main(["train", "-", *_args(demo_shards, run, 6)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"mmcl train: error: {newest / name}: not a safe checkpoint")
+    assert "weights_only" not in err
+    assert not marker.exists()
+
+
+def test_hostile_pickle_without_a_matching_manifest_is_passed_over(run, tmp_path):
+    marker = tmp_path / "pwned"
+    newest = run / "checkpoints" / "step_0000004"
+    (newest / "optimizer.pt").write_bytes(_hostile_pickle(marker))
+    assert ckpt.newest_valid_checkpoint(run / "checkpoints").name == "step_0000002"
+    assert not marker.exists()
+
+
+def test_safe_torch_load_never_suggests_the_unsafe_load(tmp_path):
+    path = tmp_path / "evil.pt"
+    path.write_bytes(_hostile_pickle(tmp_path / "pwned"))
+    with pytest.raises(ValueError) as e:
+        ckpt.safe_torch_load(path)
+    assert "not a safe checkpoint" in str(e.value) and "weights_only" not in str(e.value)
+    assert not (tmp_path / "pwned").exists()
+    with pytest.raises(pickle.UnpicklingError):  # the check above is meaningful: torch itself refuses it
+        torch.load(path, weights_only=True)

@@ -1,0 +1,162 @@
+"""Untrusted shards: every bad sample skipped and counted once, under the right reason, cumulatively over a run."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmcl.config import load_experiment
+from mmcl.data.batch import Batch
+from mmcl.data.decode import SkipSample, decode_image
+from mmcl.data.shards import ShardStream, StreamState
+from mmcl.engine.metrics import read_metrics
+from mmcl.engine.trainer import train
+from mmcl.utils import UserError
+
+
+def _jpeg(seed: int, size: int = 32) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def _bomb() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (20_000, 20_000)).save(buf, "PNG")  # 400M pixels in a few kB
+    return buf.getvalue()
+
+
+def _stream(shards: list[str]) -> ShardStream:
+    def decode(raw, rng):
+        from mmcl.data.decode import image_bytes
+
+        return {"image": decode_image(image_bytes(raw), 10**12), "key": raw["__key__"]}
+
+    def collate(samples):
+        return Batch(keys=[s["key"] for s in samples])
+
+    return ShardStream([shards], decode, collate, 4, shuffle_buffer=0, drop_last=False)
+
+
+def _counts(stream: ShardStream) -> tuple[list[str], dict[str, int]]:
+    stream.report_epoch_end = True
+    keys, counts = [], {}
+    for item in stream:
+        if isinstance(item, Batch):
+            keys += item.keys
+        else:
+            counts = item.skipped
+    return keys, counts
+
+
+def test_decompression_bomb_is_too_many_pixels():
+    with pytest.raises(SkipSample) as e:
+        decode_image(_bomb(), max_pixels=10**12)  # PIL's own guard fires before mmcl's limit
+    assert e.value.reason == "too_many_pixels"
+    with pytest.raises(SkipSample) as e:
+        decode_image(_bomb(), max_pixels=40_000_000)
+    assert e.value.reason == "too_many_pixels"
+
+
+def test_truncated_and_empty_tars_are_counted_once_each(tmp_path):
+    full = _tar(tmp_path / "full.tar", [(f"t{i}.jpg", _jpeg(i, 64)) for i in range(4)])
+    (tmp_path / "00000.tar").write_bytes(full[: len(full) // 2])
+    (tmp_path / "00001.tar").write_bytes(b"")
+    _tar(tmp_path / "00002.tar", [("ok.jpg", _jpeg(9))])
+    keys, counts = _counts(_stream([str(tmp_path / f"0000{i}.tar") for i in range(3)]))
+    assert counts == {"unreadable_tar": 2}
+    assert "ok" in keys
+
+
+def test_a_sample_of_only_unknown_members_is_counted_as_no_image(tmp_path, monkeypatch):
+    import pickle
+
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("a shard member was unpickled"))
+    payload = pickle.dumps({"x": 1})
+    _tar(tmp_path / "00000.tar", [("a.pkl", payload), ("a.pyd", payload), ("b.jpg", _jpeg(1)), ("c.pth", payload)])
+    keys, counts = _counts(_stream([str(tmp_path / "00000.tar")]))
+    assert keys == ["b"]
+    assert counts == {"no_image": 2}
+
+
+def _bad_first_shards(root: Path) -> Path:
+    """2 shards, each 2 undecodable samples first, then 20 good ones (shuffle off: counts are exact per batch)."""
+    for shard in range(2):
+        members = [(f"{shard}bad{i}.jpg", b"<html>404</html>") for i in range(2)]
+        members += [(f"{shard}bad{i}.txt", b"x") for i in range(2)]
+        for i in range(20):
+            members += [(f"{shard}g{i:02d}.jpg", _jpeg(100 * shard + i)), (f"{shard}g{i:02d}.txt", b"a photo")]
+        _tar(root / f"{shard:05d}.tar", sorted(members, key=lambda m: m[0].split(".")[0]))
+    return root
+
+
+def _cfg(shards: Path, out: Path, *extra: str):
+    return load_experiment(
+        None,
+        [
+            "model.preset=clip-tiny",
+            "train.trackers=[none]",
+            "train.progress=false",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "data.shuffle_buffer=0",
+            "data.augment=false",
+            f"data.train_shards=[{shards}]",
+            f"train.output_dir={out}",
+            "train.log_every=5",
+            "train.steps=10",
+            *extra,
+        ],
+    )
+
+
+def test_skip_counts_are_cumulative_across_epochs_and_resume(tmp_path):
+    shards = _bad_first_shards(tmp_path / "shards")
+    train(_cfg(shards, tmp_path / "straight"))  # 5 steps per epoch: the rows at 5 and 10 close epochs 0 and 1
+    rows = [r for r in read_metrics(tmp_path / "straight" / "metrics.jsonl") if "loss" in r]
+    assert [(r["step"], r["epoch"], r["skipped_not_an_image"]) for r in rows] == [(5, 0, 4), (10, 1, 8)]
+
+    train(_cfg(shards, tmp_path / "resumed"), stop_after=7)  # killed in epoch 1, resumed from its checkpoint
+    train(_cfg(shards, tmp_path / "resumed"))
+    rows = [r for r in read_metrics(tmp_path / "resumed" / "metrics.jsonl") if "loss" in r]
+    assert rows[-1]["step"] == 10 and rows[-1]["skipped_not_an_image"] == 8
+
+
+def test_stream_state_keeps_earlier_epochs_through_a_checkpoint():
+    state = StreamState(epoch=0, skipped={0: {"no_image": 2}, 1: {"no_image": 1, "corrupt_image": 1}})
+    state.next_epoch(1)
+    state.skipped = {0: {"no_image": 1}}
+    restored = StreamState.from_dict(state.to_dict())
+    assert restored.skip_totals() == {"no_image": 4, "corrupt_image": 1}
+    assert restored.epoch_skip_totals() == {"no_image": 1}
+
+
+def test_every_sample_skipped_names_the_reasons(tmp_path):
+    root = tmp_path / "shards"
+    members = [("a.jpg", b"<html>"), ("a.txt", b"x"), ("b.pkl", b"x"), ("b.txt", b"y"), ("c.jpg", _jpeg(1))]
+    _tar(root / "00000.tar", members)
+    (root / "00001.tar").write_bytes(b"")
+    with pytest.raises(UserError) as e:
+        train(_cfg(root, tmp_path / "run"))
+    message = str(e.value)
+    assert "every sample was skipped" in message
+    for reason in ("not_an_image: 1", "no_image: 1", "missing_caption: 1", "unreadable_tar: 1"):
+        assert reason in message, message
