@@ -305,6 +305,8 @@ class ImageTowerConfig:
     # from-scratch ViT init: 'clip' = OpenAI CLIP / open_clip's (learns far faster in short runs), 'timm' = timm's
     init: Literal["clip", "timm"] = "clip"
     image_size: int = 224
+    # FLIP (Li et al. 2023): share of a ViT's patch tokens dropped at random in training (timm's patch_drop_rate)
+    patch_dropout: float = 0.0
     lock: bool = False  # LiT: freeze the tower
     unlocked_layers: int = 0  # with lock: keep the last N blocks trainable
     # PrefixLM conv stem: a timm CNN cut after `stem_out_index` (stride 16 for ResNets at index 3)
@@ -315,6 +317,7 @@ class ImageTowerConfig:
             "model.image",
             {
                 "image_size": (self.image_size >= 1, f">= 1 (got {self.image_size})"),
+                "patch_dropout": (0 <= self.patch_dropout < 1, f"in [0, 1) (got {self.patch_dropout})"),
                 "unlocked_layers": (self.unlocked_layers >= 0, f">= 0 (got {self.unlocked_layers})"),
             },
         )
@@ -334,6 +337,7 @@ class TextTowerConfig:
     heads: int = 8
     layers: int = 12
     mlp_ratio: float = 4.0
+    dropout: float = 0.0  # CLIP text tower: attention + residual dropout (SimCSE's noise); HF towers keep theirs
     lock: bool = False
     unlocked_layers: int = 0
 
@@ -346,6 +350,7 @@ class TextTowerConfig:
             }
             | {
                 "mlp_ratio": (self.mlp_ratio > 0, f"> 0 (got {self.mlp_ratio})"),
+                "dropout": (0 <= self.dropout < 1, f"in [0, 1) (got {self.dropout})"),
                 "unlocked_layers": (self.unlocked_layers >= 0, f">= 0 (got {self.unlocked_layers})"),
             },
         )

@@ -27,6 +27,8 @@ def test_experiment_configs_load(path):
 def test_experiment_configs_take_a_training_step(path):
     """The config's model and loss terms, a batch built with the views the terms ask for, one accumulated
     optimizer step (the config's grad_accum) through the real accumulator: finite loss, every term logged."""
+    import random
+
     import torch
 
     from mmcl.data.batch import Batch
@@ -46,8 +48,11 @@ def test_experiment_configs_take_a_training_step(path):
     text, mask = task.model.tokenizer(captions)
     images = torch.stack([transform(s.image) for s in samples])
     batch = Batch(images=images, text=text, text_mask=mask, captions=captions, keys=keys)
-    for view in task.views().values():
-        batch.views.update(view(captions, keys, True))
+    for name, view in task.views().items():
+        if view.kind == "sample":  # per-sample views (second image views) from each sample's own RNG
+            batch.views[name] = torch.stack([view(s.image, random.Random(i)) for i, s in enumerate(samples)])
+        else:
+            batch.views.update(view(captions, keys, True))
     out = forward_backward(task, batch.split(cfg.train.grad_accum))
     assert torch.isfinite(torch.tensor(out["loss"])), out
     assert {f"{t.name}_loss" for t in cfg.loss.terms} <= set(out)

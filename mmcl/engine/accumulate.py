@@ -18,6 +18,9 @@ Summed over j this is exactly the full-batch gradient: each cached row gets its 
 per-sample terms their full-batch mean. Dropout is replayed with the RNG state of pass 1, so
 recomputed features equal the cached ones. Reported metrics: batch terms' full-batch values
 (from the last pass), per-sample terms' share-weighted means over micro-batches.
+
+The step's batch features (all micro-batches, detached) are left in `task.step_features` for the
+terms' `on_step_end` (queues of keys, feature banks).
 """
 
 from __future__ import annotations
@@ -81,12 +84,15 @@ def forward_backward(
     names = task.batch_feature_names
     shares = task.shares(micro_batches)
     per_pass: list[dict[str, dict[str, torch.Tensor]]] = []
+    steps_features: list[dict[str, torch.Tensor]] = []
     if k == 1 or not names:  # nothing spans micro-batches: plain accumulation
         for j, mb in enumerate(micro_batches):
             feats = run(mb, last=j == k - 1)
             loss, outputs = objective(feats, mb, shares=shares[j])
             backward(loss)
             per_pass.append(outputs)
+            steps_features.append({n: feats[n].detach() for n in names})
+        task.step_features = {n: torch.cat([f[n] for f in steps_features]) for n in names}
         return _combine(task, per_pass, shares)
 
     states, cached = [], []
@@ -109,6 +115,7 @@ def forward_backward(
         backward(loss)
         per_pass.append(outputs)
     after.restore()
+    task.step_features = {n: full[n].detach() for n in names}
     return _combine(task, per_pass, shares)
 
 

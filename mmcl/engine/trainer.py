@@ -299,7 +299,13 @@ class Trainer:
     def _step_context(self, step: int) -> StepContext:
         acc = self.accelerator
         gather = acc.gather if acc.num_processes > 1 else (lambda t: t)
-        return StepContext(step=step, rank=acc.process_index, world_size=acc.num_processes, gather=gather)
+        return StepContext(
+            step=step,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+            gather=gather,
+            features=self.task.step_features,
+        )
 
     def _grad_norm(self) -> float:
         params = [p for p in self.task.parameters() if p.grad is not None]

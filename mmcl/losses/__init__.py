@@ -5,7 +5,13 @@ from __future__ import annotations
 from mmcl.losses.base import LossTerm, StepContext
 from mmcl.losses.captioning import CaptionTerm, PrefixLMLoss
 from mmcl.losses.clip_loss import ClipLoss, ClipTerm
+from mmcl.losses.moco import MoCoTerm
+from mmcl.losses.negclip import NegCLIPTerm
+from mmcl.losses.nnclr import NearestNeighbourTerm
 from mmcl.losses.siglip_loss import SigLipLoss, SigLipTerm
+from mmcl.losses.simclr import SimCLRTerm
+from mmcl.losses.simcse import SimCSETerm
+from mmcl.losses.simsiam import BYOLTerm, SimSiamTerm
 from mmcl.registry import LOSSES
 
 
@@ -28,5 +34,12 @@ __all__ = [
     "SigLipTerm",
     "PrefixLMLoss",
     "CaptionTerm",
+    "SimCLRTerm",
+    "SimSiamTerm",
+    "BYOLTerm",
+    "SimCSETerm",
+    "MoCoTerm",
+    "NearestNeighbourTerm",
+    "NegCLIPTerm",
     "term_class",
 ]

@@ -18,8 +18,9 @@ declares:
     forward(feats)  the UNWEIGHTED value {'loss': (), other scalars}; the task applies the weight
     state           parameters and persistent buffers of the term (heads, queues, momentum
                     encoders, counters) are part of the task: optimized, checkpointed, restored
-    on_step_end     runs after each optimizer step (EMA updates, queue pushes); `ctx.gather`
-                    concatenates a tensor across processes
+    on_step_end     runs after each optimizer step (EMA updates, queue pushes); `ctx.features`
+                    holds the step's batch features (every micro-batch), `ctx.gather`
+                    concatenates a tensor across processes in rank order
 
 Rule for accumulation: `forward` combines features only. A 0-dim feature (temperature,
 bias) is shared by the whole batch; the accumulator lets its gradient through once.
@@ -28,7 +29,7 @@ bias) is shared by the whole batch; the accumulator lets its gradient through on
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -50,6 +51,7 @@ class StepContext:
     rank: int = 0
     world_size: int = 1
     gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # (n, ...) per rank -> (P*n, ...) on every rank
+    features: dict[str, torch.Tensor] = field(default_factory=dict)  # the step's batch features, detached
 
 
 class LossTerm(nn.Module):

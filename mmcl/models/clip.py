@@ -73,16 +73,19 @@ class CLIP(nn.Module):
         return self.logit_scale.clamp(max=self.max_log_scale).exp(), self.logit_bias
 
     def forward(
-        self, images: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None
+        self,
+        images: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Normalised features of both towers: {'image_features' (B, D), 'text_features' (B, D),
+        """Normalised features of the towers given inputs: {'image_features' (B, D), 'text_features' (B, D),
         'logit_scale' () exponentiated, 'logit_bias' () when the model has one}."""
         scale, bias = self.scale_and_bias()
-        out = {
-            "image_features": self.encode_image(images),
-            "text_features": self.encode_text(text, text_mask),
-            "logit_scale": scale,
-        }
+        out = {"logit_scale": scale}
+        if images is not None:
+            out["image_features"] = self.encode_image(images)
+        if text is not None:
+            out["text_features"] = self.encode_text(text, text_mask)
         if bias is not None:
             out["logit_bias"] = bias
         return out

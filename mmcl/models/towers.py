@@ -32,6 +32,8 @@ def _create_timm(cfg: ImageTowerConfig, num_classes: int | None) -> nn.Module:
     kwargs = dict(cfg.timm_kwargs)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
+    if cfg.patch_dropout:
+        kwargs["patch_drop_rate"] = cfg.patch_dropout  # FLIP: timm's ViTs drop patches in training only
     try:
         try:
             return timm.create_model(cfg.timm_name, pretrained=cfg.pretrained, **{"img_size": cfg.image_size, **kwargs})
@@ -39,6 +41,10 @@ def _create_timm(cfg: ImageTowerConfig, num_classes: int | None) -> nn.Module:
             if "img_size" not in str(e):
                 raise
             return timm.create_model(cfg.timm_name, pretrained=cfg.pretrained, **kwargs)  # CNNs take any size
+    except TypeError as e:
+        if "patch_drop_rate" in str(e):
+            raise UserError(f"model.image.patch_dropout needs a ViT; {cfg.timm_name} has no patch tokens") from None
+        raise
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise UserError(f"model.image.timm_name: {e}") from None
@@ -193,11 +199,11 @@ class CausalSelfAttention(nn.Module):
     Shapes: (B, L, W) -> (B, L, W).
     """
 
-    def __init__(self, width: int, heads: int) -> None:
+    def __init__(self, width: int, heads: int, dropout: float = 0.0) -> None:
         super().__init__()
         if width % heads:
             raise UserError(f"text width {width} is not divisible by {heads} heads")
-        self.heads = heads
+        self.heads, self.dropout = heads, dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
@@ -207,7 +213,7 @@ class CausalSelfAttention(nn.Module):
         b, n, w = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, w // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, W/H) each
-        x = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(x.transpose(1, 2).reshape(b, n, w))
 
     def forward_at(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -218,39 +224,48 @@ class CausalSelfAttention(nn.Module):
         kv = F.linear(x, self.in_proj_weight[w:], self.in_proj_bias[w:]).view(b, n, 2, self.heads, head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, W/H) each
         visible = torch.arange(n, device=x.device)[None, :] <= idx[:, None]  # (B, L) causal row of the query
-        o = F.scaled_dot_product_attention(q.view(b, self.heads, 1, head_dim), k, v, attn_mask=visible[:, None, None])
+        p = self.dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(
+            q.view(b, self.heads, 1, head_dim), k, v, attn_mask=visible[:, None, None], dropout_p=p
+        )
         return self.out_proj(o.reshape(b, w))
 
 
 class TextBlock(nn.Module):
-    """Pre-norm residual block (open_clip's `ResidualAttentionBlock` layout): attention, then GELU MLP."""
+    """Pre-norm residual block (open_clip's `ResidualAttentionBlock` layout): attention, then GELU MLP.
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
+    `dropout` (0 = off, CLIP's setting) drops attention weights and both residual branches, as BERT /
+    GPT-2 do; SimCSE (Gao et al. 2021) uses it as the only noise between two views of a caption.
+    Dropout layers hold no parameters: checkpoints and open_clip interop are unchanged.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0) -> None:
         super().__init__()
         hidden = int(width * mlp_ratio)
         self.ln_1 = nn.LayerNorm(width)
-        self.attn = CausalSelfAttention(width, heads)
+        self.attn = CausalSelfAttention(width, heads, dropout)
+        self.drop = nn.Dropout(dropout)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(
             OrderedDict([("c_fc", nn.Linear(width, hidden)), ("gelu", nn.GELU()), ("c_proj", nn.Linear(hidden, width))])
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.drop(self.attn(self.ln_1(x)))
+        return x + self.drop(self.mlp(self.ln_2(x)))
 
     def forward_at(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """`forward(x)[arange(B), idx]` computing only those rows' queries and MLP: (B, L, W) -> (B, W)."""
-        y = x[torch.arange(x.shape[0], device=x.device), idx] + self.attn.forward_at(self.ln_1(x), idx)
-        return y + self.mlp(self.ln_2(y))
+        y = x[torch.arange(x.shape[0], device=x.device), idx] + self.drop(self.attn.forward_at(self.ln_1(x), idx))
+        return y + self.drop(self.mlp(self.ln_2(y)))
 
 
 class TextTransformer(nn.Module):
     """The block stack (named `transformer.resblocks` as in open_clip)."""
 
-    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float) -> None:
+    def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, dropout: float = 0.0) -> None:
         super().__init__()
-        self.resblocks = nn.ModuleList([TextBlock(width, heads, mlp_ratio) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([TextBlock(width, heads, mlp_ratio, dropout) for _ in range(layers)])
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -293,7 +308,7 @@ class ClipTextTower(nn.Module):
         self.context_length = cfg.context_length
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.transformer = TextTransformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio)
+        self.transformer = TextTransformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.dropout)
         self.ln_final = nn.LayerNorm(cfg.width)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
         self.locked = False

@@ -42,6 +42,7 @@ class Task(nn.Module):
         self.terms = nn.ModuleDict({name: term for name, _, term in ordered})
         self.weights = {name: weight for name, weight, _ in ordered}
         self._model_inputs = _forward_params(model)
+        self.step_features: dict[str, torch.Tensor] = {}  # the last step's batch features (set by the accumulator)
         for name, term in self.terms.items():
             missing = [i for i in term.inputs if i not in self._model_inputs]
             if missing:
@@ -78,12 +79,12 @@ class Task(nn.Module):
         terms = [t for t in self.terms.values() if t.batch_features or not batch_only]
         names = [n for n in self._model_inputs if any(n in t.inputs for t in terms)]
         inputs = {n: batch.get(n) for n in names}
-        absent = [n for n in names if inputs[n] is None and n not in ("text_mask", "text_only")]
+        absent = [n for n in names if inputs[n] is None and n not in ("text_mask", "text_only", "images")]
         if absent:
             raise UserError(
                 f"the batch has no {absent} for the loss terms {list(self.terms)} (keys {batch.keys[:2]}...)"
             )
-        feats = dict(self.model(**inputs))
+        feats = dict(self.model(**inputs)) if inputs else {}  # image-image terms may need views only
         for term in terms:
             feats.update(term.features(self.model, batch, feats))
         return feats
