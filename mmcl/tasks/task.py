@@ -56,8 +56,14 @@ class Task(nn.Module):
     def views(self) -> dict[str, Any]:
         """The named inputs every term needs from the loader (`mmcl.data.views`)."""
         views: dict[str, Any] = {}
-        for term in self.terms.values():
-            views.update(term.views(self.model))
+        owner: dict[str, str] = {}
+        for name, term in self.terms.items():
+            for view, builder in term.views(self.model).items():
+                if view in views:
+                    raise UserError(
+                        f"loss terms '{owner[view]}' and '{name}' both ask the loader for a view named '{view}'"
+                    )
+                views[view], owner[view] = builder, name
         return views
 
     @property
@@ -86,7 +92,13 @@ class Task(nn.Module):
             )
         feats = dict(self.model(**inputs)) if inputs else {}  # image-image terms may need views only
         for term in terms:
-            feats.update(term.features(self.model, batch, feats))
+            extra = term.features(self.model, batch, feats)
+            clash = sorted(set(extra) & set(feats))
+            if clash:  # two terms writing one name would silently train one of them on the other's features
+                raise UserError(
+                    f"loss term {type(term).__name__} returns features {clash} that another term or the model already made"
+                )
+            feats.update(extra)
         return feats
 
     def loss(

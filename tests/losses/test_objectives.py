@@ -112,7 +112,7 @@ def test_siamese_distances_and_stop_gradient() -> None:
     task = _task("[simsiam]")
     term = task.terms["simsiam"]
     p1, p2, t1, t2 = (torch.randn(5, 16, requires_grad=True) for _ in range(4))
-    out = term({"siam_p1": p1, "siam_p2": p2, "siam_t1": t1, "siam_t2": t2}, None)
+    out = term({"simsiam_p1": p1, "simsiam_p2": p2, "simsiam_t1": t1, "simsiam_t2": t2}, None)
     ref = (
         sum(
             -(p1[i].dot(t2[i]) / (p1[i].norm() * t2[i].norm())) - p2[i].dot(t1[i]) / (p2[i].norm() * t1[i].norm())
@@ -122,9 +122,9 @@ def test_siamese_distances_and_stop_gradient() -> None:
     )
     assert out["loss"].item() == pytest.approx(float(ref), rel=1e-5)
     size = task.model.preprocess_cfg()["image_size"]
-    views = {"siam_view1": torch.randn(4, 3, size, size), "siam_view2": torch.randn(4, 3, size, size)}
+    views = {"simsiam_view1": torch.randn(4, 3, size, size), "simsiam_view2": torch.randn(4, 3, size, size)}
     feats = term.features(task.model, Batch(views=views), {})
-    assert not feats["siam_t1"].requires_grad and feats["siam_p1"].requires_grad  # SimSiam's stop-gradient
+    assert not feats["simsiam_t1"].requires_grad and feats["simsiam_p1"].requires_grad  # SimSiam's stop-gradient
 
 
 def test_byol_target_is_an_ema_of_the_online_network() -> None:
