@@ -276,6 +276,11 @@ class DataConfig:
     label_key: str = "label"  # key of .json (or the .cls file) holding the class index
     max_pixels: int = 40_000_000  # images whose header declares more are skipped before decoding
     augment: bool = True  # random-resized-crop style augmentation for training
+    # http(s) shards: seconds a connect/read may stall, retries per shard, first backoff (doubled each retry) and cap
+    http_timeout: float = 30.0
+    http_retries: int = 5
+    http_backoff: float = 1.0
+    http_max_backoff: float = 30.0
 
     def validate(self) -> None:
         if self.train_weights and len(self.train_weights) != len(self.train_shards):
@@ -287,6 +292,13 @@ class DataConfig:
                 "num_workers": (self.num_workers >= 0, f">= 0 (got {self.num_workers})"),
                 "shuffle_buffer": (self.shuffle_buffer >= 0, f">= 0 (got {self.shuffle_buffer})"),
                 "max_pixels": (self.max_pixels >= 1, f">= 1 (got {self.max_pixels})"),
+                "http_timeout": (0 < self.http_timeout <= 3600, f"in (0, 3600] seconds (got {self.http_timeout})"),
+                "http_retries": (0 <= self.http_retries <= 100, f"in [0, 100] (got {self.http_retries})"),
+                "http_backoff": (0 <= self.http_backoff <= 600, f"in [0, 600] seconds (got {self.http_backoff})"),
+                "http_max_backoff": (
+                    self.http_backoff <= self.http_max_backoff <= 3600,
+                    f"in [http_backoff, 3600] seconds (got {self.http_max_backoff})",
+                ),
                 "train_weights": (
                     all(w >= 0 for w in self.train_weights) and (not self.train_weights or sum(self.train_weights) > 0),
                     f">= 0 with a positive sum (got {self.train_weights})",

@@ -11,33 +11,27 @@ Each save writes a new generation of files under temporary names, renames them, 
 manifest, so a crash leaves the previous index intact and readers never see half of a new one.
 
 Vectors are compared by inner product (cosine for the L2-normalised embeddings of `mmcl.inference`).
-Structure: an exact `IndexFlatIP` for small collections; past `ivf_threshold` vectors an `IndexIVFFlat`
-(k-means coarse quantizer, `nprobe` lists searched), re-trained whenever the collection has grown 4x since
-the last training; or `IndexHNSWFlat` on request.
+Structure (`mmcl.index_plan`): exact for small collections (searched with one multi-threaded matrix-vector
+product over the stored vectors: as fast as a scan of them); past `ivf_threshold` vectors IVF with float32,
+float16, 8-bit or PQ codes, whichever fits the memory budget, its `nprobe` tuned to `target_recall`, the
+inverted lists memory-mapped from the index file (`on_disk`) when they do not fit; or HNSW on request.
+Added one batch at a time (the app, `--append`), IVF is re-trained whenever the collection has grown 4x.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import math
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from mmcl.data import decode
-from mmcl.data.decode import MAX_PIXELS, SkipCounter, SkipSample
-from mmcl.data.reader import file_sample, list_inputs, read_samples
-from mmcl.utils import UserError, atomic_open, atomic_write_bytes, atomic_write_text
-
-if TYPE_CHECKING:
-    from mmcl.inference import Encoder
+from mmcl.index_plan import exact_topk, plan_index, tune_search
+from mmcl.utils import UserError, atomic_open, atomic_write_text
 
 log = logging.getLogger("mmcl")
 
@@ -50,7 +44,19 @@ IVF_RETRAIN_GROWTH = 4  # re-train the coarse quantizer when the collection has 
 MANIFEST = "manifest.json"
 THUMBS = "images"
 FORMAT = "mmcl-index"
-PARAMS = ("kind", "ivf_threshold", "nlist", "nprobe", "hnsw_m", "ef_search")  # saved in the manifest
+# saved in the manifest (with their defaults for manifests written before they existed)
+PARAMS = {
+    "kind": "auto",
+    "ivf_threshold": DEFAULT_IVF_THRESHOLD,
+    "nlist": 0,
+    "nprobe": 0,
+    "hnsw_m": 32,
+    "ef_search": 128,
+    "storage": "auto",
+    "memory_budget": 0,
+    "target_recall": 0.95,
+}
+TUNE_QUERIES = 256  # held-out queries for tuning nprobe / efSearch
 
 
 class EmptyIndexError(UserError):
@@ -80,9 +86,12 @@ class EmbeddingIndex:
             `IVF_MIN_TRAIN` vectors on) or 'hnsw' (graph index, no training).
         ivf_threshold: collection size at which 'auto' switches from exact to IVF.
         nlist: IVF lists; 0 = about sqrt(N) at training time.
-        nprobe: IVF lists searched per query; 0 = nlist / 4 (at least 16); see bench/results/app.md.
+        nprobe: IVF lists searched per query; 0 = tuned to `target_recall`.
         hnsw_m: HNSW graph degree.
-        ef_search: HNSW search breadth.
+        ef_search: HNSW search breadth (re-tuned to `target_recall` by `from_chunks`).
+        storage: vector codes: 'auto' (the most exact that fits `memory_budget`), 'fp32', 'fp16', 'sq8', 'pq'.
+        memory_budget: bytes the index may take in memory; 0 = half the available memory.
+        target_recall: recall@10 against exact search the tuned search breadth must reach.
     """
 
     def __init__(
@@ -94,13 +103,22 @@ class EmbeddingIndex:
         nprobe: int = 0,
         hnsw_m: int = 32,
         ef_search: int = 128,
+        storage: str = "auto",
+        memory_budget: int = 0,
+        target_recall: float = 0.95,
     ) -> None:
+        if not 0 < target_recall <= 1:
+            raise UserError(f"target recall must be in (0, 1], got {target_recall}")
         if kind not in KINDS:
             raise UserError(f"unknown index kind '{kind}'; choose one of {', '.join(KINDS)}")
         if dim < 1:
             raise UserError(f"index dimension must be >= 1, got {dim}")
         self.dim, self.kind, self.ivf_threshold = dim, kind, ivf_threshold
         self.nlist, self.nprobe, self.hnsw_m, self.ef_search = nlist, nprobe, hnsw_m, ef_search
+        self.storage, self.memory_budget, self.target_recall = storage, memory_budget, target_recall
+        self.plan: dict[str, Any] = {}  # the IndexPlan the structure came from
+        self.tuning: dict[str, Any] = {}  # what tune_search chose
+        self.on_disk = False  # save the inverted lists to be memory-mapped on load
         self.metas: list[dict[str, Any]] = []
         self.info: dict[str, Any] = {}  # free-form provenance saved in the manifest (model, sources)
         self._index: Any = None
@@ -153,9 +171,28 @@ class EmbeddingIndex:
             raise EmptyIndexError("the index is empty: add images with `mmcl index build SOURCES --out DIR`")
         q = _as_matrix(queries, self.dim)
         k = max(1, min(int(k), len(self.metas)))
-        scores, ids = self._index.search(q, k)
+        scores, ids = (
+            self._exact_search(q, k) if type(self._index).__name__ == "IndexFlatIP" else self._index.search(q, k)
+        )
         scores = np.where(ids >= 0, scores, -np.inf).astype(np.float32)
         return scores, [[self.metas[i] if i >= 0 else None for i in row] for row in ids]
+
+    def _exact_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search as one multi-threaded matrix product over the stored float32 vectors (no copy).
+
+        faiss's own flat search runs one query on one thread; torch's product uses every core, so a query
+        costs about one scan of the vectors (bench/bench_index.py measures both).
+        """
+        import faiss
+
+        n = self._index.ntotal
+        stored = faiss.rev_swig_ptr(self._index.get_xb(), n * self.dim).reshape(n, self.dim)
+        scores, ids = [], []
+        for lo in range(0, len(q), 64):  # bounds the (N, 64) score matrix
+            s, i = exact_topk(q[lo : lo + 64], [stored], k)
+            scores.append(s)
+            ids.append(i)
+        return np.concatenate(scores), np.concatenate(ids).astype(np.int64)
 
     def vectors(self) -> np.ndarray:
         """All stored vectors, (N, D), in id order."""
@@ -170,11 +207,14 @@ class EmbeddingIndex:
     def _new_exact(self) -> Any:
         import faiss
 
+        code = {"fp16": "SQfp16"}.get(self.storage, "Flat")
         if self.kind == "hnsw":
-            index = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.index_factory(self.dim, f"HNSW{self.hnsw_m},{code}", faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efSearch = self.ef_search
             return index
-        return faiss.IndexFlatIP(self.dim)
+        if code == "Flat":
+            return faiss.IndexFlatIP(self.dim)
+        return faiss.index_factory(self.dim, code, faiss.METRIC_INNER_PRODUCT)  # fp16 codes need no training
 
     def _needs_training(self, n: int) -> bool:
         """Whether a collection of `n` vectors should get a (re-)trained IVF structure."""
@@ -184,22 +224,78 @@ class EmbeddingIndex:
         return not self._trained_at or n >= IVF_RETRAIN_GROWTH * self._trained_at
 
     def _train_ivf(self, x: np.ndarray) -> Any:
-        """A new IVF index trained on (a sample of) `x` and holding all of it."""
+        """A new IVF index trained on (a sample of) `x` and holding all of it, its nprobe tuned."""
+        index = self._trained([x], len(x), "ivf")
+        index.add(x)
+        self._tune(index, [x])
+        return index
+
+    def _trained(self, chunks: Sequence[np.ndarray], n: int, kind: str) -> Any:
+        """An empty index of the planned structure for `n` vectors, trained on a sample drawn over `chunks`."""
         import faiss
 
-        n = len(x)
-        nlist = self.nlist or max(1, min(int(round(math.sqrt(n))), n // 39))
-        quantizer = faiss.IndexFlatIP(self.dim)
-        index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        # k-means cost is linear in the training set; 64 points per centroid is plenty for the centroids.
-        sample = x if n <= 64 * nlist else x[np.random.default_rng(0).choice(n, 64 * nlist, replace=False)]
-        t0 = time.perf_counter()
-        index.train(sample)
-        index.add(x)
-        index.nprobe = min(nlist, self.nprobe or max(16, nlist // 4))
-        log.info(
-            "index: trained IVF with %d lists on %d vectors in %.1fs", nlist, len(sample), time.perf_counter() - t0
+        plan = plan_index(
+            n,
+            self.dim,
+            kind,
+            storage=self.storage,
+            memory_budget=self.memory_budget,
+            exact_threshold=self.ivf_threshold,
+            nlist=self.nlist,
+            hnsw_m=self.hnsw_m,
         )
+        self.plan, self.on_disk = plan.to_dict(), plan.on_disk
+        index = faiss.index_factory(self.dim, plan.factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            # k-means cost is linear in the training set: 64 points per list, at most 256k, are plenty.
+            want = min(n, max(64 * max(plan.nlist, 1), 10_000), 262_144)
+            t0 = time.perf_counter()
+            index.train(_sample_rows(chunks, want, np.random.default_rng(0)))
+            log.info("index: trained %s on %d vectors in %.1fs", plan.factory, want, time.perf_counter() - t0)
+        log.info("index: %s (%s)", plan.factory, plan.reason)
+        if isinstance(index, faiss.IndexHNSW):
+            index.hnsw.efSearch = self.ef_search
+        return index
+
+    def _tune(self, index: Any, chunks: Sequence[np.ndarray]) -> None:
+        """Tune nprobe / efSearch to `target_recall` (unless nprobe is fixed) on held-out stored vectors."""
+        import faiss
+
+        ivf = faiss.try_extract_index_ivf(index)
+        if ivf is not None and self.nprobe:
+            ivf.nprobe = min(self.nprobe, ivf.nlist)
+            self.tuning = {"param": "nprobe", "value": ivf.nprobe, "fixed": True}
+            return
+        n = sum(len(c) for c in chunks)
+        rng = np.random.default_rng(1)
+        ids = np.sort(rng.choice(n, min(TUNE_QUERIES, n), replace=False))
+        queries = _rows(chunks, ids)
+        _, truth = exact_topk(queries, chunks, 11)
+        self.tuning = tune_search(index, queries, truth, ids, self.target_recall, k=10)
+
+    @classmethod
+    def from_chunks(
+        cls, dim: int, chunks: Sequence[np.ndarray], metas: Sequence[dict[str, Any]], **params: Any
+    ) -> EmbeddingIndex:
+        """An index of all `chunks` (e.g. memory-mapped .npy files), planned for their total size at once.
+
+        The structure comes from `plan_index` (size + memory budget); IVF is trained on a sample drawn over
+        the chunks and filled one chunk at a time, so the vectors never need to fit in memory together.
+        """
+        index = cls(dim, **params)
+        n = sum(len(c) for c in chunks)
+        if n != len(metas):
+            raise UserError(f"got {n} vectors but {len(metas)} metadata entries")
+        kind = index.kind if index.kind != "auto" else ("flat" if n < index.ivf_threshold else "ivf")
+        if kind == "ivf" and n < IVF_MIN_TRAIN:
+            kind = "flat"
+        faiss_index = index._new_exact() if kind == "flat" else index._trained(chunks, n, kind)
+        for chunk in chunks:
+            faiss_index.add(_as_matrix(chunk, dim))
+        if kind != "flat":
+            index._tune(faiss_index, chunks)
+        index._index, index._trained_at = faiss_index, (n if kind == "ivf" else 0)
+        index.metas = [{**m, "id": i} for i, m in enumerate(metas)]
         return index
 
     def save(self, directory: str | Path) -> Path:
@@ -212,7 +308,9 @@ class EmbeddingIndex:
         gen = int(previous.get("generation", 0)) + 1
         index_file, meta_file = f"index.{gen:06d}.faiss", f"meta.{gen:06d}.jsonl"
         if self._index is not None:
-            atomic_write_bytes(out / index_file, faiss.serialize_index(self._index).tobytes())
+            tmp = out / f".{index_file}.tmp"
+            faiss.write_index(self._index, str(tmp))  # straight to disk: no second copy in memory
+            tmp.replace(out / index_file)
         with atomic_open(out / meta_file, "w") as f:
             for meta in self.metas:
                 f.write(json.dumps(meta, ensure_ascii=False) + "\n")
@@ -227,6 +325,9 @@ class EmbeddingIndex:
             "structure": self.structure,
             "metric": "inner_product",
             **{name: getattr(self, name) for name in PARAMS},
+            "on_disk": self.on_disk,
+            "plan": self.plan,
+            "tuning": self.tuning,
             "trained_at": self._trained_at,
             "info": self.info,
             "saved": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -238,33 +339,32 @@ class EmbeddingIndex:
         return out
 
     @classmethod
-    def load(cls, directory: str | Path) -> EmbeddingIndex:
-        """Load an index written by `save`.
+    def load(cls, directory: str | Path, mmap: bool | None = None) -> EmbeddingIndex:
+        """Load an index written by `save`; `mmap` (default: as saved) maps the inverted lists from disk.
 
         Raises:
             UserError: no index there, or its files disagree with the manifest.
         """
-        import faiss
 
         root = Path(directory)
         for attempt in range(2):  # a concurrent save may delete the files of the manifest we just read
             manifest = read_manifest(root)
             try:
-                raw_index = (root / manifest["index_file"]).read_bytes() if manifest["index_file"] else None
                 lines = (root / manifest["meta_file"]).read_text().splitlines()
+                raw_index = (
+                    _read_faiss(root / manifest["index_file"], manifest, mmap) if manifest["index_file"] else None
+                )
                 break
             except FileNotFoundError as e:
                 if attempt:
                     raise UserError(f"{root}: index file missing ({e.filename})") from None
-        index = cls(manifest["dim"], **{name: manifest[name] for name in PARAMS})
+        index = cls(manifest["dim"], **{name: manifest.get(name, default) for name, default in PARAMS.items()})
         index.info = manifest.get("info", {})
+        index.plan, index.tuning = manifest.get("plan", {}), manifest.get("tuning", {})
+        index.on_disk = bool(manifest.get("on_disk", False))
         index._trained_at = manifest.get("trained_at", 0)
         index.metas = [json.loads(line) for line in lines if line.strip()]
-        if raw_index is not None:
-            try:
-                index._index = faiss.deserialize_index(np.frombuffer(raw_index, dtype=np.uint8))
-            except RuntimeError as e:
-                raise UserError(f"{root / manifest['index_file']}: unreadable faiss index ({e})") from None
+        index._index = raw_index
         ntotal = index._index.ntotal if index._index is not None else 0
         if not (ntotal == len(index.metas) == manifest["count"]):
             raise UserError(
@@ -272,6 +372,36 @@ class EmbeddingIndex:
                 f"the manifest says {manifest['count']}; rebuild it"
             )
         return index
+
+
+def _read_faiss(path: Path, manifest: dict[str, Any], mmap: bool | None) -> Any:
+    """The faiss index in `path`, its inverted lists memory-mapped when the index was saved `on_disk`."""
+    import faiss
+
+    if not path.is_file():
+        raise FileNotFoundError(2, "missing", str(path))
+    mapped = manifest.get("on_disk", False) if mmap is None else mmap
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mapped else 0)
+    except RuntimeError as e:
+        raise UserError(f"{path}: unreadable faiss index ({str(e).splitlines()[0]})") from None
+
+
+def _sample_rows(chunks: Sequence[np.ndarray], want: int, rng: np.random.Generator) -> np.ndarray:
+    """`want` rows drawn without replacement over consecutive `chunks`, in order, as one float32 matrix."""
+    n = sum(len(c) for c in chunks)
+    return _rows(chunks, np.sort(rng.choice(n, min(want, n), replace=False)))
+
+
+def _rows(chunks: Sequence[np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` (sorted, counted across the chunks) of consecutive `chunks`."""
+    out, start = [], 0
+    for chunk in chunks:
+        mine = ids[(ids >= start) & (ids < start + len(chunk))] - start
+        if len(mine):
+            out.append(np.asarray(chunk[mine], dtype=np.float32))
+        start += len(chunk)
+    return np.ascontiguousarray(np.concatenate(out)) if out else np.zeros((0, chunks[0].shape[1]), np.float32)
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
@@ -294,118 +424,17 @@ def thumbs_dir(index_dir: str | Path) -> Path:
     return Path(index_dir) / THUMBS
 
 
-def iter_samples(
-    sources: Sequence[str], max_pixels: int = MAX_PIXELS, counter: SkipCounter | None = None
-) -> Iterator[tuple[dict[str, Any], Image.Image]]:
-    """(metadata, RGB image) for every image in `sources`; unreadable images and shards are skipped and counted.
+def build_index(*args: Any, **kwargs: Any) -> EmbeddingIndex:
+    """Embed images into an index folder, resumable after a kill: see `mmcl.index_build.build_index`."""
+    from mmcl.index_build import build_index as build
 
-    Args:
-        sources: shard paths or brace patterns (`data/{000000..000009}.tar`), folders of shards, folders of
-            images (captions from sidecar `.txt` files) or single image files (see `mmcl.data.reader.list_inputs`).
-        max_pixels: images whose header declares more pixels are skipped without decoding.
-        counter: receives the skips by reason (default: a fresh one that only logs).
-    """
-    counter = counter or SkipCounter(log)
-    for kind, where in list_inputs(sources):
-        raws = read_samples([where], counter) if kind == "shard" else [file_sample(where)]
-        for raw in raws:
-            key, source = raw["__key__"], f"{where}#{raw['__key__']}" if kind == "shard" else where
-            try:
-                image = decode.decode_image(decode.image_bytes(raw), max_pixels)
-            except SkipSample as e:
-                counter.add(e.reason, source, e.detail)
-                continue
-            yield {"key": key, "caption": _caption(raw), "source": source}, image
+    return build(*args, **kwargs)
 
 
-def _caption(raw: dict[str, Any]) -> str:
-    """The caption lines of `.txt` (the data layer's rule), else the `.json` 'caption' field; '' if none."""
-    for key in ("txt", "caption"):
-        try:
-            meta = decode.decode_json(raw) if key != "txt" else {}
-            return "\n".join(decode.caption_options(raw, meta, key, errors="replace"))
-        except SkipSample:
-            continue
-    return ""
+def __getattr__(name: str) -> Any:
+    """`iter_samples` lives in `mmcl.index_build` (imported lazily: it imports this module)."""
+    if name == "iter_samples":
+        from mmcl.index_build import iter_samples
 
-
-def _write_thumb(image: Image.Image, path: Path, size: int) -> None:
-    thumb = image.copy()
-    thumb.thumbnail((size, size))
-    buf = io.BytesIO()
-    thumb.save(buf, format="JPEG", quality=88)
-    # A plain write: thumbnails are re-creatable and only become reachable through the (atomic) manifest.
-    path.write_bytes(buf.getvalue())
-
-
-def build_index(
-    encoder: Encoder,
-    sources: Sequence[str],
-    out_dir: str | Path,
-    *,
-    batch_size: int = 32,
-    kind: str = "auto",
-    ivf_threshold: int = DEFAULT_IVF_THRESHOLD,
-    thumb_size: int = 256,
-    max_samples: int = 0,
-    max_pixels: int = MAX_PIXELS,
-    append: bool = False,
-    overwrite: bool = False,
-    info: dict[str, Any] | None = None,
-    progress: bool = True,
-) -> EmbeddingIndex:
-    """Embed every image of `sources` with `encoder` and save an index (with thumbnails) to `out_dir`.
-
-    Args:
-        encoder: an `mmcl.inference.Encoder`, e.g. `mmcl.inference.load_pipeline(run)` or `OpenClipEncoder(name)`.
-        sources: see `iter_samples`.
-        out_dir: the index folder.
-        batch_size: images per `encode_images` call.
-        kind, ivf_threshold: see `EmbeddingIndex`.
-        thumb_size: longest side of the stored thumbnails.
-        max_samples: stop after this many images (0 = all).
-        max_pixels: decompression-bomb limit per image.
-        append: add to the index already in `out_dir`.
-        overwrite: replace the index already in `out_dir`.
-        info: provenance saved in the manifest (e.g. the model's run folder).
-        progress: show a tqdm bar.
-    """
-    import itertools
-
-    from tqdm import tqdm
-
-    out = Path(out_dir)
-    exists = (out / MANIFEST).is_file()
-    if exists and not (append or overwrite):
-        raise UserError(f"{out} already holds an index: pass --append to add to it or --overwrite to replace it")
-    index = EmbeddingIndex.load(out) if exists and append else None
-    (out / THUMBS).mkdir(parents=True, exist_ok=True)
-    skipped = SkipCounter(log)
-    samples: Iterator = iter_samples(sources, max_pixels, skipped)
-    if max_samples:
-        samples = itertools.islice(samples, max_samples)
-    with tqdm(desc="embedding images", unit="img", disable=not progress) as bar:
-        while batch := list(itertools.islice(samples, batch_size)):
-            vectors = _as_matrix(encoder.encode_images([image for _, image in batch]), None)
-            if index is None:
-                index = EmbeddingIndex(vectors.shape[1], kind, ivf_threshold)
-            rows = []
-            for i, (meta, image) in enumerate(batch, start=len(index)):
-                rel = f"{THUMBS}/{i:08d}.jpg"
-                _write_thumb(image, out / rel, thumb_size)
-                rows.append({**meta, "image": rel})
-            index.add(vectors, rows)
-            bar.update(len(batch))
-    if index is None:
-        counts = f" (skipped: {decode.describe_counts(skipped.counts)})" if skipped.counts else ""
-        raise UserError(f"no readable images in {', '.join(map(str, sources))}{counts}")
-    if skipped.counts:
-        log.warning("index: skipped %s", decode.describe_counts(skipped.counts))
-    index.info.update(info or {}, skipped=dict(skipped.counts))
-    index.info["sources"] = list(dict.fromkeys([*index.info.get("sources", []), *map(str, sources)]))
-    index.save(out)
-    for thumb in (out / THUMBS).glob("*.jpg"):  # left over from a replaced, larger index
-        if thumb.stem.isdigit() and int(thumb.stem) >= len(index):
-            thumb.unlink(missing_ok=True)
-    log.info("index: %d images (%s, dim %d) saved to %s", len(index), index.structure, index.dim, out)
-    return index
+        return iter_samples
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

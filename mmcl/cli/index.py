@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "index",
         help="build or query a retrieval index of image embeddings",
         description="Embed images from shards or folders with a trained model into a faiss index (exact for small "
-        "collections, IVF past --ivf-threshold), with thumbnails the app can show.",
+        "collections; past --ivf-threshold IVF with the storage that fits --memory-budget, its search breadth "
+        "tuned to --target-recall, lists memory-mapped from disk when they do not fit), with thumbnails the app "
+        "can show. A killed build resumes when run again with the same arguments.",
     )
     sub = p.add_subparsers(dest="index_command", metavar="ACTION", required=True)
     b = sub.add_parser("build", help="embed images into an index folder", description="Embed images into an index.")
@@ -32,6 +34,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     b.add_argument("--kind", default="auto", choices=["auto", "flat", "ivf", "hnsw"], help="faiss structure")
     b.add_argument("--ivf-threshold", type=int, default=100_000, help="'auto' uses IVF from this many images on")
+    b.add_argument(
+        "--storage",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "sq8", "pq"],
+        help="vector codes (auto: the most exact that fits the budget)",
+    )
+    b.add_argument("--memory-budget", default="0", help="memory the index may use, e.g. 4G (0 = half the free RAM)")
+    b.add_argument("--target-recall", type=float, default=0.95, help="recall@10 the tuned IVF/HNSW search reaches")
+    b.add_argument("--chunk-size", type=int, default=8192, help="images per saved chunk (what a kill can cost)")
     b.add_argument("--thumb-size", type=int, default=256, help="longest side of the stored thumbnails")
     b.add_argument("--max-samples", type=int, default=0, help="stop after this many images (0 = all)")
     b.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="skip larger images unread")
@@ -70,7 +81,9 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, str]:
 
 def run_build(args: argparse.Namespace) -> int:
     from mmcl.index import build_index
+    from mmcl.index_plan import parse_bytes
 
+    budget = parse_bytes(args.memory_budget)
     encoder, model = _load_model(args)
     index = build_index(
         encoder,
@@ -79,6 +92,10 @@ def run_build(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         kind=args.kind,
         ivf_threshold=args.ivf_threshold,
+        storage=args.storage,
+        memory_budget=budget,
+        target_recall=args.target_recall,
+        chunk_size=args.chunk_size,
         thumb_size=args.thumb_size,
         max_samples=args.max_samples,
         max_pixels=args.max_pixels,
@@ -87,7 +104,9 @@ def run_build(args: argparse.Namespace) -> int:
         info={"model": model},
         progress=not args.quiet,
     )
-    print(f"{args.out}: {len(index)} images, {index.dim}-d, {index.structure}")
+    tuned = f", {index.tuning['param']}={index.tuning['value']}" if index.tuning.get("param") else ""
+    disk = ", lists on disk" if index.on_disk else ""
+    print(f"{args.out}: {len(index)} images, {index.dim}-d, {index.structure}{tuned}{disk}")
     return 0
 
 

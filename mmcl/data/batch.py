@@ -21,6 +21,8 @@ class Batch:
     consumed:    samples that worker had read when it did (exact resume of the data position)
     skipped:     that worker's running count of skipped samples by reason
     epoch:       the data epoch the batch belongs to
+    position:    where that worker's stream stands (shard, byte offset, shuffle buffer; see
+                 `mmcl.data.shards.StreamState`), so a resumed run seeks instead of replaying
     views:       named inputs the loss terms asked the loader for (`mmcl.data.views`), e.g.
                  a second augmented image (B, 3, H, W) or PrefixLM's `prefix_ids` (B, P)
     """
@@ -36,6 +38,7 @@ class Batch:
     skipped: dict[str, int] = field(default_factory=dict)
     epoch: int = 0
     views: dict[str, Any] = field(default_factory=dict)
+    position: dict[str, Any] | None = None
 
     def get(self, name: str) -> Any:
         """A field or a view by name (None when the batch has neither)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmcl.config import DataConfig
+from mmcl.data.remote import FetchOptions
 from mmcl.data.shards import Collator, SampleDecoder, ShardStream, expand_shards
 from mmcl.data.transforms import image_transform
 
@@ -53,4 +54,5 @@ def build_stream(
         rank=rank if train else 0,
         world_size=world_size if train else 1,
         drop_last=train,
+        fetch=FetchOptions(cfg.http_timeout, cfg.http_retries, cfg.http_backoff, cfg.http_max_backoff),
     )

@@ -6,8 +6,9 @@ tokenizer trainer (`mmcl.data.tokenizer_train`) all list their inputs and read t
 * listing: `expand_shards` (one pattern: a folder of tars, a glob, a brace pattern, a URL, `builtin:NAME`),
   `list_shards` (several specs in order, plus CLIP_benchmark's `ROOT/<split>/nshards.txt` layout) and
   `list_inputs` (shards and loose image files, for the index);
-* reading: `read_samples` streams raw samples (`{'__key__', '__url__', ext: bytes}`) with webdataset's tar
-  readers, only ever reading the members `wanted_member` allows (images, `.txt`, `.json`, `.cls`: webdataset's
+* reading: `read_samples` streams raw samples (`{'__key__', '__url__', '__offset__', ext: bytes}`) with
+  Python's tarfile in stream mode (grouped by key as webdataset does; http(s) through `mmcl.data.remote`,
+  which retries), only ever reading the members `wanted_member` allows (images, `.txt`, `.json`, `.cls`: webdataset's
   default decoders would unpickle `.pyd` and `torch.load` `.pth`). An unreadable shard (0 bytes, not a tar,
   truncated) is counted once as `unreadable_tar` and skipped, never raised;
 * `file_sample` makes the same raw sample from a loose image file and its sidecar `.txt`.
@@ -19,15 +20,21 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
+import re
+import tarfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import braceexpand
 
 from mmcl.data.decode import IMAGE_EXTS, SkipCounter
+from mmcl.data.remote import FetchOptions, ShardUnreadable, open_at
 from mmcl.utils import UserError
+
+log = logging.getLogger("mmcl.data")
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://")
 WANTED_SUFFIXES = {*IMAGE_EXTS, "txt", "json", "cls"}  # never pkl/pth/npy/pyd
@@ -164,48 +171,104 @@ def count_samples(shards: list[str]) -> int | None:
 
 
 def read_samples(
-    urls: Iterable[str], counter: SkipCounter, select: Callable[[str], bool] = wanted_member
+    urls: Iterable[str],
+    counter: SkipCounter,
+    select: Callable[[str], bool] = wanted_member,
+    options: FetchOptions | None = None,
+    start_offset: int = 0,
 ) -> Iterator[dict[str, Any]]:
-    """Raw samples `{'__key__', '__url__', ext: bytes, ...}` of the shards `urls`, in order, streaming.
+    """Raw samples `{'__key__', '__url__', '__offset__', ext: bytes, ...}` of the shards `urls`, in order, streaming.
+
+    `__offset__` is the byte offset of the sample's first tar header in its shard (-1 in a compressed tar):
+    `read_sample_at` and a resumed stream seek there.
 
     Args:
         urls: shard paths or URLs (any iterable, e.g. an endless resampled stream).
-        counter: receives one `unreadable_tar` per shard that cannot be opened or read to its end
-            (0 bytes, not a tar, truncated); the complete samples read before the damage are kept, the one
-            being read when it broke off is dropped.
+        counter: receives one skip per shard that cannot be opened or read to its end: `unreadable_tar`
+            (0 bytes, not a tar, truncated) or, for http(s) shards after the retries of `options`,
+            `http_<status>`, `http_timeout`, `http_dropped`, `http_unreachable` (each such URL is also logged).
+            The complete samples read before the damage are kept, the one being read when it broke off is dropped.
         select: which members to read (by file name); must never admit pickles (see `wanted_member`).
+        options: timeouts and retries for http(s) shards.
+        start_offset: byte offset to start the first shard at (a sample boundary recorded in `__offset__`).
     """
-    from webdataset import tariterators
-
-    for url in urls:  # one shard at a time, so damage is counted once per shard however often tarfile trips on it
+    for i, url in enumerate(urls):  # one shard at a time, so damage is counted once per shard
+        offset = start_offset if i == 0 else 0
         errors: list[Exception] = [] if is_remote(url) else _missing_end(url)
-
-        def handler(exn: Exception, errors: list[Exception] = errors) -> bool:
-            errors.append(exn)
-            return True  # keep what can still be read
-
-        opened = tariterators.url_opener([{"url": url}], handler=handler)
-        files = (_placeholder(f, select) for f in tariterators.tar_file_expander(opened, handler=handler))
         last = None
-        for sample in tariterators.group_by_keys(files, handler=handler):
-            if last is not None:
-                yield last
-            last = sample
+        try:
+            with open_at(url, offset, options) as stream:
+                for sample in _samples(stream, url, offset, select, errors):
+                    if last is not None:
+                        yield last
+                    last = sample
+        except Exception as exn:  # noqa: BLE001 (any failure to read a shard is counted, never fatal)
+            errors.append(exn)
         if last is not None and not errors:  # the sample being read when the shard broke off is incomplete
             yield last
         if errors:
-            counter.add("unreadable_tar", where=url, detail=f"{type(errors[0]).__name__}: {errors[0].args[0]}")
+            first = next((e for e in errors if isinstance(e, ShardUnreadable)), errors[0])
+            if isinstance(first, ShardUnreadable):
+                log.warning("shard not read to its end: %s (%s)", url, first.detail)
+                counter.add(first.reason, where=url, detail=first.detail)
+            else:
+                detail = f"{type(first).__name__}: {first.args[0] if first.args else first}"
+                counter.add("unreadable_tar", where=url, detail=detail)
 
 
-def _placeholder(member: dict[str, Any], select: Callable[[str], bool]) -> dict[str, Any]:
-    """A member mmcl does not read (.pkl, .pth, ...) kept as an empty placeholder, never its bytes.
+def read_sample_at(
+    url: str, offset: int, key: str, select: Callable[[str], bool] = wanted_member, options: FetchOptions | None = None
+) -> dict[str, Any]:
+    """The raw sample `key` whose first tar header is at byte `offset` of shard `url` (see `read_samples`).
 
-    Dropping it whole would make a sample made only of such members vanish uncounted; with the
-    placeholder it reaches the decoder and is counted (`no_image`).
+    Raises:
+        UserError: no sample `key` starts there (the shard changed since the offset was recorded).
     """
-    if "fname" in member and not select(member["fname"]):
-        return {**member, "data": b""}
-    return member
+    with open_at(url, offset, options) as stream:
+        for sample in _samples(stream, url, offset, select, []):
+            if sample["__key__"] == key:
+                return sample
+            break
+    raise UserError(f"{url}: no sample '{key}' at byte {offset}; the shard changed since the checkpoint was written")
+
+
+_META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as it does
+
+
+def _samples(
+    stream: IO[bytes], url: str, base: int, select: Callable[[str], bool], errors: list[Exception]
+) -> Iterator[dict[str, Any]]:
+    """Samples of one tar stream that starts at byte `base` of its shard, grouped by key as webdataset does.
+
+    Members `select` refuses are kept as empty placeholders, never their bytes: dropping them whole would
+    make a sample made only of such members vanish uncounted; with the placeholder it reaches the decoder
+    and is counted (`no_image`). A duplicate member name is recorded in `errors` and its second copy dropped.
+    """
+    from webdataset.tariterators import base_plus_ext
+
+    tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (the caller closes the stream)
+    seekable = getattr(tar.fileobj, "comptype", "tar") == "tar"
+    current: dict[str, Any] | None = None
+    for info in tar:
+        name = info.name
+        if not info.isreg() or _META.match(name):
+            continue
+        prefix, suffix = base_plus_ext(name)
+        if prefix is None:
+            continue
+        data = tar.extractfile(info).read() if select(name) else b""  # type: ignore[union-attr]
+        tar.members = []  # a stream of millions of members: keep none
+        suffix = suffix.lower()
+        if current is None or prefix != current["__key__"]:
+            if current is not None:
+                yield current
+            current = {"__key__": prefix, "__url__": url, "__offset__": base + info.offset if seekable else -1}
+        if suffix in current:
+            errors.append(ValueError(f"{name}: duplicate file name in tar file"))
+            continue
+        current[suffix] = data
+    if current is not None:
+        yield current
 
 
 def _missing_end(path: str) -> list[Exception]:

@@ -8,9 +8,13 @@ supports). What mmcl adds:
   worker, so workers and ranks never overlap and nothing is lost (epoch mode);
   or each worker draws shards with replacement from a (seed, rank, worker)
   stream, several sources mixed by weight (resampled mode);
-* each worker counts the raw samples it has read; a batch carries that count,
-  so a checkpoint records the data position of every worker and a resumed run
-  replays the stream without decoding up to there (exact resume);
+* each worker counts the samples it has consumed and records where its stream
+  stands: the shard (its number in the worker's shard sequence), the byte offset
+  of the last sample read there, and the shuffle buffer as (shard, offset) entries
+  with the buffer's RNG state. A batch carries that position, a checkpoint saves it
+  for every worker, and a resumed run seeks there: the time to resume does not grow
+  with the number of samples read (exact resume). A checkpoint without positions
+  (older runs, compressed shards) replays the stream without decoding instead;
 * worker ids are rotated on resume so the DataLoader's round-robin hands out
   batches in the same order as the uninterrupted run;
 * per-sample randomness (augmentation, caption choice) is seeded by
@@ -21,6 +25,7 @@ supports). What mmcl adds:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import random
 from collections.abc import Callable, Iterator
@@ -40,7 +45,8 @@ from mmcl.data.decode import (
     decode_label,
     image_bytes,
 )
-from mmcl.data.reader import count_samples, expand_shards, read_samples  # noqa: F401 (listing lives there)
+from mmcl.data.reader import count_samples, expand_shards, read_sample_at, read_samples  # noqa: F401 (listing)
+from mmcl.data.remote import FetchOptions
 from mmcl.utils import UserError
 
 log = logging.getLogger("mmcl.data")
@@ -62,6 +68,7 @@ class EpochEnd:
     consumed: int
     skipped: dict[str, int]
     epoch: int
+    position: dict[str, Any] | None = None
 
 
 @dataclass
@@ -70,6 +77,8 @@ class StreamState:
 
     `skipped` holds this epoch's counts per worker (restored into each worker on resume);
     `skipped_before` the totals of all earlier epochs, so `skip_totals()` is cumulative over the run.
+    `positions` holds each worker's stream position (see `ShardStream`): with it a resumed worker seeks,
+    without it (older checkpoints) it replays `consumed` samples.
     """
 
     epoch: int = 0
@@ -77,19 +86,24 @@ class StreamState:
     consumed: dict[int, int] = field(default_factory=dict)
     skipped: dict[int, dict[str, int]] = field(default_factory=dict)
     skipped_before: dict[str, int] = field(default_factory=dict)
+    positions: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def record(self, batch: Batch | EpochEnd, num_workers: int) -> None:
         if batch.epoch != self.epoch:
             self.next_epoch(batch.epoch)
         self.consumed[batch.worker] = batch.consumed
         self.skipped[batch.worker] = dict(batch.skipped)
+        if batch.position is not None:
+            self.positions[batch.worker] = batch.position
+        else:
+            self.positions.pop(batch.worker, None)
         if isinstance(batch, Batch):
             self.next_worker = (batch.worker + 1) % max(num_workers, 1)
 
     def next_epoch(self, epoch: int) -> None:
         """Move to `epoch`, folding this epoch's skip counts into the run's totals."""
         self.skipped_before = self.skip_totals()
-        self.epoch, self.next_worker, self.consumed, self.skipped = epoch, 0, {}, {}
+        self.epoch, self.next_worker, self.consumed, self.skipped, self.positions = epoch, 0, {}, {}, {}
 
     def epoch_skip_totals(self) -> dict[str, int]:
         totals: dict[str, int] = {}
@@ -112,6 +126,7 @@ class StreamState:
             "consumed": {str(k): v for k, v in self.consumed.items()},
             "skipped": {str(k): v for k, v in self.skipped.items()},
             "skipped_before": dict(self.skipped_before),
+            "positions": {str(k): v for k, v in self.positions.items()},
         }
 
     @classmethod
@@ -122,6 +137,7 @@ class StreamState:
             {int(k): v for k, v in d["consumed"].items()},
             {int(k): v for k, v in d["skipped"].items()},
             dict(d.get("skipped_before", {})),  # checkpoints from before cumulative counts: none
+            {int(k): v for k, v in d.get("positions", {}).items()},  # older checkpoints: none (replayed)
         )
 
 
@@ -135,6 +151,7 @@ class ShardStream(IterableDataset):
         weights: per-source sampling weights (resampled mode only).
         resampled: draw shards with replacement forever instead of exact epochs.
         drop_last: drop each worker's final partial batch (training) or keep it (eval).
+        fetch: timeouts and retries for http(s) shards.
     """
 
     def __init__(
@@ -151,8 +168,10 @@ class ShardStream(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = True,
+        fetch: FetchOptions | None = None,
     ) -> None:
         super().__init__()
+        self.fetch = fetch or FetchOptions()
         self.sources = sources
         self.sample_fn, self.collate_fn = sample_fn, collate_fn
         self.batch_size = batch_size
@@ -191,23 +210,27 @@ class ShardStream(IterableDataset):
             source = rng.choices(self.sources, weights=self.weights)[0]
             yield rng.choice(source)
 
-    def _raw_samples(self, shards, counter: SkipCounter) -> Iterator[dict[str, Any]]:
-        return read_samples(shards, counter)
+    def _raw_samples(self, shards, counter: SkipCounter, start: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
+        """Raw samples of `shards` tagged with `__seq__` (the shard's number in this worker's sequence).
 
-    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
-        if self.shuffle_buffer <= 1:
-            yield from samples
-            return
-        buffer: list[dict[str, Any]] = []
-        for sample in samples:
-            if len(buffer) < self.shuffle_buffer:
-                buffer.append(sample)
-                continue
-            i = rng.randrange(len(buffer))
-            buffer[i], sample = sample, buffer[i]
-            yield sample
-        rng.shuffle(buffer)
-        yield from buffer
+        With `start` (a saved position) the sequence begins at its shard, at the byte offset of the last
+        sample read there, and that sample itself is dropped: reading resumes right after it.
+        """
+        seq0 = start["seq"] if start else 0
+        for seq, url in enumerate(itertools.islice(shards, seq0, None), start=seq0):
+            resume_here = start is not None and seq == seq0
+            offset = start["offset"] if resume_here else 0
+            for raw in read_samples([url], counter, options=self.fetch, start_offset=offset):
+                if resume_here:
+                    resume_here = False
+                    if raw["__key__"] != start["key"]:
+                        raise UserError(
+                            f"{url}: expected sample '{start['key']}' at byte {offset} to resume; "
+                            "the shard changed since the checkpoint was written"
+                        )
+                    continue
+                raw["__seq__"] = seq
+                yield raw
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -219,12 +242,22 @@ class ShardStream(IterableDataset):
         skip = self.state.consumed.get(worker, 0)
         shards = self._resampled_shards(worker) if self.resampled else self._epoch_shards(epoch, worker)
         rng = random.Random(_seed(self.seed, "buffer", epoch, self.rank, worker))
+        position = self.state.positions.get(worker)
+        seek = bool(skip) and position is not None and position.get("consumed") == skip
+        buffer = _Buffer(self.shuffle_buffer, rng)
+        if seek:
+            buffer.restore(position, self.fetch)
+            start = position if position.get("key") is not None else None
+            consumed = skip
+        else:
+            start, consumed = None, 0
+        tracker = _Tracker(position if seek else None)
+        raws = () if buffer.draining else tracker.follow(self._raw_samples(shards, start=start, counter=counter))
         pending: list[dict[str, Any]] = []
-        consumed = 0
-        for raw in self._shuffled(self._raw_samples(shards, counter), rng):
+        for raw in buffer.shuffle(raws):
             consumed += 1
             if consumed <= skip:
-                continue  # replaying up to the checkpointed position: read, never decode
+                continue  # replaying up to the checkpointed position (no saved position): read, never decode
             sample_rng = random.Random(_seed(self.seed, epoch, raw["__key__"]))
             try:
                 pending.append(self.sample_fn(raw, sample_rng))
@@ -232,17 +265,89 @@ class ShardStream(IterableDataset):
                 counter.add(e.reason, where=f"{raw.get('__url__', '?')}:{raw['__key__']}", detail=e.detail)
                 continue
             if len(pending) == self.batch_size:
-                yield self._finish(pending, worker, consumed, counter, epoch)
+                yield self._finish(pending, worker, consumed, counter, epoch, tracker.position(consumed, buffer))
                 pending = []
         if pending and not self.drop_last:
-            yield self._finish(pending, worker, consumed, counter, epoch)
+            yield self._finish(pending, worker, consumed, counter, epoch, tracker.position(consumed, buffer))
         if self.report_epoch_end:
-            yield EpochEnd(worker, consumed, dict(counter.counts), epoch)
+            yield EpochEnd(worker, consumed, dict(counter.counts), epoch, tracker.position(consumed, buffer))
 
-    def _finish(self, samples, worker: int, consumed: int, counter: SkipCounter, epoch: int) -> Batch:
+    def _finish(
+        self, samples, worker: int, consumed: int, counter: SkipCounter, epoch: int, position: dict[str, Any] | None
+    ) -> Batch:
         batch = self.collate_fn(samples)
         batch.worker, batch.consumed, batch.skipped, batch.epoch = worker, consumed, dict(counter.counts), epoch
+        batch.position = position
         return batch
+
+
+class _Buffer:
+    """The shuffle buffer of one worker, whose contents and RNG state can be saved and restored.
+
+    Full, each new sample swaps with a random one of the buffer, which is yielded; at the end of a finite
+    stream the rest is shuffled and drained in order (`draining`).
+    """
+
+    def __init__(self, size: int, rng: random.Random) -> None:
+        self.size, self.rng = size, rng
+        self.items: list[dict[str, Any]] = []
+        self.draining = False
+
+    def shuffle(self, samples) -> Iterator[dict[str, Any]]:
+        if self.size <= 1:
+            yield from samples
+            return
+        if not self.draining:
+            for sample in samples:
+                if len(self.items) < self.size:
+                    self.items.append(sample)
+                    continue
+                i = self.rng.randrange(len(self.items))
+                self.items[i], sample = sample, self.items[i]
+                yield sample
+            self.rng.shuffle(self.items)
+            self.draining = True
+        while self.items:
+            yield self.items.pop(0)
+
+    def state(self) -> dict[str, Any] | None:
+        """Entries as [url, offset, key], the RNG state and the phase; None when an entry cannot be sought."""
+        entries = [[s["__url__"], s["__offset__"], s["__key__"]] for s in self.items]
+        if any(offset < 0 for _, offset, _ in entries):
+            return None
+        version, internal, gauss = self.rng.getstate()
+        return {"buffer": entries, "rng": [version, list(internal), gauss], "draining": self.draining}
+
+    def restore(self, position: dict[str, Any], fetch: FetchOptions) -> None:
+        """Re-read the saved entries (one seek each) and restore the RNG and the phase."""
+        version, internal, gauss = position["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.items = [read_sample_at(url, offset, key, options=fetch) for url, offset, key in position["buffer"]]
+        self.draining = position["draining"]
+
+
+class _Tracker:
+    """Follows the raw stream to know the last sample read: (shard number, url, byte offset, key)."""
+
+    def __init__(self, start: dict[str, Any] | None) -> None:
+        self.last = {k: start.get(k) for k in ("seq", "url", "offset", "key")} if start else {}
+
+    def follow(self, raws: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for raw in raws:
+            self.last = {
+                "seq": raw["__seq__"],
+                "url": raw["__url__"],
+                "offset": raw["__offset__"],
+                "key": raw["__key__"],
+            }
+            yield raw
+
+    def position(self, consumed: int, buffer: _Buffer) -> dict[str, Any] | None:
+        """The worker's position after `consumed` samples; None if some sample cannot be sought (compressed)."""
+        state = buffer.state()
+        if state is None or (self.last and self.last["offset"] < 0):
+            return None
+        return {"consumed": consumed, **(self.last or {"seq": None, "url": None, "offset": None, "key": None}), **state}
 
 
 # ----------------------------------------------------------------------------- decode + collate

@@ -215,3 +215,74 @@ def test_augmentation_is_seeded_per_sample(tmp_path):
     two = {k: img for b in make_loader(stream(tmp_path, shuffle_buffer=5), 0) for k, img in zip(b.keys, b.images)}
     common = set(one) & set(two)
     assert common and all(torch.equal(one[k], two[k]) for k in common)
+
+
+def _count_reads(monkeypatch) -> dict[str, int]:
+    """Count the raw samples the stream reads and the samples it re-reads by seeking (workers=0: in-process)."""
+    import mmcl.data.shards as shards_mod
+
+    counts = {"read": 0, "seek": 0}
+    read, read_at = shards_mod.read_samples, shards_mod.read_sample_at
+
+    def counting_read(*args, **kwargs):
+        for raw in read(*args, **kwargs):
+            counts["read"] += 1
+            yield raw
+
+    def counting_read_at(*args, **kwargs):
+        counts["seek"] += 1
+        return read_at(*args, **kwargs)
+
+    monkeypatch.setattr(shards_mod, "read_samples", counting_read)
+    monkeypatch.setattr(shards_mod, "read_sample_at", counting_read_at)
+    return counts
+
+
+def _state_after(s, workers: int, batches: int) -> StreamState:
+    state = StreamState()
+    it = iter(make_loader(s, workers))
+    for _ in range(batches):
+        state.record(next(it), s.num_workers)
+    del it
+    return StreamState.from_dict(json.loads(json.dumps(state.to_dict())))
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_resume_seeks_instead_of_replaying(tmp_path, monkeypatch, resampled):
+    make_shards(tmp_path, 6, 10)
+    full = [b.keys for b in itertools.islice(make_loader(stream(tmp_path, resampled=resampled), 0), 12)]
+    restored = _state_after(stream(tmp_path, resampled=resampled), 0, 9)  # 36 samples in, 8 more in the buffer
+    assert restored.positions[0]["consumed"] == 36 and len(restored.positions[0]["buffer"]) == 8
+    counts = _count_reads(monkeypatch)
+    rest = [b.keys for b in itertools.islice(make_loader(stream(tmp_path, resampled=resampled), 0, restored), 3)]
+    assert rest == full[9:12]
+    # replaying would read the 44 samples up to the position again; seeking re-reads the 8 buffered ones and
+    # then reads on from the saved offset (12 new samples for 3 batches of 4, and the sample the position names)
+    assert counts["seek"] == 8 and counts["read"] <= 13
+
+
+def test_checkpoints_without_positions_still_resume_by_replay(tmp_path):
+    make_shards(tmp_path, 4, 9)
+    full = [b.keys for b in itertools.islice(make_loader(stream(tmp_path), 2), 7)]
+    restored = _state_after(stream(tmp_path), 2, 3)
+    old = restored.to_dict()
+    del old["positions"]  # a checkpoint written before positions existed
+    rest = [b.keys for b in itertools.islice(make_loader(stream(tmp_path), 2, StreamState.from_dict(old)), 4)]
+    assert rest == full[3:7]
+
+
+def test_resume_while_draining_the_buffer_at_the_end_of_an_epoch(tmp_path):
+    make_shards(tmp_path, 2, 10)
+    full = [b.keys for b in make_loader(stream(tmp_path, shuffle_buffer=16), 0)]  # 5 full batches
+    restored = _state_after(stream(tmp_path, shuffle_buffer=16), 0, 3)  # 12 of 20 out: the buffer is draining
+    assert restored.positions[0]["draining"]
+    rest = [b.keys for b in make_loader(stream(tmp_path, shuffle_buffer=16), 0, restored)]
+    assert rest == full[3:5] and sorted(k for b in full for k in b) == sorted(k for b in full[:3] + rest for k in b)
+
+
+def test_resume_refuses_a_shard_that_changed(tmp_path):
+    make_shards(tmp_path, 2, 10)
+    restored = _state_after(stream(tmp_path), 0, 2)
+    make_shards(tmp_path, 2, 7, prefix="x")  # rewritten: other keys at other offsets
+    with pytest.raises(UserError, match="changed since the checkpoint"):
+        next(iter(make_loader(stream(tmp_path), 0, restored)))

@@ -1,0 +1,194 @@
+"""Opening shards as byte streams: local files, http(s) with retries and backoff, other webdataset sources.
+
+An http(s) shard is read with `urllib` as one `GET`; a stalled read (no byte for `timeout` seconds), a
+connection dropped before `Content-Length`, a 5xx/429 answer or a refused connection is retried up to
+`retries` times with exponential backoff, each retry asking for the rest with a `Range` header (a server that
+ignores ranges is answered by discarding the bytes already read). What still fails raises `ShardUnreadable`
+with a reason the reader counts. Every source can be opened at a byte offset (resume seeks there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import io
+import logging
+import os
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import IO
+
+log = logging.getLogger("mmcl.data")
+
+HTTP_PREFIXES = ("http://", "https://")
+_RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    """How hard to try reading a remote shard (`data.http_*` in the config).
+
+    Attributes:
+        timeout: seconds a connect or a read may wait for a byte before it counts as stalled.
+        retries: further attempts after a failed open or read of one shard (0 = give up at once).
+        backoff: seconds before the first retry; doubled for each further one, capped at `max_backoff`.
+        max_backoff: the longest wait between two attempts.
+    """
+
+    timeout: float = 30.0
+    retries: int = 5
+    backoff: float = 1.0
+    max_backoff: float = 30.0
+
+    def wait(self, attempt: int) -> float:
+        return min(self.max_backoff, self.backoff * 2**attempt)
+
+
+class ShardUnreadable(OSError):
+    """A shard that could not be opened or read to its end, after the retries. `reason` is a skip reason."""
+
+    def __init__(self, url: str, reason: str, detail: str) -> None:
+        super().__init__(f"{url}: {detail}")
+        self.url, self.reason, self.detail = url, reason, detail
+
+
+def _failure(exn: BaseException) -> tuple[str, bool]:
+    """(skip reason, worth retrying) for an exception raised while opening or reading over http."""
+    if isinstance(exn, urllib.error.HTTPError):
+        return f"http_{exn.code}", exn.code in _RETRY_STATUS
+    if isinstance(exn, TimeoutError) or "timed out" in str(exn):
+        return "http_timeout", True
+    if isinstance(exn, (http.client.IncompleteRead, ConnectionError, http.client.HTTPException, EOFError)):
+        return "http_dropped", True
+    if isinstance(exn, urllib.error.URLError):
+        reason = exn.reason
+        if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            return "http_timeout", True
+        return "http_unreachable", True
+    return "http_error", True
+
+
+class HttpStream(io.RawIOBase):
+    """A read-only stream of one http(s) URL from byte `offset`, reconnecting where a read fails.
+
+    Args:
+        url: the shard's URL.
+        offset: first byte to read.
+        options: timeouts and retries.
+    """
+
+    def __init__(self, url: str, offset: int = 0, options: FetchOptions | None = None) -> None:
+        super().__init__()
+        self.url, self.pos, self.options = url, offset, options or FetchOptions()
+        self.end: int | None = None  # total size once a response has told it
+        self.retried = 0
+        self._response: http.client.HTTPResponse | None = None
+        self._connect()
+
+    def readable(self) -> bool:
+        return True
+
+    def _open_once(self) -> None:
+        headers = {"User-Agent": "mmcl", "Accept-Encoding": "identity"}
+        if self.pos:
+            headers["Range"] = f"bytes={self.pos}-"
+        response = urllib.request.urlopen(
+            urllib.request.Request(self.url, headers=headers), timeout=self.options.timeout
+        )
+        length = response.headers.get("Content-Length")
+        if response.status == 206:
+            self.end = self.pos + int(length) if length is not None else None
+        else:  # a full answer: the server ignored the range, so skip what was read already
+            self.end = int(length) if length is not None else None
+            todo = self.pos
+            while todo:
+                chunk = response.read(min(todo, 1 << 20))
+                if not chunk:
+                    raise http.client.IncompleteRead(b"", todo)
+                todo -= len(chunk)
+        self._response = response
+
+    def _connect(self) -> None:
+        """Open (or re-open at `pos`), retrying with backoff; raises ShardUnreadable when it keeps failing."""
+        self._close_response()
+        for attempt in range(self.options.retries + 1):
+            try:
+                self._open_once()
+                return
+            except Exception as exn:  # noqa: BLE001 (classified below; anything else is a bug worth retrying)
+                self._close_response()
+                reason, retry = _failure(exn)
+                if not retry or attempt == self.options.retries:
+                    raise ShardUnreadable(self.url, reason, f"{type(exn).__name__}: {exn}") from None
+                self.retried += 1
+                wait = self.options.wait(attempt)
+                log.warning("%s: %s (%s); retry %d in %.1fs", self.url, reason, exn, attempt + 1, wait)
+                time.sleep(wait)
+
+    def _close_response(self) -> None:
+        if self._response is not None:
+            with contextlib.suppress(Exception):  # a broken connection may fail to close; it is dropped anyway
+                self._response.close()
+            self._response = None
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        if not len(buffer):
+            return 0
+        for attempt in range(self.options.retries + 1):
+            if self._response is None:
+                self._connect()
+            try:
+                n = self._response.readinto(buffer)  # type: ignore[union-attr]
+                if n == 0 and self.end is not None and self.pos < self.end:
+                    raise http.client.IncompleteRead(b"", self.end - self.pos)
+                self.pos += n
+                return n
+            except ShardUnreadable:
+                raise
+            except Exception as exn:  # noqa: BLE001
+                reason, retry = _failure(exn)
+                self._close_response()
+                if not retry or attempt == self.options.retries:
+                    raise ShardUnreadable(self.url, reason, f"{type(exn).__name__} at byte {self.pos}: {exn}") from None
+                self.retried += 1
+                wait = self.options.wait(attempt)
+                log.warning("%s: %s at byte %d; retry %d in %.1fs", self.url, reason, self.pos, attempt + 1, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._close_response()
+        super().close()
+
+
+def open_at(url: str, offset: int = 0, options: FetchOptions | None = None) -> IO[bytes]:
+    """A binary stream of shard `url` from byte `offset`.
+
+    Local files are opened and seeked; http(s) URLs read through `HttpStream`; other webdataset sources
+    (`pipe:`, s3, ...) through `webdataset.gopen`, the first `offset` bytes discarded.
+
+    Raises:
+        ShardUnreadable: an http(s) shard that could not be opened after the retries.
+        OSError: a local file that cannot be opened.
+    """
+    if url.startswith(HTTP_PREFIXES):
+        return io.BufferedReader(HttpStream(url, offset, options), buffer_size=1 << 16)
+    from mmcl.data.reader import is_remote
+
+    if not is_remote(url):
+        f = open(os.path.expanduser(url.removeprefix("file:")), "rb")  # noqa: SIM115 (the caller closes it)
+        if offset:
+            f.seek(offset)
+        return f
+    from webdataset import gopen
+
+    stream = gopen.gopen(url)
+    todo = offset
+    while todo:
+        chunk = stream.read(min(todo, 1 << 20))
+        if not chunk:
+            raise OSError(f"{url}: ended before byte {offset}")
+        todo -= len(chunk)
+    return stream

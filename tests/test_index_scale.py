@@ -1,0 +1,152 @@
+"""Index choices by size and memory budget, recall tuning, the on-disk layout, and a build resumed after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmcl.index import EmbeddingIndex, build_index
+from mmcl.index_plan import exact_topk, parse_bytes, plan_index, recall_at_k
+from mmcl.utils import UserError
+
+GIB = 2**30
+
+
+def clustered(n: int, dim: int = 32, clusters: int = 50, seed: int = 0) -> np.ndarray:
+    """Unit vectors around `clusters` centres: the structure of real embeddings, unlike uniform noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    x = centres[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_plan_follows_size_and_memory_budget():
+    assert plan_index(50_000, 512, memory_budget=8 * GIB).factory == "Flat"
+    assert plan_index(50_000, 512, memory_budget=60 * 2**20).factory == "SQfp16"  # 100 MB of fp32 does not fit
+    big = plan_index(1_000_000, 512, memory_budget=8 * GIB)
+    assert big.factory == "IVF4096,Flat" and not big.on_disk
+    assert plan_index(1_000_000, 512, memory_budget=GIB + GIB // 2).storage == "fp16"
+    assert plan_index(1_000_000, 512, memory_budget=GIB // 2 + GIB // 4).storage == "sq8"
+    huge = plan_index(10_000_000, 512, memory_budget=2 * GIB)
+    assert huge.storage == "sq8" and huge.on_disk and huge.bytes_estimate < 2 * GIB  # lists memory-mapped
+    assert plan_index(1_000_000, 512, storage="pq", memory_budget=8 * GIB).factory == "IVF4096,PQ64x8"
+    assert plan_index(200_000, 512, "hnsw", memory_budget=8 * GIB).factory == "HNSW32,Flat"
+    with pytest.raises(UserError, match="needs an IVF"):
+        plan_index(10, 8, "flat", storage="pq", memory_budget=GIB)
+    assert parse_bytes("4G") == 4 * GIB and parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("0") == 0
+    with pytest.raises(UserError, match="as a size"):
+        parse_bytes("lots")
+
+
+def test_exact_search_is_exact():
+    x = clustered(3000)
+    index = EmbeddingIndex(32, kind="flat")
+    index.add(x)
+    scores, metas = index.search(x[:5], k=7)
+    truth_s, truth_i = exact_topk(x[:5], [x], 7)
+    assert [[m["id"] for m in row] for row in metas] == truth_i.tolist()
+    np.testing.assert_allclose(scores, truth_s, rtol=1e-5)
+    assert [row[0]["id"] for row in metas] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("kind,storage", [("ivf", "fp32"), ("ivf", "fp16"), ("ivf", "sq8"), ("hnsw", "fp32")])
+def test_search_breadth_is_tuned_to_the_target_recall(kind, storage):
+    both = clustered(6200)
+    x, queries = both[:6000], both[6000:]  # queries from the same distribution, never stored
+    chunks = [x[:2500], x[2500:]]
+    index = EmbeddingIndex.from_chunks(
+        32, chunks, [{"n": i} for i in range(6000)], kind=kind, storage=storage, target_recall=0.9, memory_budget=GIB
+    )
+    assert index.structure == kind and index.plan["storage"] == storage
+    assert index.tuning["recall"] >= 0.9 and index.tuning["param"] == ("nprobe" if kind == "ivf" else "efSearch")
+    _, truth = exact_topk(queries, [x], 10)
+    _, found = index.search(queries, k=10)
+    ids = np.array([[m["id"] for m in row] for row in found])
+    assert recall_at_k(ids, truth, None, 10) >= 0.85  # what the tuning promised, on other queries
+    assert index.metas[4321] == {"n": 4321, "id": 4321}
+
+
+def test_on_disk_lists_are_memory_mapped_and_search_the_same(tmp_path):
+    import faiss
+
+    x = clustered(5000)
+    params = {"kind": "ivf", "storage": "sq8", "memory_budget": 100_000}  # 5000 x 32 B of lists does not fit
+    index = EmbeddingIndex.from_chunks(32, [x], [{} for _ in range(5000)], **params)
+    assert index.on_disk and index.plan["on_disk"]
+    index.save(tmp_path / "idx")
+    loaded = EmbeddingIndex.load(tmp_path / "idx")
+    invlists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(loaded._index).invlists)
+    assert isinstance(invlists, faiss.OnDiskInvertedLists)  # read from the file on demand, not loaded
+    s1, m1 = index.search(x[:20], k=10)
+    s2, m2 = loaded.search(x[:20], k=10)
+    assert m1 == m2 and np.allclose(s1, s2)
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert manifest["on_disk"] and manifest["tuning"]["param"] == "nprobe" and manifest["plan"]["factory"]
+
+
+SLOW_BUILD = """
+import sys, time
+import numpy as np, torch
+from mmcl.index import build_index
+
+class Slow:
+    can_encode, can_caption = True, False
+    def encode_images(self, images):
+        time.sleep(0.15)
+        return torch.tensor(np.stack([np.asarray(im, np.float32).mean((0, 1)) for im in images]))
+
+build_index(Slow(), [sys.argv[1]], sys.argv[2], batch_size=4, chunk_size=8, progress=False)
+"""
+
+
+class Counting:
+    can_encode, can_caption = True, False
+
+    def __init__(self) -> None:
+        self.images = 0
+
+    def encode_images(self, images):
+        import torch
+
+        self.images += len(images)
+        return torch.tensor(np.stack([np.asarray(im, np.float32).mean((0, 1)) for im in images]))
+
+
+def test_build_resumes_after_sigkill(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f"im{i:03d}.png")
+        (folder / f"im{i:03d}.txt").write_text(f"image {i}")
+    (folder / "im030.png").write_bytes(b"not an image")  # a skipped input must not shift the resume
+    out = tmp_path / "idx"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_BUILD, str(folder), str(out)], env=env)
+    state = out / ".build" / "state.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file() and json.loads(state.read_text())["images"] >= 24:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = json.loads(state.read_text())["images"]
+    assert 24 <= done < 59 and not (out / "manifest.json").exists()
+
+    encoder = Counting()
+    resumed = build_index(encoder, [str(folder)], out, batch_size=4, chunk_size=8, progress=False)
+    assert encoder.images == 59 - done  # only what the killed run had not saved
+    fresh = build_index(Counting(), [str(folder)], tmp_path / "fresh", batch_size=4, progress=False)
+    assert resumed.metas == fresh.metas and np.allclose(resumed.vectors(), fresh.vectors())
+    assert resumed.info["skipped"] == {"not_an_image": 1} and not (out / ".build").exists()
+    assert len(list((out / "images").glob("*.jpg"))) == 59
