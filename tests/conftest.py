@@ -6,6 +6,19 @@ from pathlib import Path
 
 import pytest
 
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a CPU shared with other jobs: one thread (two OpenMP threads spin at barriers,
+    measured 5-10x slower). Opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---- data fixtures (shard writer / synthetic data) -------------------------------------------
 
 

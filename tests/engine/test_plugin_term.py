@@ -4,17 +4,13 @@ resumed after SIGKILL it reproduces every logged loss; a checkpoint without its 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from plugin_term import NAME
 from safetensors.torch import load_file
+from sigkill import launch_cli, straight_and_resumed
 
 from mmcl.config import load_experiment
 from mmcl.engine.checkpoint import TASK_STATE, list_checkpoints
@@ -85,16 +81,6 @@ def test_unknown_term_and_option_name_the_closest(tmp_path: Path) -> None:
         load_experiment(None, [f"loss.terms=[{{name: {NAME}, dimm: 3}}]"])
 
 
-def _launch(args: list[str], log: Path) -> subprocess.Popen:
-    """`mmcl train` in a fresh process that first imports the term's module (as a user's plugin would be)."""
-    script = (
-        f"import sys; sys.path.insert(0, {str(HERE)!r}); import plugin_term; "
-        f"from mmcl.cli import main; sys.exit(main(['train', '-', *{args!r}]))"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-c", script], stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-
-
 def test_resume_after_sigkill_reproduces_every_loss(demo_shards: Path, tmp_path: Path) -> None:
     common = [
         *TINY,
@@ -105,28 +91,12 @@ def test_resume_after_sigkill_reproduces_every_loss(demo_shards: Path, tmp_path:
         "train.grad_accum=2",
         "--no-eval",
     ]
-    straight = _launch([*common, f"train.output_dir={tmp_path / 'a'}"], tmp_path / "a.log")
-    assert straight.wait(timeout=300) == 0, (tmp_path / "a.log").read_text()[-2000:]
+    prelude = f"import sys; sys.path.insert(0, {str(HERE)!r}); import plugin_term"  # as a user's plug-in would be
 
-    killed_dir = tmp_path / "b"
-    victim = _launch([*common, f"train.output_dir={killed_dir}"], tmp_path / "b1.log")
-    deadline = time.time() + 300
-    while time.time() < deadline and victim.poll() is None:
-        done = list_checkpoints(killed_dir / "checkpoints")
-        if done and int(done[-1].name.split("_")[1]) >= 3:
-            break
-        time.sleep(0.02)
-    assert victim.poll() is None, "the run ended before it could be killed"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    killed_at = int(list_checkpoints(killed_dir / "checkpoints")[-1].name.split("_")[1])
-    assert killed_at < 12
-    resumed = _launch([*common, f"train.output_dir={killed_dir}"], tmp_path / "b2.log")
-    assert resumed.wait(timeout=300) == 0, (tmp_path / "b2.log").read_text()[-2000:]
-    assert "resumed from" in (tmp_path / "b2.log").read_text()
+    def launch(args: list[str], log: Path):
+        return launch_cli(args, log, prelude)
 
-    a = {r["step"]: r for r in read_metrics(tmp_path / "a" / "metrics.jsonl")}
-    b = {r["step"]: r for r in read_metrics(killed_dir / "metrics.jsonl")}
+    a, b = straight_and_resumed(common, tmp_path, steps=12, kill_after=3, launch=launch)
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in a:
         for key in ("loss", "clip_loss", f"{NAME}_loss"):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from sigkill import straight_and_resumed
 
 from mmcl.config import load_experiment
 from mmcl.engine.checkpoint import list_checkpoints
@@ -57,16 +56,6 @@ def test_run_folder_has_everything(demo_shards, tmp_path):
         assert (run / name).is_file(), name
 
 
-def _launch(cfg_args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        [sys.executable, "-m", "mmcl.cli", "train", "-", *cfg_args],
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-
-
 def test_resume_after_sigkill_reproduces_the_curve(demo_shards, tmp_path):
     """Kill -9 mid-run, run the same command again: every logged loss equals the uninterrupted run's."""
     common = [
@@ -78,31 +67,10 @@ def test_resume_after_sigkill_reproduces_the_curve(demo_shards, tmp_path):
         "train.ckpt_every=3",
         "--no-eval",
     ]
-    straight = _launch([*common, f"train.output_dir={tmp_path / 'a'}"], tmp_path / "a.log")
-    assert straight.wait(timeout=300) == 0, (tmp_path / "a.log").read_text()[-2000:]
-
-    killed_dir = tmp_path / "b"
-    victim = _launch([*common, f"train.output_dir={killed_dir}"], tmp_path / "b1.log")
-    deadline = time.time() + 300
-    while time.time() < deadline and victim.poll() is None:
-        done = list_checkpoints(killed_dir / "checkpoints")
-        if done and int(done[-1].name.split("_")[1]) >= 6:
-            break
-        time.sleep(0.02)
-    assert victim.poll() is None, "the run ended before it could be killed"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    killed_at = int(list_checkpoints(killed_dir / "checkpoints")[-1].name.split("_")[1])
-    assert killed_at < 24
-    resumed = _launch([*common, f"train.output_dir={killed_dir}"], tmp_path / "b2.log")
-    assert resumed.wait(timeout=300) == 0, (tmp_path / "b2.log").read_text()[-2000:]
-    assert "resumed from" in (tmp_path / "b2.log").read_text()
-
-    a = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "a" / "metrics.jsonl")}
-    b = {r["step"]: r["loss"] for r in read_metrics(killed_dir / "metrics.jsonl")}
+    a, b = straight_and_resumed(common, tmp_path, steps=24, kill_after=6)
     assert sorted(a) == sorted(b) == list(range(1, 25))
     for step in a:
-        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6), step
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5, abs=1e-6), step
 
 
 def test_non_finite_steps_are_skipped_then_stop(demo_shards, tmp_path, monkeypatch):

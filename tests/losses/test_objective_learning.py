@@ -30,12 +30,7 @@ from mmcl.tasks import Task, build_task
 N_TRAIN, N_VAL, STEPS, BATCH = 2000, 300, 60, 64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

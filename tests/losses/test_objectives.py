@@ -120,7 +120,7 @@ def test_siamese_distances_and_stop_gradient() -> None:
         )
         / 10
     )
-    assert out["loss"].item() == pytest.approx(float(ref), rel=1e-5)
+    assert out["loss"].detach().item() == pytest.approx(float(ref), rel=1e-5)
     size = task.model.preprocess_cfg()["image_size"]
     views = {"simsiam_view1": torch.randn(4, 3, size, size), "simsiam_view2": torch.randn(4, 3, size, size)}
     feats = term.features(task.model, Batch(views=views), {})

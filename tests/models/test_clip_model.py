@@ -12,14 +12,7 @@ from mmcl.models import build_model
 from mmcl.models.clip import CLIP
 from mmcl.utils import UserError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a CPU shared with other jobs: one thread is faster (two spin at OpenMP barriers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

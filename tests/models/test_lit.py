@@ -11,14 +11,7 @@ from mmcl.data.text import resolve_model_path
 from mmcl.models import build_model
 from mmcl.models.clip import CLIP
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on a CPU shared with other jobs spin at barriers (measured 5-10x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

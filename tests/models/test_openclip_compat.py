@@ -19,14 +19,7 @@ from mmcl.models.openclip_compat import (
 )
 from mmcl.utils import UserError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a CPU shared with other jobs: one thread is faster (two spin at OpenMP barriers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 BENCH_JSON = Path("/work/shared/bench/open_clip-tiny-64.json")
