@@ -608,6 +608,8 @@ def model_config(preset_or_dict: str | dict[str, Any]) -> ModelConfig:
 
 def experiment_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
     raw = load_yaml(path) if path else {}
+    if isinstance(raw.get("model"), str):  # a preset name: `model.KEY=...` overrides refine it, not replace it
+        raw["model"] = {"preset": raw["model"]}
     return deep_merge(raw, parse_overrides(list(overrides)))
 
 

@@ -1,17 +1,27 @@
-"""Exposure limits for the app's HTTP server: requests from other web origins and image URLs are refused.
+"""Exposure limits for the app's HTTP server: other web origins, unlisted endpoints and image URLs are refused.
 
 Gradio's CORS middleware only withholds the response from a foreign page's script; a cross-origin form POST
 (an upload) is still processed. `OriginGuard` answers 403 before the request reaches Gradio instead.
+Gradio resolves `/gradio_api/call/NAME` (and `/run/NAME`, `/api/NAME`) for any event, listed or not;
+`NamedCallGuard` answers 404 for every name that is not part of the documented API.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
-URL_PREFIXES = ("http://", "https://", "ftp://", "data:")
+URL_PATTERN = re.compile(r"^\s*([a-z][a-z0-9+.-]*://|data:)", re.IGNORECASE)
+NAMED_CALL = re.compile(r"/gradio_api/(?:call/v2|call|run|api)/([^/]+)")
+URL_MESSAGE = "image URLs are not fetched: download the image and upload the file instead"
+
+
+async def _refuse(send: Callable, status: int, body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]})
+    await send({"type": "http.response.body", "body": body})
 
 
 class OriginGuard:
@@ -47,23 +57,46 @@ class OriginGuard:
                     await send({"type": "websocket.close", "code": 1008})
                     return
                 body = b"cross-origin request refused (start the app with --allow-origin to permit one)"
-                await send(
-                    {"type": "http.response.start", "status": 403, "headers": [(b"content-type", b"text/plain")]}
-                )
-                await send({"type": "http.response.body", "body": body})
+                await _refuse(send, 403, body)
                 return
         await self.app(scope, receive, send)
 
 
-def refuse_urls(payload: Any) -> None:
-    """Raise a UserError when an image input holds a URL (Gradio would try to fetch it, then fail vaguely)."""
+class NamedCallGuard:
+    """ASGI middleware: `/gradio_api/call|run|api/NAME` answers 404 unless NAME is a documented endpoint.
+
+    Gradio's `api_visibility="private"` hides an event from the API page and from `gradio_client`, but its
+    routes still find the event by its (generated) name. The page itself calls events through the queue by
+    index, within its own session, so refusing named calls to anything unlisted takes nothing from the UI.
+
+    Args:
+        app: the wrapped ASGI app.
+        public: the api names (without '/') that may be called by name.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], public: Iterable[str] = ()) -> None:
+        self.app = app
+        self.public = frozenset(public)
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            match = NAMED_CALL.search(scope.get("path", ""))
+            if match and match.group(1) not in self.public:
+                await _refuse(send, 404, b"no such API endpoint")
+                return
+        await self.app(scope, receive, send)
+
+
+def refuse_urls(path: str | None) -> None:
+    """Raise a UserError when an image input names a URL: the app never fetches one for a visitor.
+
+    Gradio would download an http(s) URL given in place of an upload (a server-side request on a visitor's
+    behalf) and report any failure as a generic "upstream Gradio app has raised an exception".
+    """
     from mmcl.utils import UserError
 
-    text = payload if isinstance(payload, str) else getattr(payload, "url", None) or getattr(payload, "path", None)
-    if isinstance(text, str) and text.strip().lower().startswith(URL_PREFIXES):
-        path = getattr(payload, "path", "") or ""
-        if isinstance(payload, str) or not path or path.lower().startswith(URL_PREFIXES):
-            raise UserError("image URLs are not fetched: upload the image file instead")
+    if isinstance(path, str) and URL_PATTERN.match(path):
+        raise UserError(URL_MESSAGE)
 
 
 def parse_auth(value: str) -> tuple[str, str]:

@@ -2,14 +2,18 @@
 
 The UI (`mmcl.app.ui`) calls these functions and turns their `UserError`s into messages in the page.
 `AppState` holds the model (an `mmcl.inference.Encoder`) and the retrieval index shared by every browser
-session of one server. Zero-shot classification is `mmcl.eval.zeroshot`'s, with the model's own logit scale.
+session of one server; `ModelChoices` the other run folders the server was started with, which one session
+may switch to (`AppState.for_session`) without changing what any other session sees. Zero-shot
+classification is `mmcl.eval.zeroshot`'s, with the model's own logit scale.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,15 +51,52 @@ class Hit:
     image: str | None
 
 
+class ModelChoices:
+    """The run folders one server may switch a session to: named when it starts, each loaded once on first use.
+
+    A session names a run by the exact string it was given at start; nothing a browser sends is ever used as a
+    path, so no other folder on the server can be loaded.
+
+    Args:
+        runs: run or checkpoint folders, as given on the command line (each must exist).
+        loader: path -> Encoder; default `mmcl.app.models.load_run`.
+    """
+
+    def __init__(self, runs: Sequence[str], loader: Callable[[str], Encoder] | None = None) -> None:
+        self.runs = tuple(dict.fromkeys(str(r).strip() for r in runs if str(r).strip()))
+        for run in self.runs:
+            if not Path(run).expanduser().exists():
+                raise UserError(f"--allow-runs {run}: no such run or checkpoint folder")
+        self._loader = loader
+        self._loaded: dict[str, Encoder] = {}
+        self._lock = threading.Lock()
+
+    def load(self, name: str) -> Encoder:
+        """The model of run `name`, loading it the first time; a name not given at start is refused."""
+        if name not in self.runs:
+            allowed = ", ".join(self.runs) or "none"
+            raise UserError(f"'{name}' is not one of the runs this server was started with ({allowed})")
+        with self._lock:  # one load per run, however many sessions ask at once
+            if name not in self._loaded:
+                if self._loader is None:
+                    from mmcl.app.models import load_run
+
+                    self._loaded[name] = load_run(name)
+                else:
+                    self._loaded[name] = self._loader(name)
+            return self._loaded[name]
+
+
 @dataclass
 class AppState:
-    """The model and index one server answers with; the model picker may replace the model at run time."""
+    """The model and index one server answers with; a session may see another model through `for_session`."""
 
     pipeline: Encoder | None = None
     model_name: str = ""
     index: EmbeddingIndex | None = None
     index_dir: Path | None = None
     max_pixels: int = MAX_PIXELS
+    choices: ModelChoices | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _text_cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
 
@@ -64,10 +105,28 @@ class AppState:
             self.pipeline, self.model_name = pipeline, name
             self._text_cache.clear()
 
+    def model_names(self) -> list[str]:
+        """The server's own model first, then the runs a session may switch to."""
+        own = [self.model_name] if self.pipeline is not None else []
+        return list(dict.fromkeys([*own, *(self.choices.runs if self.choices else ())]))
+
+    def for_session(self, name: str | None) -> AppState:
+        """This state as one session sees it: with the run `name` chosen by that session, or the server's own.
+
+        The view shares the index and the text-embedding cache (keyed by model) and never changes `self`.
+        """
+        if not name or name == self.model_name:
+            return self
+        if self.choices is None:
+            raise UserError("model switching is off on this server (start it with --allow-runs RUN ...)")
+        return dataclasses.replace(self, pipeline=self.choices.load(name), model_name=name)
+
     def require_pipeline(self, need: str = "encode") -> Encoder:
         pipeline = self.pipeline
         if pipeline is None:
-            raise UserError(f"no model loaded: train the demo model with `{DEMO_COMMAND}`, or load one under 'Model'")
+            raise UserError(
+                f"no model loaded: train the demo model with `{DEMO_COMMAND}`, or start the app on a run (`mmcl app RUN`)"
+            )
         if need == "encode" and not pipeline.can_encode:
             raise UserError(f"the model {self.model_name} has no contrastive encoders (a captioning-only model)")
         if need == "caption" and not pipeline.can_caption:
@@ -251,7 +310,7 @@ def startup_message(state: AppState, run: str | None) -> str:
         where = run or DEFAULT_RUN
         return (
             f"**No model found at `{where}`.** Train the demo model (a few minutes on a CPU) with:\n\n"
-            f"```\n{DEMO_COMMAND}\n```\n\nthen restart `mmcl app`, or load a model under **Model** below."
+            f"```\n{DEMO_COMMAND}\n```\n\nthen restart `mmcl app` (or `mmcl app RUN` for another run folder)."
         )
     lines = [f"Model: `{state.model_name}`"]
     if state.index is not None:

@@ -1,8 +1,10 @@
 """The Gradio 6 Blocks app: zero-shot, retrieval and captioning tabs over `mmcl.app.handlers`.
 
-Security defaults: binds 127.0.0.1, uploads capped by `max_file_size`, only the index's thumbnail folder in
-`allowed_paths` (a path typed in the UI is loaded as a model, never served), no share link unless asked,
-no analytics, no web fonts fetched. Bad input of any kind ends in a message in the page, never a dead server.
+Security defaults: binds 127.0.0.1, uploads capped by `max_file_size`, image URLs refused (never fetched),
+only the index's thumbnail folder in `allowed_paths`, no share link unless asked, no analytics, no web fonts
+fetched. The model picker only offers the run folders named at start (`--allow-runs`), changes the model of
+the one browser session that uses it (a `gr.State`), and is no API endpoint. Bad input of any kind ends in a
+message in the page, never a dead server.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import functools
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +33,33 @@ CSS = "#banner {font-size: 0.95em} footer {display: none !important}"
 
 
 def _image(label: str, sources: list[str], max_pixels: int, **kw: Any) -> gr.Image:
-    """`gr.Image` that refuses non-images and oversized images with a clear message before anything decodes them.
+    """`gr.Image` that refuses URLs, non-images and oversized images with a clear message before any fetch or decode.
 
     Gradio's own preprocessing opens the upload with PIL; this checks the header first (pixel count, the
-    decompression-bomb guard) and hands the handler a file path, which it decodes itself. The check wraps
-    the instance's `preprocess`: subclassing a Gradio component would make Gradio write a .pyi stub
-    next to this file at import time.
+    decompression-bomb guard) and hands the handler a file path, which it decodes itself. A URL in place of
+    an upload is refused where Gradio would download it. The checks wrap the instance's methods: subclassing
+    a Gradio component would make Gradio write a .pyi stub next to this file at import time.
     """
+    from mmcl.app.guard import refuse_urls
+
     image = gr.Image(label=label, type="filepath", image_mode=None, sources=sources, **kw)
     gradio_preprocess = image.preprocess
+    gradio_fetch, gradio_fetch_sync = image.async_move_resource_to_block_cache, image.move_resource_to_block_cache
+
+    def no_url(url_or_path: Any) -> None:
+        try:
+            refuse_urls(None if url_or_path is None else str(url_or_path))
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+
+    # Gradio downloads a URL given as the image's path before `preprocess` runs: refuse it at that point.
+    async def fetch(url_or_path: Any) -> str | None:
+        no_url(url_or_path)
+        return await gradio_fetch(url_or_path)
+
+    def fetch_sync(url_or_path: Any) -> str | None:
+        no_url(url_or_path)
+        return gradio_fetch_sync(url_or_path)
 
     def preprocess(payload: Any) -> Any:
         path = getattr(payload, "path", None)
@@ -52,6 +72,8 @@ def _image(label: str, sources: list[str], max_pixels: int, **kw: Any) -> gr.Ima
         return gradio_preprocess(payload)
 
     image.preprocess = preprocess
+    image.async_move_resource_to_block_cache = fetch
+    image.move_resource_to_block_cache = fetch_sync
     return image
 
 
@@ -73,20 +95,22 @@ def _guard(fn: Callable) -> Callable:
     return wrapper
 
 
-def build_app(
-    state: H.AppState, run: str | None = None, picker: bool = True, examples_dir: str | None = None
-) -> gr.Blocks:
-    """The Blocks UI answering with `state`; `picker` shows the model picker (off for shared servers)."""
+def build_app(state: H.AppState, run: str | None = None, examples_dir: str | None = None) -> gr.Blocks:
+    """The Blocks UI answering with `state`; a model picker when `state.choices` names runs to switch to.
+
+    Every handler takes the session's chosen run (a `gr.State`, "" = the server's own model) as its last input
+    and answers with `state.for_session(chosen)`, so one visitor's choice never changes another's model.
+    """
     import pandas as pd
 
-    def visibility() -> tuple[Any, Any, Any]:
-        p = state.pipeline
+    def visibility(view: H.AppState) -> tuple[Any, Any, Any]:
+        p = view.pipeline
         encode = p is None or p.can_encode
         return gr.Tab(visible=encode), gr.Tab(visible=encode), gr.Tab(visible=p is not None and p.can_caption)
 
     @_guard
-    def classify(image: Any, labels: str, templates: str, custom: str, top_k: float) -> tuple[dict, Any]:
-        top = H.classify(state, image, labels, templates, custom, int(top_k))
+    def classify(image: Any, labels: str, templates: str, custom: str, top_k: float, chosen: str) -> tuple[dict, Any]:
+        top = H.classify(state.for_session(chosen), image, labels, templates, custom, int(top_k))
         frame = pd.DataFrame({"label": [name for name, _ in top], "probability": [p for _, p in top]})
         return {name: p for name, p in top}, frame
 
@@ -96,36 +120,31 @@ def build_app(
         return gallery, rows
 
     @_guard
-    def search_text(query: str, k: float) -> tuple[list, list]:
-        return show_hits(H.search_by_text(state, query, int(k)))
+    def search_text(query: str, k: float, chosen: str) -> tuple[list, list]:
+        return show_hits(H.search_by_text(state.for_session(chosen), query, int(k)))
 
     @_guard
-    def search_image(image: Any, k: float) -> tuple[list, list]:
-        return show_hits(H.search_by_image(state, image, int(k)))
+    def search_image(image: Any, k: float, chosen: str) -> tuple[list, list]:
+        return show_hits(H.search_by_image(state.for_session(chosen), image, int(k)))
 
     @_guard
-    def caption(image: Any, prefix: str, mode: str, max_tokens: float, beams: float, temp: float, top_p: float) -> str:
+    def caption(
+        image: Any, prefix: str, mode: str, max_tokens: float, beams: float, temp: float, top_p: float, chosen: str
+    ) -> str:
         gen = H.generation_kwargs(mode, int(max_tokens), int(beams), float(temp), float(top_p))
-        return H.caption(state, image, prefix, **gen)
+        return H.caption(state.for_session(chosen), image, prefix, **gen)
 
     @_guard
-    def load_run(path: str) -> tuple[Any, ...]:
-        from mmcl.app.models import load_run as load
-
-        state.set_pipeline(load(path), str(path).strip())
-        return (H.startup_message(state, path), *visibility())
-
-    @_guard
-    def load_open_clip(name: str, tag: str) -> tuple[Any, ...]:
-        from mmcl.app.models import OpenClipPipeline
-
-        state.set_pipeline(OpenClipPipeline(name, tag), f"open_clip {name.strip()} ({tag.strip() or 'random init'})")
-        return (H.startup_message(state, run), *visibility())
+    def switch_model(name: str) -> tuple[Any, ...]:
+        view = state.for_session(name)  # refuses a name that is not the server's own model or an allowed run
+        chosen = "" if view is state else name
+        return (chosen, H.startup_message(view, view.model_name or run), *visibility(view))
 
     examples = H.example_images(examples_dir or Path(tempfile.gettempdir()) / "mmcl-app-examples")
     with gr.Blocks(title="mmcl", analytics_enabled=False) as demo:
         gr.Markdown("## mmcl: zero-shot classification, retrieval and captioning")
         banner = gr.Markdown(H.startup_message(state, run), elem_id="banner")
+        chosen = gr.State("")  # this session's run from the picker; "" = the server's own model
         with gr.Tabs():
             with gr.Tab("Zero-shot", id="zeroshot") as zs_tab:
                 with gr.Row():
@@ -177,28 +196,25 @@ def build_app(
                     with gr.Column():
                         cap_out = gr.Textbox(label="Caption", lines=3)
                 gr.Examples([[p] for p in examples], inputs=[cap_image], label="Examples")
-        if picker:
+        if state.choices is not None and state.choices.runs:
+            names = state.model_names()
             with gr.Accordion("Model", open=state.pipeline is None):
-                with gr.Row():
-                    run_box = gr.Textbox(run or "", label="Run or checkpoint folder", placeholder=H.DEFAULT_RUN)
-                    run_btn = gr.Button("Load run")
-                with gr.Row():
-                    oc_name = gr.Textbox(label="open_clip model", placeholder="ViT-B-32")
-                    oc_tag = gr.Textbox(label="pretrained tag (needs internet)", placeholder="laion2b_s34b_b79k")
-                    oc_btn = gr.Button("Load open_clip model")
-            tabs = [banner, zs_tab, ret_tab, cap_tab]
-            run_btn.click(load_run, [run_box], tabs, api_name="load_run", api_visibility="undocumented")
-            oc_btn.click(
-                load_open_clip, [oc_name, oc_tag], tabs, api_name="load_open_clip", api_visibility="undocumented"
-            )
+                picker = gr.Dropdown(
+                    names,
+                    value=state.model_name if state.pipeline is not None else None,
+                    label="Model for this browser tab (the runs this server was started with)",
+                )
+            # Not an API endpoint: hidden from the API page and gradio_client, named calls refused (NamedCallGuard).
+            picker.input(switch_model, [picker], [chosen, banner, zs_tab, ret_tab, cap_tab], api_visibility="private")
 
         zs_tpl.change(lambda c: gr.Textbox(visible=c == "custom"), [zs_tpl], [zs_custom], api_visibility="private")
-        zs_inputs = [zs_image, zs_labels, zs_tpl, zs_custom, zs_k]
+        zs_inputs = [zs_image, zs_labels, zs_tpl, zs_custom, zs_k, chosen]
         zs_btn.click(classify, zs_inputs, [zs_out, zs_plot], api_name="classify")
-        ret_text_btn.click(search_text, [ret_text, ret_k], [ret_gallery, ret_table], api_name="search_text")
-        ret_text.submit(search_text, [ret_text, ret_k], [ret_gallery, ret_table], api_visibility="private")
-        ret_image_btn.click(search_image, [ret_image, ret_k], [ret_gallery, ret_table], api_name="search_image")
-        cap_inputs = [cap_image, cap_prefix, cap_mode, cap_max, cap_beams, cap_temp, cap_top_p]
+        ret_inputs = [ret_text, ret_k, chosen]
+        ret_text_btn.click(search_text, ret_inputs, [ret_gallery, ret_table], api_name="search_text")
+        ret_text.submit(search_text, ret_inputs, [ret_gallery, ret_table], api_visibility="private")
+        ret_image_btn.click(search_image, [ret_image, ret_k, chosen], [ret_gallery, ret_table], api_name="search_image")
+        cap_inputs = [cap_image, cap_prefix, cap_mode, cap_max, cap_beams, cap_temp, cap_top_p, chosen]
         cap_btn.click(caption, cap_inputs, [cap_out], api_name="caption")
     return demo
 
@@ -209,15 +225,19 @@ def make_state(
     open_clip: str = "",
     pretrained: str = "",
     max_pixels: int = MAX_PIXELS,
+    allow_runs: Sequence[str] = (),
 ) -> tuple[H.AppState, str | None]:
     """The model and index to serve; with no run, `runs/demo` if it exists (else the UI shows `mmcl demo`).
+
+    `allow_runs` are the run folders a browser session may switch to (checked to exist, loaded on first use).
 
     Returns:
         the state and the run folder the banner names.
     """
     from mmcl.app.models import OpenClipPipeline, load_run
 
-    state = H.AppState(max_pixels=max_pixels)
+    choices = H.ModelChoices(allow_runs) if allow_runs else None
+    state = H.AppState(max_pixels=max_pixels, choices=choices)
     if open_clip:
         state.set_pipeline(
             OpenClipPipeline(open_clip, pretrained), f"open_clip {open_clip} ({pretrained or 'random init'})"
@@ -245,7 +265,7 @@ def launch(
     max_pixels: int = MAX_PIXELS,
     concurrency: int = 2,
     queue_size: int = 64,
-    picker: bool | None = None,
+    allow_runs: Sequence[str] = (),
     prevent_thread_lock: bool = False,
     quiet: bool = False,
     state: H.AppState | None = None,
@@ -263,25 +283,24 @@ def launch(
         max_pixels: decoded-size limit for images, checked from the header before decoding.
         concurrency: events running at once (each may use all torch threads); more requests wait in the queue.
         queue_size: requests that may wait; more are refused with a 'queue full' message.
-        picker: show the model picker; None = only on a local, non-shared server.
+        allow_runs: run folders a browser session may switch to (a picker offering only these; none = no picker).
         prevent_thread_lock: return at once (tests, notebooks) instead of serving until interrupted.
-        state: a ready state (tests inject fake models); overrides run/index/open_clip.
+        state: a ready state (tests inject fake models); overrides run/index/open_clip/allow_runs.
         auth: (user, password) for Gradio's login page; advisable on any host other than localhost.
         allowed_origins: other web origins whose pages may call the server (default: only its own).
     """
     import faiss
     from starlette.middleware import Middleware
 
-    from mmcl.app.guard import OriginGuard
+    from mmcl.app.guard import NamedCallGuard, OriginGuard
 
     # One query per request: faiss's OpenMP threads only add synchronisation there (measured 2.5x slower
     # single-query search at 100k vectors on 2 shared cores); concurrent requests use the cores instead.
     faiss.omp_set_num_threads(1)
     if state is None:
-        state, run = make_state(run, index, open_clip, pretrained, max_pixels)
-    if picker is None:
-        picker = host in ("127.0.0.1", "localhost", "::1") and not share
-    demo = build_app(state, run, picker=picker)
+        state, run = make_state(run, index, open_clip, pretrained, max_pixels, allow_runs)
+    demo = build_app(state, run)
+    public = [fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public" and fn.api_name]
     demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
     allowed = [str(thumbs_dir(state.index_dir).resolve())] if state.index_dir else []
     theme = gr.themes.Soft(font=THEME_FONTS, font_mono=["ui-monospace", "monospace"])
@@ -299,6 +318,8 @@ def launch(
         ssr_mode=False,
         mcp_server=False,
         auth=auth,
-        app_kwargs={"middleware": [Middleware(OriginGuard, allowed=allowed_origins)]},
+        app_kwargs={
+            "middleware": [Middleware(OriginGuard, allowed=allowed_origins), Middleware(NamedCallGuard, public=public)]
+        },
     )
     return demo, url

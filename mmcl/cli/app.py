@@ -1,4 +1,4 @@
-"""`mmcl app [RUN] [--index DIR] [--port N] [--host 127.0.0.1] [--share]`: serve the Gradio app."""
+"""`mmcl app [RUN] [--index DIR] [--allow-runs RUN ...] [--port N] [--host 127.0.0.1]`: serve the Gradio app."""
 
 from __future__ import annotations
 
@@ -33,10 +33,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="ORIGIN",
         help="another web origin allowed to call the server, e.g. https://example.org (default: only its own)",
     )
-    picker = p.add_mutually_exclusive_group()
-    picker.add_argument("--lock-model", dest="picker", action="store_false", default=None, help="hide the model picker")
-    picker.add_argument(
-        "--model-picker", dest="picker", action="store_true", help="show the model picker even when shared"
+    p.add_argument(
+        "--allow-runs",
+        nargs="+",
+        default=[],
+        metavar="RUN",
+        help="other run folders a visitor may switch their own browser tab to (default: none, no model picker)",
     )
     p.set_defaults(func=run)
 
@@ -59,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         concurrency=args.concurrency,
         queue_size=args.queue_size,
-        picker=args.picker,
+        allow_runs=tuple(args.allow_runs),
         auth=auth,
         allowed_origins=tuple(args.allow_origin),
     )

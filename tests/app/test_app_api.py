@@ -150,30 +150,6 @@ def test_empty_and_missing_index_messages(client, server, tmp_path):
     assert len(client.predict("red", 2, api_name="/search_text")[0]) == 2
 
 
-def test_model_picker_errors_are_messages(client, tmp_path):
-    with pytest.raises(AppError, match="no such run"):
-        client.predict(str(tmp_path / "nope"), api_name="/load_run")
-    with pytest.raises(AppError, match="could not load open_clip model 'no-such-model'"):
-        client.predict("no-such-model", "", api_name="/load_open_clip")
-
-
-def test_model_picker_switches_the_model(client, server, monkeypatch):
-    import mmcl.app.models as models
-
-    state = server[1]
-    before = state.pipeline
-    monkeypatch.setattr(models, "load_run", lambda path: FakePipeline(can_caption=False))
-    try:
-        result = client.predict("runs/other", api_name="/load_run")
-        banner = result[0] if isinstance(result, (list, tuple)) else result
-        assert "runs/other" in banner and state.model_name == "runs/other" and state.pipeline is not before
-        assert classify(client, server[2]["green"])[0]["label"] == "green"
-        with pytest.raises(AppError, match="cannot caption"):
-            client.predict(handle_file(str(server[2]["blue"])), "", "greedy", 30, 3, 1.0, 0.9, api_name="/caption")
-    finally:
-        state.set_pipeline(before, "fake")
-
-
 def test_sixteen_concurrent_clients(server):
     url, files = server[0], server[2]
     colours = ["red", "green", "blue"] * 6

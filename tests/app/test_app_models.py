@@ -117,9 +117,10 @@ def test_cli_app_arguments(monkeypatch):
     monkeypatch.setattr(app_pkg, "launch", lambda *a, **kw: seen.update(args=a, **kw), raising=False)
     assert main(["app"]) == 0
     assert seen["args"] == (None, None) and seen["host"] == "127.0.0.1" and seen["share"] is False
-    assert seen["picker"] is None and seen["max_file_size"] == "20mb"
-    assert main(["app", "runs/x", "--index", "runs/x/index", "--port", "9000", "--lock-model"]) == 0
-    assert seen["args"] == ("runs/x", "runs/x/index") and seen["port"] == 9000 and seen["picker"] is False
+    assert seen["allow_runs"] == () and seen["max_file_size"] == "20mb"
+    assert main(["app", "runs/x", "--index", "runs/x/index", "--port", "9000", "--allow-runs", "runs/y", "runs/z"]) == 0
+    assert seen["args"] == ("runs/x", "runs/x/index") and seen["port"] == 9000
+    assert seen["allow_runs"] == ("runs/y", "runs/z")
 
 
 def test_app_script_is_the_cli(monkeypatch):

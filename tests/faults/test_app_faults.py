@@ -1,18 +1,24 @@
-"""The app's exposure: foreign web origins refused, optional login, bad --auth values one line."""
+"""The app's exposure: foreign web origins refused, optional login, bad --auth values one line, model switching
+per browser session and only to runs named at start (no API endpoint), image URLs refused and never fetched."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import httpx
 import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "app"))
-from app_helpers import FakePipeline, free_port  # noqa: E402
+from app_helpers import FakePipeline, coloured, free_port  # noqa: E402
 
 from mmcl.app import handlers as H  # noqa: E402
+from mmcl.app.guard import URL_MESSAGE  # noqa: E402
 from mmcl.cli import main  # noqa: E402
+from mmcl.utils import UserError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +66,158 @@ def test_auth_protects_the_api():
 def test_bad_auth_value_is_one_line(value, capsys):
     assert main(["app", "--auth", value]) == 2
     assert capsys.readouterr().err.strip().endswith("--auth takes USER:PASSWORD (both non-empty)")
+
+
+# ---- model switching: per browser session, only runs named at start, no API endpoint ------------------------
+
+
+@pytest.fixture(scope="module")
+def switch_server(tmp_path_factory):
+    """An app serving 'fake' (captions) that sessions may switch to the run `other/` (a model that cannot caption).
+
+    Yields (url, other run name, a blue image, the state).
+    """
+    from mmcl.app import launch
+
+    root = tmp_path_factory.mktemp("switch")
+    other = root / "other"
+    other.mkdir()
+    (root / "secret").mkdir()  # a real folder on the server that was not named at start
+    image = root / "blue.png"
+    coloured("blue").save(image)
+    loaded = []
+    choices = H.ModelChoices([str(other)], loader=lambda path: loaded.append(path) or FakePipeline(can_caption=False))
+    state = H.AppState(choices=choices)
+    state.set_pipeline(FakePipeline(), "fake")
+    demo, url = launch(state=state, port=free_port(), prevent_thread_lock=True, quiet=True)
+    yield url.rstrip("/"), str(other), image, state, loaded
+    demo.close()
+
+
+def _caption(client: Client, image: Path) -> str:
+    return client.predict(handle_file(str(image)), "", "greedy", 30, 3, 1.0, 0.9, api_name="/caption")
+
+
+def _switch_fn_index(url: str) -> int:
+    deps = httpx.get(f"{url}/config", timeout=30).json()["dependencies"]
+    return next(d["id"] for d in deps if d.get("api_name") == "switch_model")
+
+
+def _browser_event(url: str, session_hash: str, fn_index: int, data: list) -> dict:
+    """Trigger an event the way the page does (queue join by index, within one session); the final message."""
+    body = {"data": data, "fn_index": fn_index, "session_hash": session_hash, "event_data": None, "trigger_id": None}
+    httpx.post(f"{url}/gradio_api/queue/join", json=body, timeout=30).raise_for_status()
+    with httpx.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session_hash}, timeout=60) as s:
+        for line in s.iter_lines():
+            if line.startswith("data:"):
+                msg = json.loads(line[5:])
+                if msg.get("msg") == "process_completed":
+                    return msg
+    raise AssertionError("the event never completed")
+
+
+def test_model_switch_is_per_session(switch_server):
+    url, other, image, state, loaded = switch_server
+    ann, bob = Client(url, verbose=False), Client(url, verbose=False)
+    assert _caption(ann, image) == _caption(bob, image) == "a blue picture"
+    done = _browser_event(url, ann.session_hash, _switch_fn_index(url), [other])
+    assert done["success"], done
+    banner = done["output"]["data"][1]
+    assert other in banner
+    with pytest.raises(AppError, match="cannot caption"):  # ann's session now answers with the other run
+        _caption(ann, image)
+    assert _caption(bob, image) == "a blue picture"  # bob's session, and the server's state, are unchanged
+    assert state.model_name == "fake" and state.pipeline.can_caption
+    assert _browser_event(url, ann.session_hash, _switch_fn_index(url), ["fake"])["success"]
+    assert _caption(ann, image) == "a blue picture"  # and back to the server's own model
+    assert loaded == [other]  # the run was loaded once
+
+
+@pytest.mark.parametrize("name", ["secret", "/etc", "../secret", ""])
+def test_only_runs_named_at_start_can_be_chosen(switch_server, name):
+    url, other, image, state, loaded = switch_server
+    name = str(Path(other).parent / name) if name in ("secret", "../secret") else name
+    ann = Client(url, verbose=False)
+    done = _browser_event(url, ann.session_hash, _switch_fn_index(url), [name])
+    if name:
+        assert not done["success"] and "\n" not in done["output"]["error"], done
+    assert _caption(ann, image) == "a blue picture"  # still the server's own model
+    assert loaded in ([], [other])  # nothing but the named run was ever loaded
+    with pytest.raises(UserError, match="not one of the runs this server was started with"):
+        state.for_session(str(Path(other).parent / "secret"))
+
+
+def test_model_switch_is_not_an_api_endpoint(switch_server):
+    url = switch_server[0]
+    client = Client(url, verbose=False)
+    api = client.view_api(print_info=False, return_format="dict")
+    listed = {*api["named_endpoints"], *api["unnamed_endpoints"]}
+    assert listed == {"/classify", "/search_text", "/search_image", "/caption"}
+    with pytest.raises(ValueError, match="switch_model"):
+        client.predict(switch_server[1], api_name="/switch_model")
+    for route in ("call/switch_model", "call/v2/switch_model", "run/switch_model", "api/switch_model"):
+        refused = httpx.post(f"{url}/gradio_api/{route}", json={"data": [switch_server[1]]}, timeout=30)
+        assert refused.status_code == 404, route
+    for gone in ("load_run", "load_open_clip"):  # the old shared-model endpoints no longer exist
+        assert httpx.post(f"{url}/gradio_api/call/{gone}", json={"data": ["/etc"]}, timeout=30).status_code == 404
+    assert httpx.post(f"{url}/gradio_api/call/search_text", json={"data": ["x", 1]}, timeout=30).status_code == 200
+
+
+def test_allow_runs_must_exist(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["app", "--allow-runs", str(tmp_path / "missing")]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(f"--allow-runs {tmp_path / 'missing'}: no such run or checkpoint folder")
+    )
+
+
+def test_no_picker_without_allowed_runs(server):
+    deps = httpx.get(f"{server}/config", timeout=30).json()["dependencies"]
+    assert not any(d.get("api_name") in ("switch_model", "load_run", "load_open_clip") for d in deps)
+
+
+# ---- image URLs: refused in one line, never fetched ------------------------------------------------------------
+
+
+@pytest.fixture
+def no_downloads(monkeypatch):
+    """Record every URL download Gradio starts (the server runs in this process)."""
+    from gradio import processing_utils
+
+    fetched = []
+
+    async def download(url, cache_dir):
+        fetched.append(url)
+        raise AssertionError(f"the app fetched {url}")
+
+    monkeypatch.setattr(processing_utils, "async_ssrf_protected_download", download)
+    monkeypatch.setattr(processing_utils, "ssrf_protected_download", lambda url, cache_dir: download(url, cache_dir))
+    return fetched
+
+
+@pytest.mark.parametrize("link", ["https://example.com/cat.png", "http://127.0.0.1:1/x.jpg"])
+def test_image_url_is_refused_in_one_line(server, no_downloads, link, tmp_path):
+    client = Client(server, verbose=False)
+    red = tmp_path / "red.png"
+    coloured("red").save(red)
+    with pytest.raises(AppError) as refused:
+        client.predict(handle_file(link), "red, blue", "short", "a {}", 2, api_name="/classify")
+    assert str(refused.value) == URL_MESSAGE
+    assert no_downloads == []
+    label, _ = client.predict(handle_file(str(red)), "red, blue", "none", "", 1, api_name="/classify")
+    assert label["label"] == "red"  # an upload still works
+
+
+def test_image_url_in_a_raw_request_is_refused(server, no_downloads):
+    file_data = {
+        "path": "https://example.com/cat.png",
+        "url": "https://example.com/cat.png",
+        "meta": {"_type": "gradio.FileData"},
+    }
+    posted = httpx.post(f"{server}/gradio_api/call/search_image", json={"data": [file_data, 3]}, timeout=30)
+    assert posted.status_code == 200
+    events = httpx.get(f"{server}/gradio_api/call/search_image/{posted.json()['event_id']}", timeout=60).text
+    assert "event: error" in events and URL_MESSAGE in events
+    assert no_downloads == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +91,10 @@ def test_negative_steps_exit_nonzero_and_write_nothing(tmp_path, capsys):
     err = _one_line_error(capsys, ["train", "configs/clip/tiny.yaml", "train.steps=-5", f"train.output_dir={out}"])
     assert "train.steps must be >= 1 (got -5)" in err
     assert not out.exists()
+
+
+def test_model_override_keeps_the_preset():
+    """`model.KEY=...` on a config whose model is a preset name refines the preset (the README's siglip line)."""
+    tiny = Path(__file__).resolve().parents[2] / "configs" / "clip" / "tiny.yaml"
+    cfg = load_experiment(tiny, ["model.init_logit_bias=-10"])
+    assert cfg.model.preset == "clip-tiny" and cfg.model.embed_dim == 64 and cfg.model.init_logit_bias == -10
