@@ -216,7 +216,7 @@ def run_compositional(
     Returns:
         `task`='compositional', `metrics` (accuracy per subset, `mean` over subsets, `n_pairs`), `subsets`
         (name -> pairs, accuracy), `chance` (0.5), `predictions` (per pair: subset, image, caption, negative,
-        both scores, correct), `skipped`, `examples` (the first wrong pairs, then right ones).
+        both scores, correct), `skipped`, `examples` (one pair per subset: its first wrong one if any).
     """
     if not pairs.pairs:
         raise UserError("no compositional pairs to score")
@@ -251,7 +251,11 @@ def run_compositional(
         {"subset": s, "image": i, "caption": c, "negative": n, "score": p, "negative_score": q, "correct": ok}
         for (s, i, c, n), p, q, ok in zip(pairs.pairs, pos.tolist(), neg.tolist(), correct)
     ]
-    shown = sorted(range(len(predictions)), key=lambda k: predictions[k]["correct"])[:num_examples]
+    first: dict[str, int] = {}  # per subset its first wrong pair, else its first pair
+    for k, pred in enumerate(predictions):
+        if pred["subset"] not in first or (predictions[first[pred["subset"]]]["correct"] and not pred["correct"]):
+            first[pred["subset"]] = k
+    shown = list(first.values())[:num_examples]
     examples = [
         {
             **predictions[k],

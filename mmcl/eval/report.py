@@ -139,7 +139,7 @@ def plot_examples(results: dict, path: Path, max_examples: int = 8) -> None:
     examples = results["examples"][:max_examples]
     cols = min(4, len(examples))
     rows = math.ceil(len(examples) / cols)
-    text_lines = 3 if results["task"] == "zeroshot" else 6
+    text_lines = {"zeroshot": 3, "compositional": 8}.get(results["task"], 6)
     # constrained layout makes room for the multi-line titles that carry the labels and captions
     fig = Figure(figsize=(3.4 * cols, (2.4 + 0.15 * text_lines) * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -155,8 +155,8 @@ def plot_examples(results: dict, path: Path, max_examples: int = 8) -> None:
             )
             color = "green" if ex["retrieved"] and ex["retrieved"][0]["correct"] else "red"
         elif results["task"] == "compositional":
-            lines = [f"+ {ex['caption']}", f"- {ex['negative']}"]
-            text = "\n".join(textwrap.shorten(t, 44) for t in lines)
+            wrapped = [textwrap.wrap(f"{sign} {t}", 48) for sign, t in (("+", ex["caption"]), ("-", ex["negative"]))]
+            text = "\n".join([ex["subset"], *wrapped[0][:3], *wrapped[1][:3]])
             color = "green" if ex["correct"] else "red"
         else:
             pred, ref = textwrap.shorten(ex["prediction"], 80), textwrap.shorten(ex["captions"][0], 80)
