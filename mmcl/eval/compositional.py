@@ -283,8 +283,18 @@ def evaluate_compositional(encoder: Encoder, pairs: CompositionalPairs, **kw: An
     return run_compositional(encoder.encode_images, encoder.encode_texts, pairs, **kw)
 
 
-def compare_captions(encoder: Encoder, image: Image.Image, captions: list[str]) -> list[float]:
-    """cos(image, caption) for each caption: which of several captions fits an image better (the app's tab)."""
+def compare_captions(encoder: Encoder, image: Image.Image, captions: list[str]) -> tuple[list[float], list[float]]:
+    """Which of several captions fits an image better (the app's tab): cosines and the model's probabilities.
+
+    Returns:
+        cos(image, caption) per caption, and `mmcl.eval.zeroshot.class_probabilities` over the captions with the
+        model's own scale (softmax for CLIP, an independent sigmoid per caption for SigLIP).
+    """
+    from mmcl.eval.zeroshot import class_probabilities
+
     img = torch.nn.functional.normalize(encoder.encode_images([image]).float(), dim=-1)  # (1, D)
     txt = torch.nn.functional.normalize(encoder.encode_texts(list(captions)).float(), dim=-1)  # (C, D)
-    return (txt @ img[0]).tolist()
+    if img.shape[1] != txt.shape[1]:
+        raise UserError(f"image and text embeddings differ in size ({img.shape[1]} vs {txt.shape[1]})")
+    probs = class_probabilities(img, txt.T, *encoder.logit_scale_and_bias())[0]  # (C,)
+    return (txt @ img[0]).tolist(), probs.tolist()
