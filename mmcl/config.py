@@ -532,8 +532,8 @@ class EvalConfig:
     max_samples: int = 0  # 0 = all
     batch_size: int = 128
     # caption vs hard negative pairs (mmcl.eval.compositional): auto = when the eval shards carry the
-    # built-in shapes' attributes; on = required (an error if they do not); off = never
-    compositional: Literal["auto", "on", "off"] = "auto"
+    # built-in shapes' attributes; always = required (an error if they do not); never
+    compositional: Literal["auto", "always", "never"] = "auto"
     compositional_pairs: int = 100  # pairs per subset, at most
 
     def validate(self) -> None:

@@ -55,7 +55,7 @@ def compositional_metrics(ev: EvalConfig) -> Callable[[Encoder], dict[str, float
     """`encoder -> {compo_<subset>, compo_mean}` accuracies on pairs made from the eval shards.
 
     `eval.compositional`: auto = only when the first eval sample carries a known attribute vocabulary (the
-    built-in shapes), on = required, off = never. Kept cheap: the pairs (at most `eval.compositional_pairs`
+    built-in shapes), always = required, never = off. Kept cheap: the pairs (at most `eval.compositional_pairs`
     per subset from at most `eval.max_samples` samples, 1000 when 0) are made once, on the first call.
     """
     from mmcl.eval.compositional import CompositionalPairs, evaluate_compositional, generated_pairs
@@ -75,7 +75,7 @@ def compositional_metrics(ev: EvalConfig) -> Callable[[Encoder], dict[str, float
         return made[0]
 
     def metrics(encoder: Encoder) -> dict[str, float]:
-        if ev.compositional == "off" or (p := pairs()) is None:
+        if ev.compositional == "never" or (p := pairs()) is None:
             return {}
         res = evaluate_compositional(encoder, p, batch_size=ev.batch_size, num_examples=0)
         return {f"compo_{k}": float(v) for k, v in res["metrics"].items() if k != "n_pairs"}
