@@ -136,7 +136,7 @@ def generated_pairs(
     Args:
         samples: e.g. `open_eval_dataset(shards)` or `synthetic_samples(n)`.
         max_per_subset: stop adding to a subset once it has this many pairs (0 = no limit); reading stops
-            when every subset seen is full.
+            when every subset of the vocabularies met so far is full.
         max_samples: read at most this many samples (0 = all).
         vocabulary: a `VOCABULARIES` name; default: detected per sample.
 
