@@ -548,6 +548,10 @@ class EvalConfig:
     templates: str = "openai"  # 'openai' (80), 'short' (7), 'cifar', 'none', or a file
     max_samples: int = 0  # 0 = all
     batch_size: int = 128
+    # caption vs hard negative pairs (mmcl.eval.compositional): auto = when the eval shards carry the
+    # built-in shapes' attributes; always = required (an error if they do not); never
+    compositional: Literal["auto", "always", "never"] = "auto"
+    compositional_pairs: int = 100  # pairs per subset, at most
 
     def validate(self) -> None:
         _require_ranges(
@@ -555,6 +559,7 @@ class EvalConfig:
             {
                 "max_samples": (self.max_samples >= 0, f">= 0, 0 = all (got {self.max_samples})"),
                 "batch_size": (self.batch_size >= 1, f">= 1 (got {self.batch_size})"),
+                "compositional_pairs": (self.compositional_pairs >= 1, f">= 1 (got {self.compositional_pairs})"),
             },
         )
 

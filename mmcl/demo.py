@@ -3,8 +3,8 @@
     from mmcl.demo import run_demo
     run_demo("runs/demo")                      # what `mmcl demo` and `bash pipelines/demo.sh` run
 
-Everything lands in the run folder: `REPORT.md` (metrics, curves, confusion matrix, example
-predictions), `eval/`, `metrics.jsonl`, `curves.png`, checkpoints, `final/`, and `index/` (the
+Everything lands in the run folder: `REPORT.md` (metrics, compositional table, curves, confusion
+matrix, example predictions), `eval/`, `metrics.jsonl`, `curves.png`, checkpoints, `final/`, and `index/` (the
 retrieval index the app serves).
 """
 
@@ -87,7 +87,8 @@ def run_demo(settings: DemoSettings | None = None, extra: list[str] = ()) -> dic
 
 
 def evaluate_run(run: Path, cfg: ExperimentConfig) -> dict:
-    """Zero-shot and retrieval on `cfg.eval.shards` with the final model; reports under run/eval/."""
+    """Zero-shot, retrieval and compositional pairs on `cfg.eval.shards` with the final model; reports under run/eval/."""
+    from mmcl.eval.compositional import evaluate_compositional, generated_pairs
     from mmcl.eval.datasets import open_eval_dataset
     from mmcl.eval.report import write_report
     from mmcl.eval.runner import evaluate_retrieval, evaluate_zero_shot
@@ -107,7 +108,16 @@ def evaluate_run(run: Path, cfg: ExperimentConfig) -> dict:
     write_report(zs, run / "eval" / "zeroshot", title="Zero-shot classification (held-out split)")
     ret = evaluate_retrieval(pipe, open_eval_dataset(cfg.eval.shards), batch_size=256, progress=True)
     write_report(ret, run / "eval" / "retrieval", title="Image-text retrieval (held-out split)")
-    return {"zeroshot": zs["metrics"], "retrieval": ret["metrics"], "n_classes": len(classnames)}
+    pairs = generated_pairs(open_eval_dataset(cfg.eval.shards), max_per_subset=200, source="the held-out split")
+    comp = evaluate_compositional(pipe, pairs, batch_size=256)
+    write_report(comp, run / "eval" / "compositional", title="Compositional pairs (held-out split)")
+    compositional = {k: comp[k] for k in ("metrics", "subsets", "chance")}
+    return {
+        "zeroshot": zs["metrics"],
+        "retrieval": ret["metrics"],
+        "compositional": compositional,
+        "n_classes": len(classnames),
+    }
 
 
 def build_demo_index(s: DemoSettings) -> Path:
@@ -131,6 +141,8 @@ def build_demo_index(s: DemoSettings) -> Path:
 
 
 def write_demo_report(run: Path, cfg: ExperimentConfig, results: dict, seconds: float) -> Path:
+    from mmcl.eval.report import compositional_table
+
     zs, ret = results["zeroshot"], results["retrieval"]
     chance = 1 / results["n_classes"]
     lines = [
@@ -149,6 +161,11 @@ def write_demo_report(run: Path, cfg: ExperimentConfig, results: dict, seconds: 
         f"{ret['t2i_recall@10']:.1%} |",
         f"| image->text recall@1 / @5 / @10 | {ret['i2t_recall@1']:.1%} / {ret['i2t_recall@5']:.1%} / "
         f"{ret['i2t_recall@10']:.1%} |",
+        "",
+        "## Compositional pairs: the image's caption against one hard negative",
+        "",
+        compositional_table(results["compositional"]),
+        "![compositional examples](eval/compositional/examples.png)",
         "",
         "![training curves](curves.png)",
         "",

@@ -30,6 +30,7 @@ def test_demo_learns_and_reports(tmp_path):
         "eval/zeroshot/confusion.png",
         "eval/zeroshot/examples.png",
         "eval/retrieval/eval.json",
+        "eval/compositional/eval.json",
         "index/manifest.json",
         "final/model.safetensors",
     ):
@@ -39,3 +40,5 @@ def test_demo_learns_and_reports(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval_zeroshot_top1"] for r in rows if "eval_zeroshot_top1" in r]
     assert len(evals) == 3 and evals[-1] > evals[0]  # the eval hook ran every 50 steps and accuracy rose
+    assert "chance is 50%" in report and "| replace_colour |" in report  # the compositional table
+    assert all("eval_compo_mean" in r for r in rows if "eval_zeroshot_top1" in r)  # and the hook's pairs

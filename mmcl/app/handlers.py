@@ -336,3 +336,22 @@ def example_images(folder: str | Path, n: int = 6, size: int = 64) -> list[str]:
             sample.image.save(path)
         paths.append(str(path))
     return paths
+
+
+def compare_captions(state: AppState, image: Any, first: str, second: str) -> list[tuple[str, float, float]]:
+    """Which of two captions fits the image better: (caption, cosine, probability) for each, better first.
+
+    The compositional eval's question for one image (`mmcl.eval.compositional.compare_captions`); probabilities
+    use the model's own scale, as `classify` does.
+    """
+    from mmcl.eval.compositional import compare_captions as compare
+
+    captions = [(first or "").strip(), (second or "").strip()]
+    if not all(captions):
+        raise UserError("type two captions to compare, e.g. 'a red circle' and 'a blue circle'")
+    if captions[0] == captions[1]:
+        raise UserError("the two captions are the same: change one of them")
+    pipeline = state.require_pipeline()
+    cosines, probs = compare(pipeline, load_image(image, state.max_pixels), captions)
+    rows = list(zip(captions, cosines, probs))
+    return sorted(rows, key=lambda row: -row[1])

@@ -196,6 +196,27 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
                     with gr.Column():
                         cap_out = gr.Textbox(label="Caption", lines=3)
                 gr.Examples([[p] for p in examples], inputs=[cap_image], label="Examples")
+            with gr.Tab("Compare captions", id="compare"):  # the compositional eval's question, for one image
+
+                @_guard
+                def compare(image: Any, first: str, second: str, chosen: str) -> tuple[dict, str]:
+                    rows = H.compare_captions(state.for_session(chosen), image, first, second)
+                    (best, cos_best, _), (other, cos_other, _) = rows
+                    verdict = f"**{best}** fits better than *{other}* (cosine {cos_best:.3f} vs {cos_other:.3f})"
+                    return {caption: prob for caption, _, prob in rows}, verdict
+
+                with gr.Row():
+                    with gr.Column():
+                        cmp_image = _image("Image", ["upload", "webcam", "clipboard"], state.max_pixels, height=300)
+                        cmp_first = gr.Textbox("a red circle", label="Caption A")
+                        cmp_second = gr.Textbox("a blue circle", label="Caption B (e.g. a hard negative)")
+                        cmp_btn = gr.Button("Which caption fits better?", variant="primary")
+                    with gr.Column():
+                        cmp_out = gr.Label(label="Probability (the model's own scale)")
+                        cmp_verdict = gr.Markdown()
+                gr.Examples([[p] for p in examples], inputs=[cmp_image], label="Examples")
+                cmp_inputs = [cmp_image, cmp_first, cmp_second, chosen]
+                cmp_btn.click(compare, cmp_inputs, [cmp_out, cmp_verdict], api_name="compare_captions")
         if state.choices is not None and state.choices.runs:
             names = state.model_names()
             with gr.Accordion("Model", open=state.pipeline is None):

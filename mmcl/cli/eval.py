@@ -11,13 +11,15 @@ TASKS = {
     "zeroshot": "zero-shot classification of labelled images (top-1/top-5, mean per-class recall)",
     "retrieval": "image<->text retrieval on captioned images (recall@k, median rank)",
     "captions": "caption generation scored with BLEU-4, ROUGE-L and CIDEr-D",
+    "compositional": "each image's caption against hard negative captions (SugarCrepe files, or made from the "
+    "attributes of labelled captions such as the built-in shapes): accuracy per subset, chance 50%",
 }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval",
-        help="evaluate a trained model: zero-shot, retrieval, captioning",
+        help="evaluate a trained model: zero-shot, retrieval, captioning, compositional",
         description="Evaluate a run folder (or checkpoint folder) and write eval.json, eval.md and plots.",
     )
     sub = p.add_subparsers(dest="eval_task", metavar="TASK", required=True)
@@ -28,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--shards",
             "--data",
             nargs="+",
-            required=True,
+            required=name != "compositional",
             help="tar shards (paths, globs, {000..009} patterns, folders), an image-folder tree, or a CLIP_benchmark root",
         )
         t.add_argument("--out", help="report folder (default: RUN/eval/TASK)")
@@ -49,7 +51,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         if name == "retrieval":
             t.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="recall@k cut-offs")
             t.add_argument("--chunk-size", type=int, default=1024, help="queries x gallery block size of the scoring")
-        if name in ("zeroshot", "retrieval"):
+        if name == "compositional":
+            t.add_argument("--sugarcrepe", metavar="DATA_ROOT", help="SugarCrepe's data/ folder instead of --shards")
+            t.add_argument("--images", help="folder of the images SugarCrepe's entries name (COCO val2017)")
+            t.add_argument("--subsets", nargs="+", help="SugarCrepe subsets to read (default: every file found)")
+            t.add_argument("--max-pairs", type=int, default=0, help="pairs per subset (0 = all)")
+        if name in ("zeroshot", "retrieval", "compositional"):
             t.add_argument("--text-batch-size", type=int, default=256, help="texts per forward pass")
         if name == "captions":
             t.add_argument("--num-beams", type=int, default=None, help="beam width passed to generate()")
@@ -66,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
     from mmcl.utils import UserError
 
     task = args.eval_task
+    if task == "compositional":
+        return run_compositional(args)
     common = dict(
         batch_size=args.batch_size, max_samples=args.max_samples, num_workers=args.workers, progress=not args.quiet
     )
@@ -113,5 +122,42 @@ def run(args: argparse.Namespace) -> int:
         print(f"{k:>24}  {v:.4f}" if isinstance(v, float) else f"{k:>24}  {v}")
     if results.get("skipped"):
         print(f"{'skipped':>24}  {describe_counts(results['skipped'])}")
+    print(f"report: {written['eval.md']}")
+    return 0
+
+
+def run_compositional(args: argparse.Namespace) -> int:
+    from mmcl.eval.compositional import evaluate_compositional, generated_pairs, sugarcrepe_pairs
+    from mmcl.eval.datasets import open_eval_dataset
+    from mmcl.eval.report import compositional_table, write_report
+    from mmcl.inference import load_pipeline
+    from mmcl.utils import UserError
+
+    if bool(args.sugarcrepe) == bool(args.shards):
+        raise UserError("give either --shards (labelled captions with attributes) or --sugarcrepe DATA_ROOT --images")
+    if args.sugarcrepe:
+        if not args.images:
+            raise UserError("--sugarcrepe needs --images: the folder of the images its entries name (COCO val2017)")
+        pairs = sugarcrepe_pairs(args.sugarcrepe, args.images, args.subsets, max_per_subset=args.max_pairs)
+        data = f"{args.sugarcrepe} (images {args.images})"
+    else:
+        dataset = open_eval_dataset(args.shards, split=args.split, max_pixels=args.max_pixels)
+        data = " ".join(args.shards)
+        pairs = generated_pairs(dataset, args.max_pairs, args.max_samples, source=f"generated from {data}")
+    pipeline = load_pipeline(args.run)
+    results = evaluate_compositional(
+        pipeline,
+        pairs,
+        batch_size=args.batch_size,
+        text_batch_size=args.text_batch_size,
+        max_pixels=args.max_pixels,
+        progress=not args.quiet,
+    )
+    out = Path(args.out) if args.out else Path(args.run) / "eval" / "compositional"
+    settings = {"model": str(args.run), "data": data, "max_pairs per subset": args.max_pairs or "all"}
+    written = write_report(results, out, title=f"compositional evaluation of {args.run}", settings=settings)
+    print(compositional_table(results), end="")
+    if results.get("skipped"):
+        print(f"skipped: {describe_counts(results['skipped'])}")
     print(f"report: {written['eval.md']}")
     return 0

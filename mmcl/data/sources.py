@@ -319,6 +319,7 @@ def _synthetic_sample(index: int, seed: int, split: str, image_size: int) -> Raw
         "classname": s.classname,
         "attributes": s.attributes,
         "distractor": s.distractor,
+        "distractor_position": s.distractor_position,
         **s.meta,
     }
     return RawSample(f"synthetic/{split}/{seed}/{index}", s.caption, image=s.image, meta=meta)

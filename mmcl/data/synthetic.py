@@ -88,6 +88,7 @@ class SyntheticSample:
         attributes: colour, shape, size, position, count and background of the main object(s).
         distractor: classname of the small extra object ("green cross"), or None. Captions that
             mention it do so after the main object and without a size word.
+        distractor_position: the `POSITIONS` cell name of the distractor, or None.
         meta: where the sample comes from: split, seed and index.
     """
 
@@ -98,6 +99,7 @@ class SyntheticSample:
     attributes: dict[str, Any]
     distractor: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    distractor_position: str | None = None
 
 
 def _rng(index: int, seed: int, split: str) -> random.Random:
@@ -159,25 +161,28 @@ def _a(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def _position_phrase(rng: random.Random, position: str, count: int) -> str:
+def position_phrases(position: str, count: int) -> list[str]:
+    """Every phrase a caption may use for `position` (a `POSITIONS` cell for one object, a `LINES` line for a group)."""
     if count > 1:
-        options = {
+        return {
             "top": ["along the top", "at the top", "across the top"],
             "bottom": ["along the bottom", "at the bottom", "across the bottom"],
             "left": ["on the left", "down the left side", "along the left edge"],
             "right": ["on the right", "down the right side", "along the right edge"],
             "center": ["across the middle", "in the middle", "through the center"],
         }[position]
-    elif " " in position:
+    if " " in position:
         v, h = position.split()
         upper = {"top": "upper", "bottom": "lower"}[v]
-        options = [f"in the {position} corner", f"at the {position}", f"in the {upper} {h} corner"]
-    elif position == "center":
-        options = ["in the center", "in the middle", "at the center"]
-    else:
-        side = "side" if position in ("left", "right") else "edge"
-        options = [f"at the {position}", f"near the {position}", f"on the {position} {side}"]
-    return rng.choice(options)
+        return [f"in the {position} corner", f"at the {position}", f"in the {upper} {h} corner"]
+    if position == "center":
+        return ["in the center", "in the middle", "at the center"]
+    side = "side" if position in ("left", "right") else "edge"
+    return [f"at the {position}", f"near the {position}", f"on the {position} {side}"]
+
+
+def _position_phrase(rng: random.Random, position: str, count: int) -> str:
+    return rng.choice(position_phrases(position, count))
 
 
 def _caption(rng: random.Random, attrs: dict[str, Any], distractor: str | None) -> str:
@@ -293,7 +298,8 @@ def generate(index: int, seed: int = 0, image_size: int = 64, split: str = "trai
 
     caption = _caption(rng, attrs, distractor)
     meta = {"split": split, "seed": seed, "index": index}
-    return SyntheticSample(image, caption, label, CLASSNAMES[label], attrs, distractor, meta)
+    d_position = next(name for name, c in POSITIONS.items() if c == d_cell) if d_cell else None
+    return SyntheticSample(image, caption, label, CLASSNAMES[label], attrs, distractor, meta, d_position)
 
 
 def iter_synthetic(

@@ -56,6 +56,7 @@ class EvalSample:
     image: Image.Image
     label: int | None = None
     captions: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)  # the shard's .json (e.g. the built-in shapes' attributes)
 
 
 @dataclass
@@ -150,7 +151,12 @@ class ShardDataset(IterableDataset):
                 captions = caption_options(raw, {}, "txt", errors="replace")
             except SkipSample:  # no .txt or only blank lines: still an image for zero-shot
                 captions = []
-            yield EvalSample(key=key, image=image, label=self._label(raw, where), captions=captions)
+            label = self._label(raw, where)
+            try:
+                meta = decode_json(raw)
+            except SkipSample:  # a bad .json without a label in it only loses its extra fields
+                meta = {}
+            yield EvalSample(key=key, image=image, label=label, captions=captions, meta=meta)
         if info is not None:  # counts made in a worker process reach the caller only through the stream
             yield SkipReport(dict(skips.counts))
 

@@ -1,12 +1,16 @@
-"""The trainer's eval hook: zero-shot + retrieval (contrastive models) and caption metrics (captioners)."""
+"""The trainer's eval hook: zero-shot + retrieval + compositional pairs (contrastive models), caption metrics."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from mmcl.config import ExperimentConfig
+from mmcl.config import EvalConfig, ExperimentConfig
+
+if TYPE_CHECKING:
+    from mmcl.inference import Encoder
 
 
 def make_eval_hook(cfg: ExperimentConfig) -> Callable[[nn.Module, int], dict[str, float]]:
@@ -16,6 +20,7 @@ def make_eval_hook(cfg: ExperimentConfig) -> Callable[[nn.Module, int], dict[str
     from mmcl.inference import Pipeline
 
     ev = cfg.eval
+    compositional = compositional_metrics(ev)
 
     def hook(model: nn.Module, step: int) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -31,6 +36,7 @@ def make_eval_hook(cfg: ExperimentConfig) -> Callable[[nn.Module, int], dict[str
                 num_examples=0,
             )
             metrics.update({k: v for k, v in ret["metrics"].items() if "recall@" in k})
+            metrics.update(compositional(encoder))
         if encoder.can_caption:
             cap = evaluate_captions(
                 encoder,
@@ -43,3 +49,35 @@ def make_eval_hook(cfg: ExperimentConfig) -> Callable[[nn.Module, int], dict[str
         return metrics
 
     return hook
+
+
+def compositional_metrics(ev: EvalConfig) -> Callable[[Encoder], dict[str, float]]:
+    """`encoder -> {compo_<subset>, compo_mean}` accuracies on pairs made from the eval shards.
+
+    `eval.compositional`: auto = only when the first eval sample carries a known attribute vocabulary (the
+    built-in shapes), always = required, never = off. Kept cheap: the pairs (at most `eval.compositional_pairs`
+    per subset from at most `eval.max_samples` samples, 1000 when 0) are made once, on the first call.
+    """
+    from mmcl.eval.compositional import CompositionalPairs, evaluate_compositional, generated_pairs
+    from mmcl.eval.compositional_shapes import vocabulary_for
+    from mmcl.eval.datasets import open_eval_dataset
+
+    made: list[CompositionalPairs | None] = []
+
+    def pairs() -> CompositionalPairs | None:
+        if not made:
+            if ev.compositional == "auto":
+                first = next(iter(open_eval_dataset(ev.shards)), None)
+                if first is None or vocabulary_for(first.meta) is None:
+                    made.append(None)  # no known attributes in this data: nothing to do, now or later
+                    return None
+            made.append(generated_pairs(open_eval_dataset(ev.shards), ev.compositional_pairs, ev.max_samples or 1000))
+        return made[0]
+
+    def metrics(encoder: Encoder) -> dict[str, float]:
+        if ev.compositional == "never" or (p := pairs()) is None:
+            return {}
+        res = evaluate_compositional(encoder, p, batch_size=ev.batch_size, num_examples=0)
+        return {f"compo_{k}": float(v) for k, v in res["metrics"].items() if k != "n_pairs"}
+
+    return metrics

@@ -1,8 +1,8 @@
 """Write an eval result (from `mmcl.eval.runner.run_*`) to a folder.
 
     eval.json          metrics, settings, per-class recall (JSON; NaN -> null)
-    eval.md            the same as markdown tables
-    predictions.jsonl  one line per sample (zero-shot class, or generated caption)
+    eval.md            the same as markdown tables (compositional: accuracy per subset, chance stated)
+    predictions.jsonl  one line per sample (zero-shot class, generated caption, or scored caption pair)
     confusion.csv/png  zero-shot only: counts (rows = true class) and the row-normalised matrix
     examples.png       a grid of a few images with true/predicted labels, retrieved or generated captions
 
@@ -67,6 +67,8 @@ def _markdown(results: dict, title: str) -> str:
         ]
         parts.append(_md_table(["direction"] + [f"R@{k} (%)" for k in ks] + ["median rank", "mean rank"], rows))
         parts.append(f"rsum {metrics['rsum']:.2f}; {metrics['n_images']} images, {metrics['n_texts']} texts\n")
+    elif task == "compositional":
+        parts.append(compositional_table(results))
     else:
         parts.append(_md_table(["metric", "value"], [[k, v] for k, v in metrics.items()]))
     if task == "zeroshot":
@@ -90,6 +92,18 @@ def _markdown(results: dict, title: str) -> str:
         parts.append("## Examples\n")
         parts.append(_md_table(["key", "prediction", "first reference"], rows))
     return "\n".join(parts)
+
+
+def compositional_table(results: dict) -> str:
+    """Markdown: accuracy per subset of a `run_compositional` result, with its chance level."""
+    chance = results.get("chance", 0.5)
+    rows = [[name, e["pairs"], f"{e['accuracy']:.1%}"] for name, e in results["subsets"].items()]
+    rows.append(["mean over subsets", results["metrics"]["n_pairs"], f"{results['metrics']['mean']:.1%}"])
+    note = (
+        f"A pair is right when the image's caption scores above its hard negative (cosine similarity); "
+        f"chance is {chance:.0%}.\n"
+    )
+    return _md_table(["subset", "pairs", "accuracy"], rows) + "\n" + note
 
 
 def _png(fig: Any, path: Path) -> None:
@@ -125,7 +139,7 @@ def plot_examples(results: dict, path: Path, max_examples: int = 8) -> None:
     examples = results["examples"][:max_examples]
     cols = min(4, len(examples))
     rows = math.ceil(len(examples) / cols)
-    text_lines = 3 if results["task"] == "zeroshot" else 6
+    text_lines = {"zeroshot": 3, "compositional": 8}.get(results["task"], 6)
     # constrained layout makes room for the multi-line titles that carry the labels and captions
     fig = Figure(figsize=(3.4 * cols, (2.4 + 0.15 * text_lines) * rows), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -140,6 +154,10 @@ def plot_examples(results: dict, path: Path, max_examples: int = 8) -> None:
                 textwrap.shorten(f"{'+' if r['correct'] else '-'} {r['text']}", 44) for r in ex["retrieved"]
             )
             color = "green" if ex["retrieved"] and ex["retrieved"][0]["correct"] else "red"
+        elif results["task"] == "compositional":
+            wrapped = [textwrap.wrap(f"{sign} {t}", 48) for sign, t in (("+", ex["caption"]), ("-", ex["negative"]))]
+            text = "\n".join([ex["subset"], *wrapped[0][:3], *wrapped[1][:3]])
+            color = "green" if ex["correct"] else "red"
         else:
             pred, ref = textwrap.shorten(ex["prediction"], 80), textwrap.shorten(ex["captions"][0], 80)
             text, color = "\n".join(textwrap.wrap(f"pred: {pred}", 44) + textwrap.wrap(f"ref: {ref}", 44)), "black"

@@ -152,7 +152,7 @@ def test_model_switch_is_not_an_api_endpoint(switch_server):
     client = Client(url, verbose=False)
     api = client.view_api(print_info=False, return_format="dict")
     listed = {*api["named_endpoints"], *api["unnamed_endpoints"]}
-    assert listed == {"/classify", "/search_text", "/search_image", "/caption"}
+    assert listed == {"/classify", "/search_text", "/search_image", "/caption", "/compare_captions"}
     with pytest.raises(ValueError, match="switch_model"):
         client.predict(switch_server[1], api_name="/switch_model")
     for route in ("call/switch_model", "call/v2/switch_model", "run/switch_model", "api/switch_model"):

@@ -236,14 +236,35 @@ def test_command_runs_as_written(command, workdir, inputs, monkeypatch, capsys, 
         finally:
             served["demo"].close()
         return
+    if "--sugarcrepe" in argv:  # SugarCrepe's layout (data/<subset>.json + the COCO images it names), made here
+        _sugarcrepe_files(workdir / argv[argv.index("--sugarcrepe") + 1], workdir / argv[argv.index("--images") + 1])
     assert main(argv) == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     if argv[0] == "shards":
         out = workdir / argv[2 if argv[1] == "synthetic" else 3]
         assert list(out.rglob("*.tar")), out
+    elif argv[:2] == ["eval", "compositional"]:
+        assert re.search(r"replace|swap", printed), printed
     elif argv[0] == "eval":
         assert re.search(r"top1|recall@1", printed), printed
     elif argv[0] == "export":
         assert any((workdir / argv[3]).iterdir())
     elif argv[:2] == ["index", "build"]:
         assert (workdir / argv[argv.index("--out") + 1] / "manifest.json").is_file()
+
+
+def _sugarcrepe_files(data: Path, images: Path) -> None:
+    """Two entries of SugarCrepe's `replace_att.json` format and the two images they name."""
+    import json
+
+    from app_helpers import coloured
+
+    data.mkdir(parents=True)
+    images.mkdir(parents=True)
+    entries = {
+        "0": {"filename": "000000000001.jpg", "caption": "a red image", "negative_caption": "a blue image"},
+        "1": {"filename": "000000000002.jpg", "caption": "a blue image", "negative_caption": "a red image"},
+    }
+    (data / "replace_att.json").write_text(json.dumps(entries))
+    coloured("red").convert("RGB").save(images / "000000000001.jpg")
+    coloured("blue").convert("RGB").save(images / "000000000002.jpg")
