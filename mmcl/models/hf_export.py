@@ -43,6 +43,18 @@ _TEXT_BLOCK = [("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("attn.out_
                ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2.")]  # fmt: skip
 
 
+_SIMPLE = {  # mmcl key -> (CLIPModel key, conversion)
+    "image.trunk.patch_embed.proj.weight": ("vision_model.embeddings.patch_embedding.weight", lambda t: t),
+    "image.trunk.cls_token": ("vision_model.embeddings.class_embedding", lambda t: t.reshape(-1)),
+    "image.trunk.pos_embed": ("vision_model.embeddings.position_embedding.weight", lambda t: t[0]),
+    "image.proj.weight": ("visual_projection.weight", lambda t: t),
+    "text.token_embedding.weight": ("text_model.embeddings.token_embedding.weight", lambda t: t),
+    "text.positional_embedding": ("text_model.embeddings.position_embedding.weight", lambda t: t),
+    "text.text_projection": ("text_projection.weight", lambda t: t.T),
+    "logit_scale": ("logit_scale", lambda t: t.reshape(())),
+}
+
+
 def clip_bpe_tokenizer(context_length: int = 77, **kwargs: Any) -> Any:
     """transformers' `CLIPTokenizer` built offline from open_clip's bundled CLIP BPE (same ids as mmcl's
     `ClipTokenizer`; open_clip names the two specials `<start_of_text>`/`<end_of_text>`, OpenAI and HF
@@ -88,19 +100,9 @@ def native_to_hf(model: nn.Module) -> dict[str, torch.Tensor]:
                     break
             out[prefix + sub] = value
             continue
-        simple = {
-            "image.trunk.patch_embed.proj.weight": ("vision_model.embeddings.patch_embedding.weight", value),
-            "image.trunk.cls_token": ("vision_model.embeddings.class_embedding", value.reshape(-1)),
-            "image.trunk.pos_embed": ("vision_model.embeddings.position_embedding.weight", value[0]),
-            "image.proj.weight": ("visual_projection.weight", value),
-            "text.token_embedding.weight": ("text_model.embeddings.token_embedding.weight", value),
-            "text.positional_embedding": ("text_model.embeddings.position_embedding.weight", value),
-            "text.text_projection": ("text_projection.weight", value.T),
-            "logit_scale": ("logit_scale", value.clamp(max=model.max_log_scale).reshape(())),
-        }
-        if key in simple:
-            name, tensor = simple[key]
-            out[name] = tensor.contiguous()
+        if key in _SIMPLE:
+            name, fn = _SIMPLE[key]
+            out[name] = (value.clamp(max=model.max_log_scale) if key == "logit_scale" else fn(value)).contiguous()
         elif key == "logit_bias":
             continue  # no CLIPModel equivalent; softmax over candidates does not depend on it
         else:
@@ -217,3 +219,20 @@ def export_hf(model: nn.Module, out_dir: str | Path) -> Path:
     tokenizer.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def export_checkpoint_hf(run_or_ckpt: str | Path, out_dir: str | Path, license: str = "other") -> Path:
+    """Export the model of an mmcl run or checkpoint folder to transformers, with a model card."""
+    from mmcl.inference import find_weights, load_pipeline
+    from mmcl.model_card import write_model_card
+
+    pipe = load_pipeline(run_or_ckpt, device="cpu")
+    out = export_hf(pipe.model, out_dir)
+    usage = f"""```python
+from transformers import pipeline
+
+classifier = pipeline("zero-shot-image-classification", model="{out}")
+classifier("image.jpg", candidate_labels=["a cat", "a dog"])
+```"""
+    write_model_card(out, find_weights(run_or_ckpt)[1], "transformers", usage, license=license)
+    return out
