@@ -73,7 +73,7 @@ def run(args: argparse.Namespace, root: Path, out: Path) -> None:
     pre = load_experiment(
         None,
         ["model.preset=clip-tiny-nfnet", f"data.train_shards=[{shapes / 'train'}]",
-         f"data.batch_size={args.batch_size}", f"train.steps={args.pre_steps}", "train.lr=1e-3",
+         f"data.batch_size={args.batch_size}", f"train.steps={args.pre_steps}", "train.lr=2e-3",
          "train.warmup_steps=30", f"train.ckpt_every={args.pre_steps}", f"train.output_dir={pre_dir}", *common],
     )  # fmt: skip
     t0 = time.perf_counter()
