@@ -40,9 +40,19 @@ def last_eval(run_dir: Path) -> tuple[int | None, dict[str, float]]:
     return step, found
 
 
+def _source_shards(shards: list[str]) -> list[str]:
+    """The user's shards behind derived ones (FLYP caption shards record their source in done.json)."""
+    out = []
+    for spec in shards:
+        done = Path(spec) / "done.json"
+        source = json.loads(done.read_text()).get("source") if done.is_file() else None
+        out.extend(source if isinstance(source, list) else [spec])
+    return out
+
+
 def _dataset_names(shards: list[str]) -> list[str]:
     names = []
-    for spec in shards:
+    for spec in _source_shards(shards):
         name = spec.split(":", 1)[1] if spec.startswith("builtin:") else Path(spec.split("{")[0]).name or spec
         names.append(name.strip("/") or spec)
     return sorted(set(names))
@@ -60,7 +70,9 @@ def _data_summary(cfg: dict[str, Any]) -> str:
         except Exception:  # noqa: BLE001  (the data may live elsewhere now: the card still gets written)
             shards, n = [], None
         count = f"{n:,} samples" if n is not None else "sample count unknown"
-        lines.append(f"- `{spec}`: {len(shards) or '?'} shard(s), {count}")
+        origin = _source_shards([spec])
+        made_from = f" (made from `{', '.join(origin)}`)" if origin != [spec] else ""
+        lines.append(f"- `{spec}`{made_from}: {len(shards) or '?'} shard(s), {count}")
     caption = data.get("caption_key", "txt")
     if caption != "txt":
         lines.append(f"- captions from the `{caption}` field (class names in templates: FLYP fine-tuning)")
