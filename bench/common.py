@@ -23,7 +23,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 DATA = REPO / "data" / "bench"  # /data/ is git-ignored: shards are cached here between runs
-OPENCLIP_TINY_CONFIG = Path("/work/shared/bench/open_clip-tiny-64.json")
+OPENCLIP_TINY_NAME = "open_clip-tiny-64"  # open_clip's name for mmcl's clip-tiny-64 preset (see openclip_tiny_config)
 
 
 # ----------------------------------------------------------------------------- data
@@ -68,7 +68,25 @@ def patch_open_clip() -> None:
     from webdataset import tariterators
 
     open_clip_train.data.tar_file_expander = functools.partial(tariterators.tar_file_expander, eof_value=None)
-    open_clip.add_model_config(str(OPENCLIP_TINY_CONFIG))
+    open_clip.add_model_config(str(openclip_tiny_config()))
+
+
+def openclip_tiny_config() -> Path:
+    """open_clip's model config of mmcl's `clip-tiny-64` preset, derived through mmcl's exporter
+    (`open_clip_model_config`), written to `DATA/open_clip-tiny-64.json`: the benchmarks compare the same
+    architecture in both libraries from any clone, with no file from outside the repository."""
+    from mmcl.config import model_config
+    from mmcl.models import build_model
+    from mmcl.models.openclip_compat import open_clip_model_config
+
+    cfg = json.dumps(open_clip_model_config(build_model(model_config("clip-tiny-64"))), indent=2)
+    path = DATA / f"{OPENCLIP_TINY_NAME}.json"
+    if not path.is_file() or path.read_text() != cfg:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(cfg)
+        tmp.replace(path)
+    return path
 
 
 # ----------------------------------------------------------------------------- machine and load

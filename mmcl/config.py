@@ -311,6 +311,8 @@ class DataConfig:
 class ImageTowerConfig:
     """A timm model used as the image encoder (any `timm.create_model` name)."""
 
+    kind: Literal["timm", "hf_clip"] = "timm"  # hf_clip: the vision half of a transformers CLIP/SigLIP folder
+    hf_name: str = ""  # kind='hf_clip': that folder (its config.json sets the architecture)
     timm_name: str = "vit_base_patch32_clip_224"
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. patch_size, embed_dim, depth, num_heads
     pretrained: bool = False  # timm weights (needs the hub; users' machines)
@@ -339,8 +341,8 @@ class ImageTowerConfig:
 class TextTowerConfig:
     """The text encoder: open_clip's CLIP transformer ('clip') or any HF encoder ('hf')."""
 
-    kind: Literal["clip", "hf"] = "clip"
-    hf_name: str = ""  # HF model name or local path (kind='hf')
+    kind: Literal["clip", "hf", "hf_clip"] = "clip"  # hf_clip: the text half of a transformers CLIP/SigLIP folder
+    hf_name: str = ""  # HF model name or local path (kind='hf' or 'hf_clip')
     pooling: Literal["eos", "cls", "mean"] = "eos"
     tokenizer: str = "clip"  # 'clip' (bundled BPE), an HF tokenizer path/name, or a tokenizer.json
     context_length: int = 77
@@ -416,6 +418,7 @@ class ModelConfig:
     init_logit_scale: float = 1 / 0.07  # CLIP temperature init (SigLIP: 10)
     max_logit_scale: float = 100.0
     init_logit_bias: float | None = None  # SigLIP: -10
+    init_from: str = ""  # pretrained weights: an mmcl run, an open_clip file/folder or a transformers folder
 
 
 @dataclass
@@ -499,6 +502,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
+    layer_decay: float = 1.0  # layer-wise lr decay: block i of n gets lr * layer_decay**(n - i) (1 = off)
     warmup_steps: int = 100
     grad_clip: float = 1.0  # 0 = off
     grad_accum: int = 1  # micro-batches per optimizer step

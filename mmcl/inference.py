@@ -164,6 +164,7 @@ def load_pipeline(path: str | Path, device: str | torch.device | None = None) ->
     except ValueError as e:
         raise UserError(f"{cfg_path}: not an mmcl config ({e})") from None
     cfg.model.image.pretrained = False  # the checkpoint holds the weights: never reach for the hub
+    cfg.model.init_from = ""  # nor load the weights training started from
     model = build_model(cfg.model)
     try:
         load_model_weights(model, weights)

@@ -41,3 +41,5 @@ class Registry(Generic[F]):
 
 MODELS: Registry = Registry("model architecture")  # arch name -> fn(ModelConfig) -> nn.Module
 LOSSES: Registry = Registry("loss term")  # term name -> LossTerm subclass (mmcl.losses.base)
+IMAGE_TOWERS: Registry = Registry("image tower kind")  # kind -> fn(ImageTowerConfig, embed_dim) -> nn.Module
+TEXT_TOWERS: Registry = Registry("text tower kind")  # kind -> fn(TextTowerConfig, embed_dim, Tokenizer) -> nn.Module

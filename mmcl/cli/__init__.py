@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "shards": "mmcl.cli.shards",
     "train": "mmcl.cli.train",
+    "finetune": "mmcl.cli.finetune",
     "eval": "mmcl.cli.eval",
     "tokenizer": "mmcl.cli.tokenizer",
     "index": "mmcl.cli.index",

@@ -44,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmcl.extras import require_app
+
+    require_app("mmcl app")
     from mmcl.app import launch
     from mmcl.app.guard import parse_auth
 

@@ -22,6 +22,9 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmcl.extras import require
+
+    require("faiss", "mmcl demo (it indexes the held-out images for the app)")
     from mmcl.demo import DemoSettings, run_demo
 
     s = DemoSettings(out=args.out, data=args.data)

@@ -80,6 +80,9 @@ def _load_model(args: argparse.Namespace) -> tuple[Any, str]:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    from mmcl.extras import require
+
+    require("faiss", "mmcl index build")
     from mmcl.index import build_index
     from mmcl.index_plan import parse_bytes
 
@@ -121,6 +124,10 @@ def run_info(args: argparse.Namespace) -> int:
 
 def run_search(args: argparse.Namespace) -> int:
     from pathlib import Path
+
+    from mmcl.extras import require_app
+
+    require_app("mmcl index search")
 
     from mmcl.app import handlers as H
     from mmcl.index import EmbeddingIndex

@@ -272,9 +272,9 @@ class HFTokenizer(Tokenizer):
 def tokenizer_source(cfg: TextTowerConfig) -> str:
     """'clip' or the HF name/path/tokenizer.json that `build_tokenizer(cfg)` loads."""
     if cfg.tokenizer in _DEFAULT_NAMES:
-        if cfg.kind == "hf":
+        if cfg.kind in ("hf", "hf_clip"):
             if not cfg.hf_name:
-                raise UserError("model.text.kind is 'hf' but model.text.hf_name is empty")
+                raise UserError(f"model.text.kind is '{cfg.kind}' but model.text.hf_name is empty")
             return cfg.hf_name
         return "clip"
     return cfg.tokenizer

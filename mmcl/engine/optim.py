@@ -36,6 +36,10 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = [g for g in param_groups(module, cfg.weight_decay) if g["params"]]
+    if cfg.layer_decay != 1.0:
+        from mmcl.engine.layer_decay import split_by_lr_scale
+
+        groups = split_by_lr_scale(module, groups, cfg.layer_decay)
     if not groups:
         raise ValueError("the model has no trainable parameters (are both towers locked?)")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
@@ -51,4 +55,4 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # layer-wise decay (mmcl.engine.layer_decay)

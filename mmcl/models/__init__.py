@@ -14,8 +14,14 @@ from mmcl.registry import MODELS
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model registered for `cfg.arch`, built from `cfg`."""
-    return MODELS.get(cfg.arch)(cfg)
+    """The model registered for `cfg.arch`, built from `cfg`, with the weights of `cfg.init_from` when set
+    (`mmcl.models.pretrained`: an mmcl run, open_clip or transformers weights)."""
+    model = MODELS.get(cfg.arch)(cfg)
+    if cfg.init_from:
+        from mmcl.models.pretrained import load_pretrained
+
+        load_pretrained(model, cfg.init_from)
+    return model
 
 
 __all__ = ["build_model"]

@@ -12,7 +12,7 @@ from torch import nn
 from mmcl.config import ModelConfig
 from mmcl.data.text import Tokenizer, build_tokenizer
 from mmcl.models.lock import set_locked_eval
-from mmcl.models.towers import ImageTower, build_text_tower
+from mmcl.models.towers import build_image_tower, build_text_tower
 from mmcl.registry import MODELS
 
 
@@ -42,7 +42,7 @@ class CLIP(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.text)
-        self.image = ImageTower(cfg.image, cfg.embed_dim)
+        self.image = build_image_tower(cfg.image, cfg.embed_dim)
         self.text = build_text_tower(cfg.text, cfg.embed_dim, self.tokenizer)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(cfg.init_logit_scale)))
         self.max_log_scale = math.log(cfg.max_logit_scale)

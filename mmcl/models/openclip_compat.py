@@ -335,8 +335,19 @@ def export_open_clip(model: nn.Module, out_dir: str | Path, name: str | None = N
 
 
 def export_checkpoint(run_or_ckpt: str | Path, out_dir: str | Path, name: str | None = None) -> tuple[Path, Path]:
-    """Export the model of an mmcl run or checkpoint folder (see `mmcl.inference.find_weights`) to open_clip."""
+    """Export the model of an mmcl run or checkpoint folder (see `mmcl.inference.find_weights`) to open_clip,
+    with a model card (README.md)."""
     from mmcl.inference import load_pipeline
 
     pipe = load_pipeline(run_or_ckpt, device="cpu")
-    return export_open_clip(pipe.model, out_dir, name)
+    paths = export_open_clip(pipe.model, out_dir, name)
+    from mmcl.inference import find_weights
+    from mmcl.model_card import write_model_card
+
+    usage = f"""```python
+import open_clip
+
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{Path(out_dir).resolve()}")
+```"""
+    write_model_card(out_dir, find_weights(run_or_ckpt)[1], "open_clip", usage)
+    return paths

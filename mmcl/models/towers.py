@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 from mmcl.config import ImageTowerConfig, TextTowerConfig
 from mmcl.data.text import Tokenizer, hf_error, resolve_model_path
 from mmcl.models.lock import largest_module_list, lock_layer_stack, lock_timm
+from mmcl.registry import IMAGE_TOWERS, TEXT_TOWERS
 from mmcl.utils import UserError
 
 log = logging.getLogger("mmcl.models")
@@ -116,6 +117,7 @@ def clip_init_vit(trunk: nn.Module) -> None:
         nn.init.normal_(trunk.pos_embed, std=scale)
 
 
+@IMAGE_TOWERS.register("timm")
 class ImageTower(nn.Module):
     """A timm backbone and a bias-free linear projection to the joint embedding.
 
@@ -283,6 +285,7 @@ class TextTransformer(nn.Module):
         return x
 
 
+@TEXT_TOWERS.register("clip")
 class ClipTextTower(nn.Module):
     """CLIP's text encoder (Radford et al. 2021): token + learned position embeddings, a causal
     pre-norm transformer, final LayerNorm, the EOS token's state (or the masked mean) @ projection.
@@ -354,6 +357,7 @@ class ClipTextTower(nn.Module):
         self.transformer.grad_checkpointing = enable
 
 
+@TEXT_TOWERS.register("hf")
 class HFTextTower(nn.Module):
     """A Hugging Face encoder (`AutoModel.from_pretrained(hf_name)`) with pooling and a projection.
 
@@ -417,10 +421,16 @@ class HFTextTower(nn.Module):
             self.model.gradient_checkpointing_disable()
 
 
+def build_image_tower(cfg: ImageTowerConfig, embed_dim: int) -> nn.Module:
+    """The image tower registered for `cfg.kind` (`ImageTower` for 'timm', `mmcl.models.hf_towers` for 'hf_clip')."""
+    return IMAGE_TOWERS.get(cfg.kind)(cfg, embed_dim)
+
+
 def build_text_tower(cfg: TextTowerConfig, embed_dim: int, tokenizer: Tokenizer) -> nn.Module:
-    """`ClipTextTower` for `kind: clip`, `HFTextTower` for `kind: hf`."""
-    if cfg.kind == "hf":
-        if not cfg.hf_name:
-            raise UserError("model.text.kind is 'hf' but model.text.hf_name is empty")
-        return HFTextTower(cfg, embed_dim, tokenizer)
-    return ClipTextTower(cfg, embed_dim, tokenizer)
+    """The text tower registered for `cfg.kind`: `ClipTextTower` ('clip'), `HFTextTower` ('hf'), 'hf_clip'."""
+    if cfg.kind in ("hf", "hf_clip") and not cfg.hf_name:
+        raise UserError(f"model.text.kind is '{cfg.kind}' but model.text.hf_name is empty")
+    return TEXT_TOWERS.get(cfg.kind)(cfg, embed_dim, tokenizer)
+
+
+from mmcl.models import hf_towers  # noqa: E402, F401  (registers the 'hf_clip' towers)
