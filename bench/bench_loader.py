@@ -11,8 +11,9 @@ model's size, normalise, tokenize the caption (CLIP BPE, context 32), batch 128.
   (scale 0.9-1) + ToTensor + Normalize, the open_clip tokenizer), in a `wds.WebLoader`;
 * mmcl: `mmcl.data.pipeline.build_stream(DataConfig, model, shards, train=True)` + `make_loader`
   (1000-sample shuffle buffer, PIL decode with JPEG draft mode when the stored image is >= 2x the
-  target, `mmcl.data.transforms.ImageTransform`: a PIL random-resized crop (scale 0.8-1) drawn from a
-  per-sample Python RNG, then to tensor and normalise; the model's tokenizer).
+  target, `mmcl.data.transforms.ImageTransform`: a random-resized crop (scale 0.8-1) drawn from a
+  per-sample Python RNG, resized by torch on uint8, normalised per batch in the collator; the model's
+  tokenizer).
 
 Configurations are (model image size, stored shard image size): 64 px from 64 px shards (what a tiny
 model trains on), 224 px from 256 px shards, and 64 px from the same 256 px shards (large stored images,

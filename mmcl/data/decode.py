@@ -102,7 +102,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, target_size: int = 0
     if target_size and img.format == "JPEG" and min(width, height) >= 2 * target_size:
         img.draft("RGB", (target_size, target_size))
     try:
-        return ImageOps.exif_transpose(img).convert("RGB")  # forces the full decode: truncated data fails here
+        ImageOps.exif_transpose(img, in_place=True)  # loads (truncated data fails here); in place: no copy
+        return img if img.mode == "RGB" else img.convert("RGB")  # convert() copies even an RGB image
     except Image.DecompressionBombError as e:  # a size that grows while decoding (e.g. an animated frame)
         raise SkipSample("too_many_pixels", str(e).split(" pixels")[0]) from None
     except Exception as e:

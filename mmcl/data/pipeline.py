@@ -41,11 +41,12 @@ def build_stream(
         pre["image_size"],
         need_caption=need_caption,
         image_views=image_views,
+        pixels=True,  # uint8 per sample, normalised per batch by the Collator
     )
     return ShardStream(
         [expand_shards(p) for p in shards],
         decoder,
-        Collator(getattr(model, "tokenizer", None) if need_caption else None, batch_views),
+        Collator(getattr(model, "tokenizer", None) if need_caption else None, batch_views, transform.normalize),
         batch_size or cfg.batch_size,
         weights=cfg.train_weights or None,
         resampled=cfg.resampled and train,

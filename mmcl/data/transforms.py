@@ -1,8 +1,9 @@
 """Image transforms from the image tower's preprocessing config (size, mean, std).
 
-Geometry runs in PIL on uint8 (cheapest for small images); randomness comes from
-a per-sample `random.Random` so augmentation is a pure function of the sample
-(exact resume) and never touches torch's global RNG (re-seeding it costs ~2 ms a call).
+Geometry runs in torch on uint8 (its antialiased bicubic resize matches PIL's to +-3 levels and costs a third
+of it: `bench/profile_loader.py`); normalising is a separate step, so the loader can normalise a whole batch
+at once (`mmcl.data.shards.Collator`). Randomness comes from a per-sample `random.Random` so augmentation is a
+pure function of the sample (exact resume) and never touches torch's global RNG (re-seeding it costs ~2 ms a call).
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ import math
 import random
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
-import torchvision.transforms.functional as TF
+import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
@@ -39,10 +41,11 @@ def random_resized_crop_box(
 
 
 class ImageTransform:
-    """PIL RGB image (+ per-sample RNG) -> normalised (3, S, S) float tensor.
+    """PIL image (+ per-sample RNG) -> normalised (3, S, S) float tensor; `pixels` + `normalize` are its two halves.
 
     Training: a mild random-resized crop (open_clip uses scale (0.9, 1); small models on small data gain
-    from a little more). Evaluation: resize the shorter side and centre-crop, as CLIP does.
+    from a little more). Evaluation: resize the shorter side and centre-crop, as CLIP does (torchvision's
+    `Resize` + `CenterCrop` arithmetic).
     """
 
     def __init__(
@@ -56,18 +59,42 @@ class ImageTransform:
     ) -> None:
         self.size, self.train, self.scale, self.ratio = image_size, train, scale, ratio
         self.mean = torch.tensor(mean).view(3, 1, 1) * 255
-        self.std = torch.tensor(std).view(3, 1, 1) * 255
+        self.inv_std = 1 / (torch.tensor(std).view(3, 1, 1) * 255)
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        return self.normalize(self.pixels(image, rng))
+
+    def pixels(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        """The cropped and resized image as a uint8 (3, S, S) tensor (a view: may not be contiguous)."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        # (H, W, 3) memory seen as (3, H, W): channels-last, the layout of torch's vectorised uint8 resize
+        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        s = self.size
         if self.train:
             top, left, h, w = random_resized_crop_box(*image.size, self.scale, self.ratio, rng or random.Random())
-            image = TF.resized_crop(image, top, left, h, w, [self.size, self.size], BICUBIC)
-        else:
-            if min(image.size) != self.size:
-                image = TF.resize(image, self.size, BICUBIC)
-            if image.size != (self.size, self.size):
-                image = TF.center_crop(image, [self.size, self.size])
-        return (TF.pil_to_tensor(image).float() - self.mean) / self.std
+            return _resize(x[:, top : top + h, left : left + w], (s, s))
+        height, width = x.shape[1:]
+        if min(height, width) != s:  # shorter side to s, the longer one truncated as torchvision's Resize does
+            height, width = (int(s * height / width), s) if width <= height else (s, int(s * width / height))
+            x = _resize(x, (height, width))
+        top, left = int(round((height - s) / 2.0)), int(round((width - s) / 2.0))
+        return x[:, top : top + s, left : left + s]
+
+    def normalize(self, pixels: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """uint8 (..., 3, S, S) -> float32 (x - mean) / std, into `out` when given (same shape; may be `pixels`
+        itself, already converted to float)."""
+        out = torch.empty(pixels.shape, dtype=torch.float32) if out is None else out
+        if out is not pixels:  # the Collator copies the samples into the batch itself
+            out.copy_(pixels)
+        return out.sub_(self.mean).mul_(self.inv_std)  # in place: one buffer, three passes
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bicubic resize of a uint8 (3, H, W) tensor (PIL's filter; rounds and saturates to uint8)."""
+    if tuple(x.shape[1:]) == size:
+        return x
+    return F.interpolate(x[None], size=size, mode="bicubic", antialias=True)[0]
 
 
 def image_transform(
