@@ -69,6 +69,8 @@ def patch_open_clip() -> None:
 
     open_clip_train.data.tar_file_expander = functools.partial(tariterators.tar_file_expander, eof_value=None)
     open_clip.add_model_config(str(openclip_tiny_config()))
+    for config in sorted((REPO / "bench" / "configs").glob("*.json")):  # configs the exporter cannot derive
+        open_clip.add_model_config(str(config))  # e.g. open_clip-tiny-cnn-64: a timm resnet10t tower
 
 
 def openclip_tiny_config() -> Path:

@@ -134,7 +134,7 @@ class Trainer:
         trackers = [t for t in self.tc.trackers if t != "none"]
         self.accelerator = Accelerator(
             mixed_precision=resolve_precision(self.tc.precision).replace("fp32", "no"),
-            log_with=trackers or None,
+            log_with=_trackers(trackers, self.run_dir) or None,
             project_dir=str(self.run_dir),
             cpu=not torch.cuda.is_available(),
         )
@@ -375,6 +375,23 @@ class Trainer:
             )
         if step:
             log.info("continuing at step %d of %d", step, self.tc.steps)
+
+
+def _trackers(names: list[str], run_dir: Path) -> list[Any]:
+    """Accelerate's trackers by name; W&B as a tracker object so its project is 'mmcl' and its run is named
+    after the run folder (Accelerate would name the W&B project after `init_trackers`' TensorBoard folder)."""
+    out: list[Any] = []
+    for name in names:
+        if name == "wandb":
+            from mmcl.extras import require
+
+            require("wandb", "train.trackers=[wandb]")
+            from accelerate.tracking import WandBTracker
+
+            out.append(WandBTracker("mmcl", name=run_dir.name, dir=str(run_dir)))
+        else:
+            out.append(name)
+    return out
 
 
 def _log_line(step: int, total: int, m: dict[str, float], elapsed: float, done: int) -> str:
