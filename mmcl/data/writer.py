@@ -251,7 +251,24 @@ def _bounded(items: Iterable[Any], gate: threading.Semaphore, stop: threading.Ev
         while not gate.acquire(timeout=0.1):
             if stop.is_set():
                 return
+        if stop.is_set():
+            return
         yield item
+
+
+def _terminate(pool: Any, timeout_s: float = 10.0) -> None:
+    """Stop a busy pool without hanging: `Pool.terminate` joins its feeder thread, which can be stuck writing
+    a task to the pipe of workers it has just killed (a CPython race); that thread is a daemon, so after
+    `timeout_s` the workers are killed and it is left behind."""
+    stopper = threading.Thread(target=pool.terminate, daemon=True)
+    stopper.start()
+    stopper.join(timeout_s)
+    if stopper.is_alive():
+        for proc in pool._pool:
+            proc.kill()
+        log.warning("the shard writer's worker pool did not stop in %.0f s; its workers were killed", timeout_s)
+        return
+    pool.join()
 
 
 def write_shards(
@@ -379,8 +396,7 @@ def write_shards(
             shard.abort()
         if pool is not None:
             stop.set()
-            pool.terminate()  # no-op after close() + exit; stops busy workers on an error
-            pool.join()
+            _terminate(pool)  # no-op after close() + exit; stops busy workers on an error
 
     summary.shards = [f"{i:05d}.tar" for i in sorted(all_stats)]
     stale = [p.name for p in out.iterdir() if _SHARD.match(p.name) and p.name not in summary.shards]
