@@ -31,6 +31,7 @@ from mmcl.config import (
     EvalConfig,
     ExperimentConfig,
     LossConfig,
+    TermConfig,
     deep_merge,
     from_dict,
     load_yaml,
@@ -81,7 +82,7 @@ class FinetuneResult:
 
 
 def _classnames_beside(shards: list[str]) -> Path | None:
-    from mmcl.eval.datasets import expand_shards
+    from mmcl.data.reader import list_shards as expand_shards
 
     for url in expand_shards(shards):
         for folder in (Path(url).parent, Path(url).parent.parent):
@@ -95,7 +96,7 @@ def flyp_shards(shards: list[str], classnames: list[str], templates: list[str], 
     (`FLYP_KEY`); images and everything else are copied byte for byte. Written once (kept if complete)."""
     import webdataset as wds
 
-    from mmcl.eval.datasets import expand_shards
+    from mmcl.data.reader import list_shards as expand_shards
     from mmcl.eval.templates import format_prompts
 
     done = out_dir / "done.json"
@@ -135,9 +136,9 @@ def _start_loss(model_cfg: Any, start: str) -> LossConfig:
     if src.kind == "mmcl":
         from mmcl.inference import find_weights
 
-        raw = load_yaml(find_weights(src.path)[1])
-        return from_dict(LossConfig, raw.get("loss", {}), "loss")
-    return LossConfig(contrastive="siglip" if model_cfg.init_logit_bias is not None else "clip")
+        return from_dict(ExperimentConfig, load_yaml(find_weights(src.path)[1])).loss  # older layouts upgraded
+    name = "siglip" if model_cfg.init_logit_bias is not None else "clip"
+    return LossConfig(terms=[TermConfig.from_config(name, "loss.terms")])
 
 
 def experiment_for(spec: FinetuneSpec) -> ExperimentConfig:
@@ -183,11 +184,12 @@ def interpolate(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], 
 def zero_shot_top1(model: torch.nn.Module, ev: EvalConfig) -> float:
     """Zero-shot top-1 of `model` on the labelled set `ev`."""
     from mmcl.data.transforms import transform_from_model
-    from mmcl.eval.hook import model_encoders
     from mmcl.eval.runner import zero_shot_from_config
+    from mmcl.inference import Pipeline
 
-    encode_images, encode_texts = model_encoders(model)
-    out = zero_shot_from_config(ev, encode_images, encode_texts, transform=transform_from_model(model, train=False))
+    encoder = Pipeline.from_model(model)
+    transform = transform_from_model(model, train=False)
+    out = zero_shot_from_config(ev, encoder.encode_images, encoder.encode_texts, transform=transform)
     return float(out["metrics"]["top1"])
 
 

@@ -36,9 +36,20 @@ ENV = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "TRANSFORMERS
 
 
 def _readme_commands() -> list[str]:
+    """Each command of the README's bash blocks; a block of numbered steps (`# 1.`) that build on each other
+    is one command, run as a script (`GUIDE` + its text)."""
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
-    lines = [line.split("  #")[0].strip() for block in blocks for line in block.splitlines()]
-    return [line for line in lines if line and not line.startswith("#")]
+    commands = []
+    for block in blocks:
+        if "# 1." in block:
+            commands.append(GUIDE + block)
+            continue
+        lines = [line.split("  #")[0].strip() for line in block.replace("\\\n", " ").splitlines()]
+        commands += [line for line in lines if line and not line.startswith("#")]
+    return commands
+
+
+GUIDE = "guide:"
 
 
 def _script_usages() -> list[str]:
@@ -130,11 +141,13 @@ def _expect_missing_shards(argv: list[str], capsys) -> None:
     assert err.count("\n") == 0 and f"shard pattern '{SHARDS}'" in err and "not found" in err, err
 
 
-def _bash(args: list[str], cwd: Path, path_first: Path | None = None) -> subprocess.CompletedProcess:
+def _bash(
+    args: list[str], cwd: Path, path_first: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
     env = {**os.environ, **ENV, "SLURM_JOB_NODELIST": "node-1", "SLURM_NNODES": "4", "SLURM_JOB_ID": "1"}
     if path_first is not None:
         env["PATH"] = f"{path_first}:{env['PATH']}"
-    return subprocess.run(["bash", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(["bash", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_commands_were_found():
@@ -163,8 +176,14 @@ def _serve_without_blocking(monkeypatch) -> dict:
 sys.path.insert(0, str(ROOT / "tests" / "app"))
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: c.splitlines()[1][:60] if c.startswith(GUIDE) else c)
 def test_command_runs_as_written(command, workdir, inputs, monkeypatch, capsys, tmp_path):  # noqa: C901
+    if command.startswith(GUIDE):  # a guide's numbered steps: one bash script, in order, with the installed mmcl
+        (workdir / "tests").symlink_to(ROOT / "tests")
+        (workdir / "guide.sh").write_text("set -euo pipefail\n" + command.removeprefix(GUIDE))
+        done = _bash(["guide.sh"], workdir, path_first=Path(sys.executable).parent, timeout=600)
+        assert done.returncode == 0, done.stdout[-1500:] + done.stderr[-3000:]
+        return
     for big, small in SMALLER.items():
         command = command.replace(big, small)
     words = shlex.split(command)
