@@ -23,12 +23,7 @@ LABELS = ["red circle", "blue square", "green star", "seven"]
 TEMPLATE = "This is a photo of {}."
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(tmp_path: Path, cfg: ExperimentConfig, model: torch.nn.Module) -> Path:

@@ -23,12 +23,7 @@ TINY_OC = {
 TEXTS = ["a photo of a cat", "seven", "two small blue squares on a gray background!"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module", params=["clip", "siglip"])
