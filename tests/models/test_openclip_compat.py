@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,6 @@ from mmcl.utils import UserError
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-BENCH_JSON = Path("/work/shared/bench/open_clip-tiny-64.json")
 TINY_OC = {  # smaller than the benchmark model, same kind; image 32 px
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "head_width": 32, "layers": 2},
@@ -32,7 +30,13 @@ CAPTIONS = ["a red circle", "two small blue squares on a gray background", "x", 
 
 
 def _oc_config() -> dict:
-    return json.loads(BENCH_JSON.read_text()) if BENCH_JSON.is_file() else TINY_OC
+    """open_clip's config of the benchmark architecture (clip-tiny-64), derived through the exporter as
+    bench/common.py does: no file from outside the repository."""
+    from mmcl.config import model_config
+    from mmcl.models import build_model
+    from mmcl.models.openclip_compat import open_clip_model_config
+
+    return open_clip_model_config(build_model(model_config("clip-tiny-64")))
 
 
 def _assert_same_encoders(oc_model, model: CLIP, image_size: int) -> None:
