@@ -36,9 +36,10 @@ from common import (  # noqa: E402
     machine_info,
     machine_markdown,
     markdown_table,
+    publish,
     reproduce_command,
+    reproduce_markdown,
     wait_for_quiet,
-    write_results,
 )
 
 CHUNK = 250_000
@@ -278,20 +279,14 @@ in the same run):
 
 {machine_markdown(res["machine"], res["load"])}
 
-Reproduce:
-
-```
-{res["command"]}
-```
+{reproduce_markdown(res["command"])}
 """
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     res = run(args)
-    js, md = write_results("index", res, to_markdown(res), args.results)
-    print(to_markdown(res))
-    print(f"wrote {js} and {md}")
+    publish("index", res, to_markdown(res), args.results)
     if args.tiny:
         shutil.rmtree(args.data_dir, ignore_errors=True)
     return 0

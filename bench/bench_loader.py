@@ -45,10 +45,10 @@ from common import (  # noqa: E402
     markdown_table,
     median,
     patch_open_clip,
+    publish,
     reproduce_command,
     synthetic_shards,
     wait_for_quiet,
-    write_results,
 )
 
 OPENCLIP_MODEL = "open_clip-tiny-64"  # tokenizer: CLIP BPE, context 32
@@ -316,9 +316,7 @@ Per-repeat values are in `loader.json` (`summary[*].*_all`, `runs`). Reproduce:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     res = run(args)
-    js, md = write_results("loader", res, to_markdown(res), args.results)
-    print(to_markdown(res))
-    print(f"wrote {js} and {md}")
+    publish("loader", res, to_markdown(res), args.results)
     return 0
 
 

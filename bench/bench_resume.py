@@ -26,7 +26,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DATA, RESULTS, machine_info, machine_markdown, markdown_table, reproduce_command, wait_for_quiet  # noqa: E402
+from common import (  # noqa: E402
+    DATA,
+    RESULTS,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    reproduce_command,
+    reproduce_markdown,
+    wait_for_quiet,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -192,22 +201,16 @@ first batch of a new run (worker start-up and shuffle-buffer fill), the floor fo
 
 {machine_markdown(res["machine"], res["load"])}
 
-Reproduce:
-
-```
-{res["command"]}
-```
+{reproduce_markdown(res["command"])}
 """
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common import write_results
+    from common import publish
 
     args = parse_args(argv)
     res = run(args)
-    js, md = write_results("resume", res, to_markdown(res), args.results)
-    print(to_markdown(res))
-    print(f"wrote {js} and {md}")
+    publish("resume", res, to_markdown(res), args.results)
     return 0
 
 

@@ -301,3 +301,16 @@ def write_results(name: str, data: dict[str, Any], markdown: str, out_dir: Path 
     atomic_write_text(js, json.dumps(data, indent=2, default=str) + "\n")
     atomic_write_text(md, markdown.rstrip() + "\n")
     return js, md
+
+
+def publish(name: str, data: dict[str, Any], markdown: str, out_dir: Path | None = None) -> tuple[Path, Path]:
+    """`write_results` (to `out_dir`, default `RESULTS`), then print the table and where it went."""
+    js, md = write_results(name, data, markdown, out_dir or RESULTS)
+    print(markdown)
+    print(f"wrote {js} and {md}")
+    return js, md
+
+
+def reproduce_markdown(command: str) -> str:
+    """The closing lines of every results file: how to run it again."""
+    return f"Reproduce:\n\n```\n{command}\n```"
