@@ -11,8 +11,8 @@ Each save writes a new generation of files under temporary names, renames them, 
 manifest, so a crash leaves the previous index intact and readers never see half of a new one.
 
 Vectors are compared by inner product (cosine for the L2-normalised embeddings of `mmcl.inference`).
-Structure (`mmcl.index_plan`): exact for small collections (searched with one multi-threaded matrix-vector
-product over the stored vectors: as fast as a scan of them); past `ivf_threshold` vectors IVF with float32,
+Structure (`mmcl.index_plan`): exact for small collections (a single query scans one block of rows per
+thread with faiss's kernel: about one read of the stored vectors); past `ivf_threshold` vectors IVF with float32,
 float16, 8-bit or PQ codes, whichever fits the memory budget, its `nprobe` tuned to `target_recall`, the
 inverted lists memory-mapped from the index file (`on_disk`) when they do not fit; or HNSW on request.
 Added one batch at a time (the app, `--append`), IVF is re-trained whenever the collection has grown 4x.
@@ -20,17 +20,19 @@ Added one batch at a time (the app, `--append`), IVF is re-trained whenever the 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmcl.index_plan import exact_topk, plan_index, tune_search
+from mmcl.index_plan import exact_topk, plan_index, set_nprobe, tune_search
 from mmcl.utils import UserError, atomic_open, atomic_write_text
 
 log = logging.getLogger("mmcl")
@@ -57,6 +59,10 @@ PARAMS = {
     "target_recall": 0.95,
 }
 TUNE_QUERIES = 256  # held-out queries for tuning nprobe / efSearch
+# Exact search: from this many queries faiss's batched (BLAS) search is used as is; below it, collections of
+# SPLIT_SCAN_MIN vectors or more are scanned by one thread per block of rows (see `_exact_search`).
+FEW_QUERIES = 16
+SPLIT_SCAN_MIN = 200_000
 
 
 class EmptyIndexError(UserError):
@@ -178,21 +184,33 @@ class EmbeddingIndex:
         return scores, [[self.metas[i] if i >= 0 else None for i in row] for row in ids]
 
     def _exact_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact search as one multi-threaded matrix product over the stored float32 vectors (no copy).
+        """Exact search over the stored float32 vectors, as fast as one read of them.
 
-        faiss's own flat search runs one query on one thread; torch's product uses every core, so a query
-        costs about one scan of the vectors (bench/bench_index.py measures both).
+        A batch of queries goes to faiss's own search (a BLAS product, threaded over queries). A few queries
+        would leave all but one core idle (faiss threads over queries) and torch's matrix-vector product
+        reads the vectors at a fraction of memory bandwidth (bench/results/index.md), so instead the rows
+        are cut into one contiguous block per thread, each block searched by faiss's single-threaded
+        kernel in a thread of our own (faiss releases the GIL), and the per-block top-k merged.
         """
         import faiss
 
-        n = self._index.ntotal
+        n, threads = self._index.ntotal, faiss.omp_get_max_threads()
+        if len(q) >= FEW_QUERIES or threads == 1 or n < SPLIT_SCAN_MIN:
+            return self._index.search(q, k)
         stored = faiss.rev_swig_ptr(self._index.get_xb(), n * self.dim).reshape(n, self.dim)
-        scores, ids = [], []
-        for lo in range(0, len(q), 64):  # bounds the (N, 64) score matrix
-            s, i = exact_topk(q[lo : lo + 64], [stored], k)
-            scores.append(s)
-            ids.append(i)
-        return np.concatenate(scores), np.concatenate(ids).astype(np.int64)
+        bounds = np.linspace(0, n, threads + 1, dtype=np.int64)
+
+        def block(i: int) -> tuple[np.ndarray, np.ndarray]:
+            faiss.omp_set_num_threads(1)  # per OS thread (an OpenMP ICV): the caller's setting is untouched
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            scores, ids = faiss.knn(q, stored[lo:hi], min(k, hi - lo), faiss.METRIC_INNER_PRODUCT)
+            return scores, np.where(ids >= 0, ids + lo, -1)
+
+        parts = list(_scan_pool(threads).map(block, range(threads)))
+        scores = np.concatenate([p[0] for p in parts], axis=1)
+        ids = np.concatenate([p[1] for p in parts], axis=1)
+        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, best, 1), np.take_along_axis(ids, best, 1)
 
     def vectors(self) -> np.ndarray:
         """All stored vectors, (N, D), in id order."""
@@ -263,7 +281,7 @@ class EmbeddingIndex:
 
         ivf = faiss.try_extract_index_ivf(index)
         if ivf is not None and self.nprobe:
-            ivf.nprobe = min(self.nprobe, ivf.nlist)
+            set_nprobe(ivf, min(self.nprobe, ivf.nlist))
             self.tuning = {"param": "nprobe", "value": ivf.nprobe, "fixed": True}
             return
         n = sum(len(c) for c in chunks)
@@ -372,6 +390,12 @@ class EmbeddingIndex:
                 f"the manifest says {manifest['count']}; rebuild it"
             )
         return index
+
+
+@functools.cache
+def _scan_pool(threads: int) -> ThreadPoolExecutor:
+    """Threads that scan blocks of an exact index (kept: starting threads per query costs more than a scan)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="mmcl-scan")
 
 
 def _read_faiss(path: Path, manifest: dict[str, Any], mmap: bool | None) -> Any:

@@ -3,7 +3,8 @@
 `plan_index` picks from the collection size and a memory budget:
 
     n <= exact_threshold         exact (`Flat`; `SQfp16` when float32 does not fit the budget)
-    above                        IVF with about 4 sqrt(n) lists (a power of two), lists stored as
+    above                        IVF with about 4 sqrt(n) lists (a power of two; an HNSW coarse quantizer
+                                 from 8192 lists), lists stored as
                                  float32 / float16 / 8-bit scalar codes, the first that fits the budget;
                                  when none fits, 8-bit codes in memory-mapped lists on disk
     kind='hnsw'                  a graph (`HNSW{m},Flat` or `,SQfp16`): no training, more memory
@@ -32,6 +33,9 @@ STORAGES = ("auto", "fp32", "fp16", "sq8", "pq")
 _CODE_BYTES = {"fp32": 4.0, "fp16": 2.0, "sq8": 1.0}
 _FACTORY_CODE = {"fp32": "Flat", "fp16": "SQfp16", "sq8": "SQ8"}
 _IVF_OVERHEAD = 8  # bytes per vector for its id in the inverted lists
+# From this many lists the coarse quantizer is an HNSW graph over the centroids (autofaiss does the same):
+# a flat one scans nlist x dim floats per query (32 MiB at 16k x 512) and per added vector.
+HNSW_COARSE_FROM = 8192
 
 
 @dataclass
@@ -134,7 +138,8 @@ def plan_index(
         code = _CODE_BYTES[chosen]
     lists_bytes = int(n * (dim * code if chosen != "pq" else code) + n * _IVF_OVERHEAD)
     disk = on_disk if on_disk is not None else lists_bytes + centroids > budget
-    factory = f"IVF{lists}," + (f"PQ{int(code)}x8" if chosen == "pq" else _FACTORY_CODE[chosen])
+    coarse = "_HNSW32" if lists >= HNSW_COARSE_FROM else ""
+    factory = f"IVF{lists}{coarse}," + (f"PQ{int(code)}x8" if chosen == "pq" else _FACTORY_CODE[chosen])
     size = centroids + (0 if disk else lists_bytes)
     where = "memory-mapped lists on disk" if disk else "in memory"
     reason = (
@@ -178,6 +183,16 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, self_ids: np.ndarray | Non
     return hits / max(len(found), 1)
 
 
+def set_nprobe(ivf: Any, nprobe: int) -> None:
+    """Search `nprobe` lists of an IVF index; an HNSW coarse quantizer is widened to return that many."""
+    import faiss
+
+    ivf.nprobe = nprobe
+    coarse = faiss.downcast_index(ivf.quantizer)
+    if isinstance(coarse, faiss.IndexHNSW):
+        coarse.hnsw.efSearch = max(64, 2 * nprobe)
+
+
 def tune_search(
     index: Any, queries: np.ndarray, truth: np.ndarray, self_ids: np.ndarray | None, target: float, k: int = 10
 ) -> dict[str, Any]:
@@ -193,7 +208,7 @@ def tune_search(
         param, values = "nprobe", [v for v in (2**i for i in range(17)) if v < ivf.nlist] + [ivf.nlist]
 
         def setter(v: int) -> None:
-            ivf.nprobe = v
+            set_nprobe(ivf, v)
     elif isinstance(index, faiss.IndexHNSW):
         param, values = "efSearch", [16, 32, 64, 128, 256, 512, 1024, 2048]
 

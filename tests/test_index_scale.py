@@ -38,6 +38,7 @@ def test_plan_follows_size_and_memory_budget():
     assert plan_index(1_000_000, 512, memory_budget=GIB // 2 + GIB // 4).storage == "sq8"
     huge = plan_index(10_000_000, 512, memory_budget=2 * GIB)
     assert huge.storage == "sq8" and huge.on_disk and huge.bytes_estimate < 2 * GIB  # lists memory-mapped
+    assert huge.factory == "IVF16384_HNSW32,SQ8"  # a graph finds the nearest of 16k lists
     assert plan_index(1_000_000, 512, storage="pq", memory_budget=8 * GIB).factory == "IVF4096,PQ64x8"
     assert plan_index(200_000, 512, "hnsw", memory_budget=8 * GIB).factory == "HNSW32,Flat"
     with pytest.raises(UserError, match="needs an IVF"):
@@ -58,6 +59,30 @@ def test_exact_search_is_exact():
     assert [row[0]["id"] for row in metas] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_exact_search_split_over_threads_equals_one_scan(monkeypatch, threads):
+    """A few queries are scanned one block of rows per thread; the merged top-k is the whole scan's."""
+    import faiss
+
+    import mmcl.index
+
+    monkeypatch.setattr(mmcl.index, "SPLIT_SCAN_MIN", 100)
+    x = clustered(5003, dim=16, clusters=20)
+    index = EmbeddingIndex(16, kind="flat")
+    index.add(x)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        for q in (x[:1], x[4990:5000], x[:3] * -1):  # own vectors (last block too) and far-off queries
+            scores, metas = index.search(q, k=12)
+            truth_s, truth_i = exact_topk(q, [x], 12)
+            assert [[m["id"] for m in row] for row in metas] == truth_i.tolist()
+            np.testing.assert_allclose(scores, truth_s, rtol=1e-5)
+        assert faiss.omp_get_max_threads() == threads  # the caller's thread setting is left as it was
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 @pytest.mark.parametrize("kind,storage", [("ivf", "fp32"), ("ivf", "fp16"), ("ivf", "sq8"), ("hnsw", "fp32")])
 def test_search_breadth_is_tuned_to_the_target_recall(kind, storage):
     both = clustered(6200)
@@ -73,6 +98,30 @@ def test_search_breadth_is_tuned_to_the_target_recall(kind, storage):
     ids = np.array([[m["id"] for m in row] for row in found])
     assert recall_at_k(ids, truth, None, 10) >= 0.85  # what the tuning promised, on other queries
     assert index.metas[4321] == {"n": 4321, "id": 4321}
+
+
+def test_hnsw_coarse_quantizer_is_tuned_saved_and_loaded(monkeypatch, tmp_path):
+    """Past HNSW_COARSE_FROM lists the centroids are found by a graph; tuning widens it with nprobe."""
+    import faiss
+
+    import mmcl.index_plan
+
+    monkeypatch.setattr(mmcl.index_plan, "HNSW_COARSE_FROM", 32)
+    both = clustered(6200)
+    x, queries = both[:6000], both[6000:]
+    params = {"kind": "ivf", "storage": "sq8", "nlist": 64, "target_recall": 0.9, "memory_budget": 100_000}
+    index = EmbeddingIndex.from_chunks(32, [x], [{} for _ in range(6000)], **params)
+    assert index.plan["factory"] == "IVF64_HNSW32,SQ8" and index.on_disk
+    ivf = faiss.extract_index_ivf(index._index)
+    coarse = faiss.downcast_index(ivf.quantizer)
+    assert isinstance(coarse, faiss.IndexHNSW) and coarse.hnsw.efSearch >= 2 * ivf.nprobe
+    index.save(tmp_path / "idx")
+    loaded = EmbeddingIndex.load(tmp_path / "idx")
+    _, truth = exact_topk(queries, [x], 10)
+    _, found = loaded.search(queries, k=10)
+    ids = np.array([[m["id"] for m in row] for row in found])
+    assert recall_at_k(ids, truth, None, 10) >= 0.85
+    assert faiss.extract_index_ivf(loaded._index).nprobe == ivf.nprobe
 
 
 def test_on_disk_lists_are_memory_mapped_and_search_the_same(tmp_path):
