@@ -87,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.tiny:
         args.sizes, args.calls, args.warmup, args.thumbs, args.no_wait = [20_000], 30, 3, 50, True
+        args.ivf_threshold = 10_000  # the IVF path 1M takes, at a size that builds in seconds
         args.data_dir = Path(tempfile.mkdtemp(prefix="bench_app_data_"))
     if args.results is None:
         args.results = Path(tempfile.mkdtemp(prefix="bench_app_")) if args.tiny else RESULTS
