@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     DATA,
     RESULTS,
+    clustered_queries,
+    clustered_vectors,
     machine_info,
     machine_markdown,
     markdown_table,
@@ -44,8 +46,6 @@ from common import (  # noqa: E402
     reproduce_markdown,
     wait_for_quiet,
 )
-
-CHUNK = 250_000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,32 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def vectors(args: argparse.Namespace, n: int) -> list[np.ndarray]:
     """`n` clustered unit vectors as memory-mapped float16 chunks (written once, deterministic)."""
-    out = args.data_dir / f"index_vectors_{args.dim}d"
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((4096, args.dim)).astype(np.float32)
-    chunks = []
-    for c in range(0, n, CHUNK):
-        path = out / f"{c // CHUNK:05d}.npy"
-        rows = min(CHUNK, n - c)
-        if not path.is_file() or np.load(path, mmap_mode="r").shape[0] < rows:
-            g = np.random.default_rng(1 + c // CHUNK)
-            x = centres[g.integers(0, len(centres), rows)] + 0.6 * g.standard_normal((rows, args.dim), np.float32)
-            x /= np.linalg.norm(x, axis=1, keepdims=True)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, x.astype(np.float16))
-            os.replace(tmp, path)
-        chunks.append(np.load(path, mmap_mode="r")[:rows])
-    return chunks
+    return clustered_vectors(args.data_dir, n, args.dim)
 
 
 def query_set(args: argparse.Namespace) -> np.ndarray:
     """Queries from the same distribution as the stored vectors, never stored themselves."""
-    rng = np.random.default_rng(0)
-    centres = rng.standard_normal((4096, args.dim)).astype(np.float32)
-    g = np.random.default_rng(999)
-    q = centres[g.integers(0, len(centres), args.queries)] + 0.6 * g.standard_normal((args.queries, args.dim))
-    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    return clustered_queries(args.queries, args.dim)
 
 
 def rss() -> int:

@@ -1,7 +1,8 @@
 """Helpers shared by the side-by-side benchmarks against open_clip (`bench_loader.py`, `bench_train.py`).
 
-Synthetic shards written once and reused, machine description, load-average gating, peak memory of a
-process tree, the open_clip webdataset workaround, and atomic JSON + markdown results.
+Synthetic shards written once and reused, clustered embedding-like vectors (`bench_index.py`, `bench_app.py`),
+machine description, load-average gating, peak memory of a process tree, the open_clip webdataset workaround,
+and atomic JSON + markdown results.
 """
 
 from __future__ import annotations
@@ -51,6 +52,59 @@ def brace_pattern(shard_dir: Path) -> str:
         raise FileNotFoundError(f"no .tar in {shard_dir}")
     first, last = tars[0].stem, tars[-1].stem
     return str(shard_dir / (f"{first}.tar" if first == last else f"{{{first}..{last}}}.tar"))
+
+
+# ----------------------------------------------------------------------------- embedding-like vectors
+
+CLUSTER_CENTRES = 4096
+VECTOR_CHUNK = 250_000
+
+
+def _centres(dim: int) -> Any:
+    import numpy as np
+
+    return np.random.default_rng(0).standard_normal((CLUSTER_CENTRES, dim)).astype(np.float32)
+
+
+def clustered_vectors(data_dir: Path, n: int, dim: int, chunk: int = VECTOR_CHUNK) -> list[Any]:
+    """`n` unit vectors with the cluster structure of real embeddings, as memory-mapped float16 chunks.
+
+    Each vector is one of 4096 random centres plus Gaussian noise (0.6 per coordinate), normalised: tight
+    enough clusters for IVF to find, as in embeddings of images. Written once under
+    `data_dir/index_vectors_{dim}d/` (one .npy per `chunk` rows, atomically) and read back on later calls;
+    deterministic, so every benchmark and every rerun sees the same vectors.
+
+    Returns:
+        (rows, dim) float16 arrays, memory-mapped, `n` rows in all, in order.
+    """
+    import numpy as np
+
+    out = data_dir / (f"index_vectors_{dim}d" + ("" if chunk == VECTOR_CHUNK else f"_chunk{chunk}"))
+    out.mkdir(parents=True, exist_ok=True)
+    centres = _centres(dim)
+    chunks = []
+    for c in range(0, n, chunk):
+        path = out / f"{c // chunk:05d}.npy"
+        rows = min(chunk, n - c)
+        if not path.is_file() or np.load(path, mmap_mode="r").shape[0] < rows:
+            g = np.random.default_rng(1 + c // chunk)
+            x = centres[g.integers(0, len(centres), rows)] + 0.6 * g.standard_normal((rows, dim), np.float32)
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, x.astype(np.float16))
+            os.replace(tmp, path)
+        chunks.append(np.load(path, mmap_mode="r")[:rows])
+    return chunks
+
+
+def clustered_queries(n: int, dim: int, seed: int = 999) -> Any:
+    """(n, dim) float32 unit queries from the distribution of `clustered_vectors`, never stored themselves."""
+    import numpy as np
+
+    g = np.random.default_rng(seed)
+    centres = _centres(dim)
+    q = centres[g.integers(0, len(centres), n)] + 0.6 * g.standard_normal((n, dim))
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- open_clip

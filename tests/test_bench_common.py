@@ -1,0 +1,47 @@
+"""The benchmarks' clustered embedding-like vectors (`bench/common.py`), shared by bench_index.py and bench_app.py."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+from common import clustered_queries, clustered_vectors  # noqa: E402
+
+
+def test_clustered_vectors_are_unit_float16_chunks_written_once(tmp_path: Path) -> None:
+    chunks = clustered_vectors(tmp_path, 1000, 16, chunk=300)
+    assert [c.shape for c in chunks] == [(300, 16), (300, 16), (300, 16), (100, 16)]
+    assert all(c.dtype == np.float16 for c in chunks)
+    x = np.concatenate([np.asarray(c, np.float32) for c in chunks])
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=2e-3)
+    files = sorted(tmp_path.rglob("*.npy"))
+    assert len(files) == 4
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = np.concatenate([np.asarray(c, np.float32) for c in clustered_vectors(tmp_path, 1000, 16, chunk=300)])
+    np.testing.assert_array_equal(again, x)  # read back, not regenerated
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    fewer = clustered_vectors(tmp_path, 450, 16, chunk=300)  # a prefix of the same collection
+    np.testing.assert_array_equal(np.concatenate([np.asarray(c, np.float32) for c in fewer]), x[:450])
+
+
+def test_clustered_vectors_have_cluster_structure(tmp_path: Path) -> None:
+    """Neighbours are far closer than random pairs, as in real embeddings (i.i.d. vectors would not be)."""
+    x = np.concatenate([np.asarray(c, np.float32) for c in clustered_vectors(tmp_path, 20_000, 32)])
+    sims = x[:200] @ x.T  # (200, N)
+    sims[np.arange(200), np.arange(200)] = -1  # not itself
+    assert np.median(sims.max(axis=1)) > 0.5
+    assert abs(float(np.median(sims))) < 0.1
+
+
+def test_clustered_queries_follow_the_vectors_but_are_not_stored(tmp_path: Path) -> None:
+    x = np.concatenate([np.asarray(c, np.float32) for c in clustered_vectors(tmp_path, 20_000, 32)])
+    q = clustered_queries(50, 32)
+    assert q.shape == (50, 32) and q.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(q, clustered_queries(50, 32))
+    best = (q @ x.T).max(axis=1)
+    assert np.median(best) > 0.5 and best.max() < 0.999
