@@ -20,8 +20,10 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     DATA,
     RESULTS,
+    VECTOR_CHUNK,
     clustered_queries,
     clustered_vectors,
     machine_info,
@@ -62,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=DATA)
     p.add_argument("--results", type=Path, default=None, help=f"default {RESULTS} (a temp folder with --tiny)")
     p.add_argument("--no-wait", action="store_true", help="do not wait for a 1-min load average below 1.5")
+    p.add_argument("--build-only", action="store_true", help="build (and keep) the indexes, measure nothing")
+    p.add_argument("--rebuild", action="store_true", help="build the indexes anew even where one is kept")
+    p.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one fresh process
     p.add_argument("--tiny", action="store_true", help="seconds-long check of the script, not a measurement")
     args = p.parse_args(argv)
     if args.tiny:
@@ -135,7 +141,9 @@ def demo_embeddings(args: argparse.Namespace) -> tuple[list[np.ndarray], np.ndar
         os.replace(tmp, path)
     data = np.load(path)
     x = data["vectors"]
-    return [x[c : c + CHUNK] for c in range(0, len(x), CHUNK)], np.ascontiguousarray(data["queries"], np.float32)
+    return [x[c : c + VECTOR_CHUNK] for c in range(0, len(x), VECTOR_CHUNK)], np.ascontiguousarray(
+        data["queries"], np.float32
+    )
 
 
 def timed(fn, queries: np.ndarray) -> dict[str, float]:
@@ -158,43 +166,54 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def measure_size(
-    args: argparse.Namespace, chunks: list[np.ndarray], budget: str, queries: np.ndarray, data: str
-) -> dict[str, Any]:
+def build_once(args: argparse.Namespace, chunks: list[np.ndarray], budget: str, queries: np.ndarray, data: str) -> Path:
+    """The index `mmcl index build` would make, saved under data/bench with its build record, queries and
+    their exact top-10 (kept: a 10M build takes most of an hour here; `--rebuild` makes it anew)."""
     from mmcl.index import EmbeddingIndex
-    from mmcl.index_plan import exact_topk, parse_bytes, recall_at_k
+    from mmcl.index_plan import exact_topk, parse_bytes
 
     n, dim = sum(len(c) for c in chunks), chunks[0].shape[1]
-    _, truth = exact_topk(queries, chunks, 10)
-    metas = [{} for _ in range(n)]
+    folder = args.data_dir / f"index_{data}_{n}x{dim}_{budget}_r{args.target_recall}"
+    record = folder / "build.json"
+    if record.is_file() and not args.rebuild:
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    load_start = round(os.getloadavg()[0], 2)
     t0 = time.perf_counter()
     index = EmbeddingIndex.from_chunks(
         dim,
         chunks,
-        metas,
+        [{} for _ in range(n)],
         memory_budget=parse_bytes(budget),
         target_recall=args.target_recall,
         ivf_threshold=args.ivf_threshold,
     )
     build_s = time.perf_counter() - t0
-    folder = Path(tempfile.mkdtemp(prefix="bench_index_idx_", dir=args.data_dir))
     index.save(folder)
     del index
     gc.collect()
+    np.save(folder / "queries.npy", queries)
+    np.save(folder / "truth.npy", exact_topk(queries, chunks, 10)[1])
+    built = {"build_s": round(build_s, 1), "loadavg_start": load_start, "loadavg_end": round(os.getloadavg()[0], 2)}
+    record.write_text(json.dumps({**built, "at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}))
+    return folder
+
+
+def measure_index(folder: Path) -> dict[str, Any]:
+    """Load a saved index as the app does and time single queries (run in a fresh process: its RSS is the
+    index's, not the builder's)."""
+    from mmcl.index import EmbeddingIndex
+    from mmcl.index_plan import recall_at_k
+
+    queries, truth = np.load(folder / "queries.npy"), np.load(folder / "truth.npy")
     rss_before = rss()
     t0 = time.perf_counter()
     loaded = EmbeddingIndex.load(folder)
-    load_s = time.perf_counter() - t0
     row: dict[str, Any] = {
-        "data": data,
-        "dim": dim,
-        "n": n,
-        "budget": budget,
         "plan": loaded.plan,
         "tuning": loaded.tuning,
         "on_disk": loaded.on_disk,
-        "build_s": round(build_s, 1),
-        "load_s": round(load_s, 2),
+        "load_s": round(time.perf_counter() - t0, 2),
         "index_file_mib": round(sum(f.stat().st_size for f in folder.glob("index.*")) / 2**20, 1),
     }
     _, found = loaded.search(queries, k=10)
@@ -205,12 +224,27 @@ def measure_size(
         row[f"threads_{threads}"] = timed(functools.partial(loaded.search, k=10), queries)
     row.update(memory())
     row["rss_growth_mib"] = round((rss() - rss_before) / 2**20)
-    set_threads(os.cpu_count() or 1)
-    del loaded
-    gc.collect()
+    return row
+
+
+def measure_size(
+    args: argparse.Namespace, chunks: list[np.ndarray], budget: str, queries: np.ndarray, data: str
+) -> dict[str, Any]:
+    n, dim = sum(len(c) for c in chunks), chunks[0].shape[1]
+    folder = build_once(args, chunks, budget, queries, data)
+    row: dict[str, Any] = {"data": data, "dim": dim, "n": n, "budget": budget, "folder": str(folder)}
+    row["build"] = json.loads((folder / "build.json").read_text())
+    row["build_s"] = row["build"]["build_s"]
+    if args.build_only:
+        return row
+    out = subprocess.run(
+        [sys.executable, __file__, "--measure", str(folder)], capture_output=True, text=True, check=False
+    )
+    if out.returncode:
+        raise SystemExit(f"measuring {folder} failed:\n{out.stderr[-3000:]}")
+    row.update(json.loads(out.stdout.strip().splitlines()[-1]))
     if n <= args.exact_up_to:
-        row["exact"] = exact_vs_scan(args, chunks, queries, truth)
-    shutil.rmtree(folder, ignore_errors=True)
+        row["exact"] = exact_vs_scan(args, chunks, queries, np.load(folder / "truth.npy"))
     return row
 
 
@@ -252,7 +286,7 @@ def exact_vs_scan(args: argparse.Namespace, chunks: list[np.ndarray], queries: n
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     skipped = {"quiet": False, "threshold": None, "waited_s": 0, "load_history": [round(os.getloadavg()[0], 2)]}
-    load = skipped if args.no_wait else wait_for_quiet()
+    load = skipped if args.no_wait or args.build_only else wait_for_quiet()
     rows = []
     if args.demo_run:
         chunks, text_queries = demo_embeddings(args)
@@ -289,7 +323,7 @@ def to_markdown(res: dict[str, Any]) -> str:
                     t,
                     f"{lat['p50_ms']:.2f} / {lat['p95_ms']:.2f} / {lat['p99_ms']:.2f}",
                     f"{r['recall_at_10']:.3f}",
-                    f"{r['build_s']:.0f}",
+                    f"{r['build_s']:.0f}" + ("*" if r.get("build", {}).get("loadavg_start", 0) > 1.5 else ""),
                     f"{r['rss_mib']:,} (+{r['rss_growth_mib']:,})",
                     f"{r.get('rssanon_mib', '-'):,} / {r.get('rssfile_mib', '-'):,}",
                 ]
@@ -346,9 +380,10 @@ clustered unit vectors (4096 centres), {s["queries"]} single queries from the sa
 stored). The index is what `mmcl index build` chooses for the size and memory budget (`mmcl.index_plan`), its
 search breadth tuned to recall@10 >= {s["target_recall"]} on held-out stored vectors; saved, then loaded as the
 app loads it (memory-mapped lists when on disk). Recall@10 is measured on the queries against exact search.
-RSS: the whole benchmark process after the queries (growth since loading the index), split into the
-process's own memory and the mapped pages of index files (page cache: dropped and re-read by the kernel under
-memory pressure).
+Each index is built once and kept under data/bench (build s with *: built while other jobs loaded the machine,
+so slower than it would be quiet); it is then loaded and queried in a fresh process, whose RSS after the
+queries is reported (growth since loading), split into the process's own memory and the mapped pages of
+index files (page cache: dropped and re-read by the kernel under memory pressure).
 
 {table}
 
@@ -365,7 +400,13 @@ or a numpy max, timed in the same run), with faiss's own flat search and a torch
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure_index(args.measure)))
+        return 0
     res = run(args)
+    if args.build_only:
+        print(json.dumps([{k: r[k] for k in ("data", "n", "budget", "folder", "build")} for r in res["rows"]]))
+        return 0
     publish("index", res, to_markdown(res), args.results)
     if args.tiny:
         shutil.rmtree(args.data_dir, ignore_errors=True)
