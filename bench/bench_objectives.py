@@ -61,6 +61,7 @@ OBJECTIVES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "+simsiam": (f"[clip, {{name: simsiam, {NO_COLOUR}}}]", (), False),
     "+byol": (f"[clip, {{name: byol, {NO_COLOUR}}}]", (), False),
     "+simcse": ("[clip, simcse]", ("model.text.dropout=0.1",), False),
+    "+mlm": ("[clip, {name: mlm, weight: 0.5}]", (), False),
     "moco": ("[moco]", (), False),
     "+nnclr": ("[clip, {name: nnclr, weight: 0.5}]", (), False),
     "negclip": ("[negclip]", (), False),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from mmcl.losses.base import LossTerm, StepContext
 from mmcl.losses.captioning import CaptionTerm, PrefixLMLoss
 from mmcl.losses.clip_loss import ClipLoss, ClipTerm
+from mmcl.losses.mlm import MLMTerm
 from mmcl.losses.moco import MoCoTerm
 from mmcl.losses.negclip import NegCLIPTerm
 from mmcl.losses.nnclr import NearestNeighbourTerm
@@ -41,5 +42,6 @@ __all__ = [
     "MoCoTerm",
     "NearestNeighbourTerm",
     "NegCLIPTerm",
+    "MLMTerm",
     "term_class",
 ]

@@ -309,6 +309,7 @@ class ClipTextTower(nn.Module):
         self.pooling = cfg.pooling
         self.eos_id, self.pad_id = tokenizer.eos_id, tokenizer.pad_id
         self.context_length = cfg.context_length
+        self.width = cfg.width  # of the per-token states (`token_states`)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         self.transformer = TextTransformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.dropout)
@@ -345,6 +346,19 @@ class ClipTextTower(nn.Module):
             keep = (torch.arange(n, device=x.device)[None, :] <= idx[:, None]).to(x.dtype)  # (B, L)
             pooled = (self.ln_final(x) * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)
         return pooled @ self.text_projection
+
+    def token_states(self, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Every position's final state (after `ln_final`, before pooling), for token-level objectives
+        (masked-token prediction): (B, L) ids -> (B, n, W), n = the batch's longest row. Causal: the state
+        at position i sees tokens 0..i only."""
+        idx = eos_index(text, text_mask, self.eos_id, self.pad_id)
+        text = text[:, : int(idx.max()) + 1]
+        x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]  # (B, n, W)
+        return self.ln_final(self.transformer(x))
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding (vocab_size, W): what a masked-token head ties its decoder to."""
+        return self.token_embedding
 
     def lock(self, unlocked_layers: int = 0) -> None:
         """Freeze embeddings and blocks except the last `unlocked_layers` (with the final norm); the
@@ -387,7 +401,7 @@ class HFTextTower(nn.Module):
                 f"tokenizer '{cfg.tokenizer}' has {tokenizer.vocab_size} tokens but {cfg.hf_name} has {vocab} "
                 f"(token ids >= vocab size): use the model's own tokenizer (model.text.tokenizer=auto)"
             )
-        width = self.model.config.hidden_size
+        width = self.width = self.model.config.hidden_size  # of the per-token states (`token_states`)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=width**-0.5)
         self.locked = False
@@ -407,6 +421,16 @@ class HFTextTower(nn.Module):
         else:
             pooled = h[torch.arange(h.shape[0], device=h.device), (lengths - 1).clamp(min=0)]
         return self.proj(pooled)
+
+    def token_states(self, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The encoder's last hidden state at every position: (B, L) ids -> (B, n, W), n = the longest row."""
+        mask = text_mask if text_mask is not None else (text != self.pad_id).long()
+        n = int(mask.sum(dim=1).max())
+        return self.model(input_ids=text[:, :n], attention_mask=mask[:, :n]).last_hidden_state
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The encoder's token embedding: what a masked-token head ties its decoder to."""
+        return self.model.get_input_embeddings()
 
     def lock(self, unlocked_layers: int = 0) -> None:
         """Freeze the encoder except its last `unlocked_layers` layers; the projection stays trainable."""

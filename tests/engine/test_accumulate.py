@@ -40,6 +40,7 @@ SETUPS = {
     "moco": ("clip-tiny", "[moco]", ()),
     "nnclr": ("clip-tiny", "[clip, nnclr]", ()),
     "negclip": ("clip-tiny", "[negclip]", ()),
+    "mlm": ("clip-tiny", "[clip, {name: mlm, weight: 0.5}]", ()),
     "mix": ("clip-tiny", "[clip, {name: simclr, weight: 0.5}, nnclr, byol, {name: negclip, weight: 0.3}]", ()),
 }
 

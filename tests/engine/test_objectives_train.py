@@ -18,7 +18,7 @@ from mmcl.engine.trainer import Trainer
 from mmcl.registry import LOSSES
 
 ALL_TERMS = (
-    "[clip, simclr, simsiam, byol, simcse, {name: moco, queue_size: 64}, {name: nnclr, queue_size: 64}, negclip]"
+    "[clip, simclr, simsiam, byol, simcse, {name: moco, queue_size: 64}, {name: nnclr, queue_size: 64}, negclip, mlm]"
 )
 ARGS = [
     "model.preset=clip-tiny",
@@ -53,7 +53,7 @@ def test_all_terms_resume_to_the_same_losses(demo_shards: Path, tmp_path: Path) 
     b = {r["step"]: r for r in read_metrics(tmp_path / "b" / "metrics.jsonl")}
     assert sorted(a) == sorted(b) == list(range(1, 7))
     keys = [k for k in a[6] if k.endswith("_loss")]
-    assert len(keys) == 8, keys
+    assert len(keys) == 9, keys
     for step in a:
         for key in ["loss", *keys]:
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
