@@ -276,6 +276,9 @@ class DataConfig:
     label_key: str = "label"  # key of .json (or the .cls file) holding the class index
     max_pixels: int = 40_000_000  # images whose header declares more are skipped before decoding
     augment: bool = True  # random-resized-crop style augmentation for training
+    # where training JPEGs are decoded: in the loader workers, or batched on the training device (nvJPEG on a GPU;
+    # the workers then only read headers and draw crops: mmcl.data.device_decode)
+    decode_on: Literal["workers", "device"] = "workers"
     # http(s) shards: seconds a connect/read may stall, retries per shard, first backoff (doubled each retry) and cap
     http_timeout: float = 30.0
     http_retries: int = 5

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from mmcl.config import DataConfig
+from mmcl.data.device_decode import DeviceDecoder, EncodedSampleDecoder
 from mmcl.data.remote import FetchOptions
 from mmcl.data.shards import Collator, SampleDecoder, ShardStream, expand_shards
-from mmcl.data.transforms import image_transform
+from mmcl.data.transforms import ImageTransform, image_transform
+from mmcl.utils import UserError
 
 
 def build_stream(
@@ -27,22 +31,31 @@ def build_stream(
     the loss terms asked for (`mmcl.data.views`; `Task.views()` collects them).
 
     Training: shuffled, augmented, full batches only. Eval: one ordered pass, no augmentation.
+    With `cfg.decode_on == "device"` a training stream's batches carry the JPEGs undecoded: decode them with
+    `device_decoder(cfg, model, device)` where they reach the device (the trainer does).
     """
     views = views or {}
     image_views = {k: v for k, v in views.items() if v.kind == "sample"}
     batch_views = {k: v for k, v in views.items() if v.kind == "batch"}
     pre = model.preprocess_cfg()
-    transform = image_transform(pre["image_size"], pre["mean"], pre["std"], train=train and cfg.augment)
-    decoder = SampleDecoder(
-        transform,
-        cfg.caption_key,
-        cfg.label_key,
-        cfg.max_pixels,
-        pre["image_size"],
-        need_caption=need_caption,
-        image_views=image_views,
-        pixels=True,  # uint8 per sample, normalised per batch by the Collator
-    )
+    transform = _transform(cfg, model, train)
+    if train and cfg.decode_on == "device":
+        if image_views:
+            raise UserError(f"data.decode_on=device cannot build the image views {sorted(image_views)}")
+        decoder: Any = EncodedSampleDecoder(
+            transform, cfg.caption_key, cfg.label_key, cfg.max_pixels, pre["image_size"], need_caption=need_caption
+        )
+    else:
+        decoder = SampleDecoder(
+            transform,
+            cfg.caption_key,
+            cfg.label_key,
+            cfg.max_pixels,
+            pre["image_size"],
+            need_caption=need_caption,
+            image_views=image_views,
+            pixels=True,  # uint8 per sample, normalised per batch by the Collator
+        )
     return ShardStream(
         [expand_shards(p) for p in shards],
         decoder,
@@ -57,3 +70,13 @@ def build_stream(
         drop_last=train,
         fetch=FetchOptions(cfg.http_timeout, cfg.http_retries, cfg.http_backoff, cfg.http_max_backoff),
     )
+
+
+def device_decoder(cfg: DataConfig, model, device: torch.device | str, train: bool = True) -> DeviceDecoder:
+    """The decoder that finishes, on `device`, the batches of a `decode_on=device` stream (same transform)."""
+    return DeviceDecoder(_transform(cfg, model, train), device, cfg.max_pixels)
+
+
+def _transform(cfg: DataConfig, model, train: bool) -> ImageTransform:
+    pre = model.preprocess_cfg()
+    return image_transform(pre["image_size"], pre["mean"], pre["std"], train=train and cfg.augment)

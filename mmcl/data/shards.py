@@ -45,6 +45,7 @@ from mmcl.data.decode import (
     decode_label,
     image_bytes,
 )
+from mmcl.data.device_decode import ENCODED_VIEW, EncodedImages
 from mmcl.data.reader import count_samples, expand_shards, read_sample_at, read_samples  # noqa: F401 (listing)
 from mmcl.data.remote import FetchOptions
 from mmcl.utils import UserError
@@ -87,6 +88,12 @@ class StreamState:
     skipped: dict[int, dict[str, int]] = field(default_factory=dict)
     skipped_before: dict[str, int] = field(default_factory=dict)
     positions: dict[int, dict[str, Any]] = field(default_factory=dict)
+    device_skipped: dict[str, int] = field(default_factory=dict)  # this epoch's, skipped after the workers
+
+    def add_skips(self, counts: dict[str, int]) -> None:
+        """Count samples skipped in the main process (images that fail to decode with data.decode_on=device)."""
+        for reason, n in counts.items():
+            self.device_skipped[reason] = self.device_skipped.get(reason, 0) + n
 
     def record(self, batch: Batch | EpochEnd, num_workers: int) -> None:
         if batch.epoch != self.epoch:
@@ -104,9 +111,10 @@ class StreamState:
         """Move to `epoch`, folding this epoch's skip counts into the run's totals."""
         self.skipped_before = self.skip_totals()
         self.epoch, self.next_worker, self.consumed, self.skipped, self.positions = epoch, 0, {}, {}, {}
+        self.device_skipped = {}
 
     def epoch_skip_totals(self) -> dict[str, int]:
-        totals: dict[str, int] = {}
+        totals: dict[str, int] = dict(self.device_skipped)
         for counts in self.skipped.values():
             for reason, n in counts.items():
                 totals[reason] = totals.get(reason, 0) + n
@@ -127,6 +135,7 @@ class StreamState:
             "skipped": {str(k): v for k, v in self.skipped.items()},
             "skipped_before": dict(self.skipped_before),
             "positions": {str(k): v for k, v in self.positions.items()},
+            "device_skipped": dict(self.device_skipped),
         }
 
     @classmethod
@@ -138,6 +147,7 @@ class StreamState:
             {int(k): v for k, v in d["skipped"].items()},
             dict(d.get("skipped_before", {})),  # checkpoints from before cumulative counts: none
             {int(k): v for k, v in d.get("positions", {}).items()},  # older checkpoints: none (replayed)
+            dict(d.get("device_skipped", {})),
         )
 
 
@@ -418,8 +428,11 @@ class Collator:
         images = [s["image"] for s in samples]
         keys = [s["key"] for s in samples]
         views = {name: _stack([s["views"][name] for s in samples]) for name in samples[0].get("views", {})}
+        if samples[0].get("encoded") is not None:  # data.decode_on=device: decoded by the trainer on its device
+            views[ENCODED_VIEW] = EncodedImages.collate([s["encoded"] for s in samples])
+        has_images = images[0] is not None or ENCODED_VIEW in views
         for view in self.batch_views.values():
-            views.update(view(captions, keys, images[0] is not None))
+            views.update(view(captions, keys, has_images))
         return Batch(
             images=self._images(images) if images[0] is not None else None,
             text=text,

@@ -70,14 +70,29 @@ class ImageTransform:
             image = image.convert("RGB")
         # (H, W, 3) memory seen as (3, H, W): channels-last, the layout of torch's vectorised uint8 resize
         x = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        return self.geometry(x, self.crop_box(*image.size, rng))
+
+    def crop_box(self, width: int, height: int, rng: random.Random | None = None) -> tuple[int, int, int, int] | None:
+        """Training: the random-resized crop (top, left, h, w) drawn from `rng`; evaluation: None (centre crop)."""
+        if not self.train:
+            return None
+        return random_resized_crop_box(width, height, self.scale, self.ratio, rng or random.Random())
+
+    def geometry(
+        self, x: torch.Tensor, box: tuple[int, int, int, int] | None, resize: Callable[..., torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Crop `box` of a uint8 (3, H, W) image and resize it to (S, S); no box: resize the shorter side to S and
+        centre-crop. `resize(x, (h, w))` defaults to torch's uint8 resize (CPU; the device decoder passes
+        torchvision's, which also runs on CUDA)."""
+        resize = resize or _resize
         s = self.size
-        if self.train:
-            top, left, h, w = random_resized_crop_box(*image.size, self.scale, self.ratio, rng or random.Random())
-            return _resize(x[:, top : top + h, left : left + w], (s, s))
+        if box is not None:
+            top, left, h, w = box
+            return resize(x[:, top : top + h, left : left + w], (s, s))
         height, width = x.shape[1:]
         if min(height, width) != s:  # shorter side to s, the longer one truncated as torchvision's Resize does
             height, width = (int(s * height / width), s) if width <= height else (s, int(s * width / height))
-            x = _resize(x, (height, width))
+            x = resize(x, (height, width))
         top, left = int(round((height - s) / 2.0)), int(round((width - s) / 2.0))
         return x[:, top : top + s, left : left + s]
 

@@ -30,7 +30,8 @@ import torch
 from mmcl.config import ExperimentConfig, TrainConfig, load_yaml, save_yaml, to_dict
 from mmcl.data.batch import Batch
 from mmcl.data.builtin import is_builtin
-from mmcl.data.pipeline import build_stream
+from mmcl.data.device_decode import match_ranks, refuse_image_views
+from mmcl.data.pipeline import build_stream, device_decoder
 from mmcl.data.shards import EpochEnd, ShardStream, StreamState, count_samples, expand_shards, make_loader
 from mmcl.engine import checkpoint as ckpt
 from mmcl.engine.accumulate import forward_backward
@@ -70,11 +71,15 @@ def resolve_precision(requested: str) -> str:
 
 
 class BatchSource:
-    """Endless batches across epochs for one process; records the data position of each batch used."""
+    """Endless batches across epochs for one process; records the data position of each batch used.
 
-    def __init__(self, stream: ShardStream, num_workers: int, state: StreamState, accelerator) -> None:
+    With `decode` (a `DeviceDecoder`, data.decode_on=device) each batch's JPEGs are decoded on the device here;
+    rows that fail are dropped and counted in the data state.
+    """
+
+    def __init__(self, stream: ShardStream, num_workers: int, state: StreamState, accelerator, decode=None) -> None:
         self.stream, self.num_workers, self.accelerator = stream, num_workers, accelerator
-        self.state = state
+        self.state, self.decode = state, decode
         self._it: Iterator[Batch] | None = None
 
     def _start_epoch(self) -> None:
@@ -91,6 +96,17 @@ class BatchSource:
         return item
 
     def next(self) -> Batch:
+        while True:
+            batch = self._next_collated()
+            if self.decode is None:
+                return batch
+            batch, skipped = self.decode(batch)
+            batch, trimmed = match_ranks(batch, self.accelerator)
+            self.state.add_skips({**skipped, **trimmed})
+            if len(batch.keys):
+                return batch
+
+    def _next_collated(self) -> Batch:
         seen: dict[str, int] = {}
         for _ in range(3):  # a new epoch, then a second try, before declaring the data empty
             if self._it is None:
@@ -150,6 +166,9 @@ class Trainer:
         self.prepared, self.optimizer = self.accelerator.prepare(self.task, self.optimizer)
         self.eval_hook = eval_hook
         acc = self.accelerator
+        if cfg.data.decode_on == "device":
+            refuse_image_views(self.task)
+        self.decode = device_decoder(cfg.data, self.model, acc.device) if cfg.data.decode_on == "device" else None
         self.stream = build_stream(
             cfg.data,
             self.model,
@@ -229,7 +248,7 @@ class Trainer:
             self._announce(step)
         if acc.is_main_process:
             acc.init_trackers("tensorboard", config=_flat_config(self.cfg))  # logs in run_dir/tensorboard
-        source = BatchSource(self.stream, self.cfg.data.num_workers, data_state, acc)
+        source = BatchSource(self.stream, self.cfg.data.num_workers, data_state, acc, self.decode)
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=step) if acc.is_main_process else None
         bad_in_a_row = counters.get("bad_in_a_row", 0)
         bad_total = counters.get("bad_total", 0)
