@@ -125,7 +125,7 @@ class EmbeddingIndex:
         self.plan: dict[str, Any] = {}  # the IndexPlan the structure came from
         self.tuning: dict[str, Any] = {}  # what tune_search chose
         self.on_disk = False  # save the inverted lists to be memory-mapped on load
-        self.metas: list[dict[str, Any]] = []
+        self.metas: Sequence[dict[str, Any]] = []  # a list, or the lazy `MetaRows` of a loaded index
         self.info: dict[str, Any] = {}  # free-form provenance saved in the manifest (model, sources)
         self._index: Any = None
         self._trained_at = 0  # collection size when the IVF quantizer was last trained
@@ -160,6 +160,8 @@ class EmbeddingIndex:
             if self._index is None:
                 self._index = self._new_exact()
             self._index.add(x)
+        if not isinstance(self.metas, list):
+            self.metas = list(self.metas)  # a loaded index grows: its rows move into memory
         self.metas.extend({**m, "id": i} for i, m in zip(ids, metas))
         return ids
 
@@ -368,7 +370,7 @@ class EmbeddingIndex:
         for attempt in range(2):  # a concurrent save may delete the files of the manifest we just read
             manifest = read_manifest(root)
             try:
-                lines = (root / manifest["meta_file"]).read_text().splitlines()
+                metas = MetaRows(root / manifest["meta_file"])
                 raw_index = (
                     _read_faiss(root / manifest["index_file"], manifest, mmap) if manifest["index_file"] else None
                 )
@@ -381,7 +383,7 @@ class EmbeddingIndex:
         index.plan, index.tuning = manifest.get("plan", {}), manifest.get("tuning", {})
         index.on_disk = bool(manifest.get("on_disk", False))
         index._trained_at = manifest.get("trained_at", 0)
-        index.metas = [json.loads(line) for line in lines if line.strip()]
+        index.metas = metas
         index._index = raw_index
         ntotal = index._index.ntotal if index._index is not None else 0
         if not (ntotal == len(index.metas) == manifest["count"]):
@@ -390,6 +392,37 @@ class EmbeddingIndex:
                 f"the manifest says {manifest['count']}; rebuild it"
             )
         return index
+
+
+class MetaRows(Sequence):
+    """The metadata rows of a saved index, each parsed from the memory-mapped JSONL file when it is read.
+
+    A list of 10M small dicts takes gigabytes; this holds one end offset per row (8 bytes) and the file's
+    pages, which the kernel can drop. Rows are immutable here: an index that grows copies them into a list.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = path.stat().st_size
+        self._buf = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        self._ends = np.flatnonzero(self._buf == ord("\n"))  # `save` writes one row per line, no blank lines
+        if size and self._buf[-1] != ord("\n"):
+            raise UserError(f"{path}: metadata file ends in the middle of a row; rebuild the index")
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i: int | slice) -> Any:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]  # negative indices and bounds, as a list
+        start = int(self._ends[i - 1]) + 1 if i else 0
+        return json.loads(self._buf[start : int(self._ends[i])].tobytes())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and len(other) == len(self) and list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking sequence semantics, like list
 
 
 @functools.cache

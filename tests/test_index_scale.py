@@ -199,3 +199,29 @@ def test_build_resumes_after_sigkill(tmp_path):
     assert resumed.metas == fresh.metas and np.allclose(resumed.vectors(), fresh.vectors())
     assert resumed.info["skipped"] == {"not_an_image": 1} and not (out / ".build").exists()
     assert len(list((out / "images").glob("*.jpg"))) == 59
+
+
+def test_loaded_metadata_rows_are_read_on_demand_and_equal_the_saved(tmp_path):
+    from mmcl.index import MetaRows
+
+    x = clustered(1200)
+    metas = [{"key": f"k{i}", "caption": f"ein Bild\nmit «{i}» ✓"} for i in range(1200)]
+    index = EmbeddingIndex(32, kind="flat")
+    index.add(x, metas)
+    index.save(tmp_path / "idx")
+    loaded = EmbeddingIndex.load(tmp_path / "idx")
+    assert isinstance(loaded.metas, MetaRows)  # not a list of 1200 parsed dicts
+    assert loaded.metas == index.metas and len(loaded) == 1200
+    assert loaded.metas[-1] == {**metas[-1], "id": 1199} and loaded.metas[3:5] == index.metas[3:5]
+    with pytest.raises(IndexError):
+        loaded.metas[1200]
+    _, found = loaded.search(x[7], k=3)
+    assert found[0][0] == {**metas[7], "id": 7}
+    loaded.add(x[:2], [{"key": "new"}] * 2)  # growing copies the rows into memory, then appends
+    assert isinstance(loaded.metas, list) and loaded.metas[1201] == {"key": "new", "id": 1201}
+    loaded.save(tmp_path / "idx")
+    again = EmbeddingIndex.load(tmp_path / "idx")
+    assert len(again) == 1202 and again.metas[5] == index.metas[5]
+    (tmp_path / "cut.jsonl").write_text('{"id": 0}\n{"id": 1')
+    with pytest.raises(UserError, match="middle of a row"):
+        MetaRows(tmp_path / "cut.jsonl")
