@@ -277,6 +277,26 @@ class EmbeddingIndex:
             index.hnsw.efSearch = self.ef_search
         return index
 
+    def tune(self, chunks: Sequence[np.ndarray], target_recall: float | None = None) -> dict[str, Any]:
+        """Re-tune the search breadth of this index over its vectors `chunks` (e.g. to another target recall).
+
+        Returns the tuning record, which `save` writes to the manifest (`load` applies it).
+        """
+        if target_recall is not None:
+            self.target_recall = target_recall
+        self._tune(self._index, chunks)
+        return self.tuning
+
+    def save_tuning(self, directory: str | Path) -> None:
+        """Write only the search breadth to the manifest of the saved index in `directory` (after `tune` on a
+        loaded index: rewriting a memory-mapped 10M index to change one number would copy gigabytes)."""
+        root = Path(directory)
+        manifest = read_manifest(root)
+        if manifest["count"] != len(self):
+            raise UserError(f"{root}: holds {manifest['count']} vectors, this index {len(self)}; save it instead")
+        manifest.update(tuning=self.tuning, target_recall=self.target_recall)
+        atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
     def _tune(self, index: Any, chunks: Sequence[np.ndarray]) -> None:
         """Tune nprobe / efSearch to `target_recall` (unless nprobe is fixed) on held-out stored vectors."""
         import faiss
@@ -385,6 +405,7 @@ class EmbeddingIndex:
         index._trained_at = manifest.get("trained_at", 0)
         index.metas = metas
         index._index = raw_index
+        _apply_tuning(raw_index, index.tuning)
         ntotal = index._index.ntotal if index._index is not None else 0
         if not (ntotal == len(index.metas) == manifest["count"]):
             raise UserError(
@@ -392,6 +413,20 @@ class EmbeddingIndex:
                 f"the manifest says {manifest['count']}; rebuild it"
             )
         return index
+
+
+def _apply_tuning(index: Any, tuning: dict[str, Any]) -> None:
+    """Set the manifest's search breadth on a loaded faiss index (the manifest, not the faiss file, is the truth:
+    a re-tune rewrites only the manifest)."""
+    import faiss
+
+    if index is None or not tuning.get("value"):
+        return
+    ivf = faiss.try_extract_index_ivf(index)
+    if tuning.get("param") == "nprobe" and ivf is not None:
+        set_nprobe(ivf, int(tuning["value"]))
+    elif tuning.get("param") == "efSearch" and isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = int(tuning["value"])
 
 
 class MetaRows(Sequence):

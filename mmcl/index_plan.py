@@ -36,6 +36,7 @@ _IVF_OVERHEAD = 8  # bytes per vector for its id in the inverted lists
 # From this many lists the coarse quantizer is an HNSW graph over the centroids (autofaiss does the same):
 # a flat one scans nlist x dim floats per query (32 MiB at 16k x 512) and per added vector.
 HNSW_COARSE_FROM = 8192
+PLATEAU = 0.003  # tuning stops when two doublings of the search breadth add less recall than this
 
 
 @dataclass
@@ -198,8 +199,10 @@ def tune_search(
 ) -> dict[str, Any]:
     """Set the smallest `nprobe` (IVF) or `efSearch` (HNSW) whose recall@k on `queries` reaches `target`.
 
-    `truth` holds the exact top-(k+1) ids of each query. Returns {'param', 'value', 'recall', 'tried'};
-    when no value reaches the target the broadest one tried is kept (and logged).
+    `truth` holds the exact top-(k+1) ids of each query. Returns {'param', 'value', 'recall', 'tried'}.
+    When recall levels off below the target (8-bit or PQ codes cap it: a broader search cannot find what the
+    codes rank wrongly), the smallest value on the plateau is kept and the ceiling logged, instead of
+    scanning every list for nothing.
     """
     import faiss
 
@@ -216,13 +219,18 @@ def tune_search(
             index.hnsw.efSearch = v
     else:
         return {"param": None, "value": None, "recall": 1.0, "tried": []}
-    tried = []
+    tried: list[list[float]] = []
     for value in values:
         setter(value)
         _, found = index.search(np.ascontiguousarray(queries, dtype=np.float32), k + 1)
         recall = recall_at_k(found, truth, self_ids, k)
         tried.append([value, round(recall, 4)])
         if recall >= target:
+            break
+        if len(tried) >= 3 and recall - tried[-3][1] < PLATEAU:  # two doublings gained (almost) nothing
+            value, recall = tried[-3][0], tried[-3][1]
+            setter(value)
+            log.warning("index: recall@%d levels off at %.3f (%s=%d; target %.2f)", k, recall, param, value, target)
             break
     else:
         log.warning("index: %s=%d reaches recall@%d %.3f only (target %.2f)", param, value, k, recall, target)

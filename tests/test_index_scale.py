@@ -225,3 +225,29 @@ def test_loaded_metadata_rows_are_read_on_demand_and_equal_the_saved(tmp_path):
     (tmp_path / "cut.jsonl").write_text('{"id": 0}\n{"id": 1')
     with pytest.raises(UserError, match="middle of a row"):
         MetaRows(tmp_path / "cut.jsonl")
+
+
+def test_tuning_stops_where_recall_levels_off_and_the_manifest_tuning_is_applied_on_load(tmp_path):
+    import faiss
+
+    import mmcl.index_plan
+
+    both = clustered(6200, clusters=5)  # few, wide clusters: 8-bit codes rank close neighbours wrongly
+    x, queries = both[:6000], both[6000:]
+    params = {"kind": "ivf", "storage": "sq8", "nlist": 64, "target_recall": 0.9999, "memory_budget": GIB}
+    index = EmbeddingIndex.from_chunks(32, [x], [{} for _ in range(6000)], **params)
+    tried = index.tuning["tried"]
+    assert tried[-1][1] - tried[-3][1] < mmcl.index_plan.PLATEAU  # two doublings added nothing: stop there
+    assert index.tuning["value"] == tried[-3][0] < 64  # the plateau's start, not a scan of every list
+    assert faiss.extract_index_ivf(index._index).nprobe == index.tuning["value"]
+    index.save(tmp_path / "idx")
+    loaded = EmbeddingIndex.load(tmp_path / "idx")
+    assert faiss.extract_index_ivf(loaded._index).nprobe == index.tuning["value"]
+    loaded.tune([x], 0.5)  # a lower target: a narrower search, written to the manifest only
+    loaded.save_tuning(tmp_path / "idx")
+    narrow = EmbeddingIndex.load(tmp_path / "idx")
+    assert narrow.target_recall == 0.5 and narrow.tuning["recall"] >= 0.5
+    assert faiss.extract_index_ivf(narrow._index).nprobe == narrow.tuning["value"] < index.tuning["value"]
+    _, truth = exact_topk(queries, [x], 10)
+    _, found = narrow.search(queries, k=10)
+    assert recall_at_k(np.array([[m["id"] for m in r] for r in found]), truth, None, 10) >= 0.4
