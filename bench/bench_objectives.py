@@ -8,7 +8,8 @@ Data: the built-in synthetic shapes at 64 px (20,000 training samples, 1,000 hel
 8 colours x 5 shapes), the same shards as `bench_train.py` / `bench_recipe.py`.
 
 Per image tower (ViT: `clip-tiny-64` = open_clip's `open_clip-tiny-64`; CNN: `clip-tiny-cnn-64`, a timm
-resnet10t = open_clip's `open_clip-tiny-cnn-64` with `timm_model_name`), per objective (`OBJECTIVES`:
+resnet10t = open_clip's `open_clip-tiny-cnn-64` with `timm_model_name`; opt-in `--towers hybrid`:
+`clip-tiny-hybrid-64`, a conv stem feeding clip-tiny-64's ViT blocks, mmcl only), per objective (`OBJECTIVES`:
 every loss term alone added to CLIP, and a combination) and per seed:
 
 1. calibration (once per configuration, seed 0): a short run in a child process gives the steady-state
@@ -51,9 +52,10 @@ from common import (  # noqa: E402
     write_results,
 )
 
-TOWERS = {"vit": ("clip-tiny-64", "open_clip-tiny-64"), "cnn": ("clip-tiny-cnn-64", "open_clip-tiny-cnn-64")}
+TOWERS = {"vit": ("clip-tiny-64", "open_clip-tiny-64"), "cnn": ("clip-tiny-cnn-64", "open_clip-tiny-cnn-64"),
+          "hybrid": ("clip-tiny-hybrid-64", None)}  # conv stem + ViT blocks: no open_clip equivalent  # fmt: skip
 NO_COLOUR = "augment: {jitter_p: 0, grayscale_p: 0, flip_p: 0}"  # keep what colour / position captions say
-# name -> (loss.terms, extra overrides, ViT only)
+# name -> (loss.terms, extra overrides, ViT blocks only: the vit and hybrid towers)
 OBJECTIVES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "clip": ("[clip]", (), False),
     "+simclr": ("[clip, simclr]", (), False),
@@ -135,8 +137,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench_objectives_"))
     bench = Bench(bench_args(args), work)
     B = args.batch_size
-    configs = [(t, o) for t in args.towers for o in args.objectives if not (OBJECTIVES[o][2] and t != "vit")]
-    kinds = [*(("mmcl", t, o) for t, o in configs), *(("open_clip", t, "open_clip") for t in args.towers)]
+    configs = [(t, o) for t in args.towers for o in args.objectives if not (OBJECTIVES[o][2] and t == "cnn")]
+    kinds = [
+        *(("mmcl", t, o) for t, o in configs),
+        *(("open_clip", t, "open_clip") for t in args.towers if TOWERS[t][1]),
+    ]
     calib_steps = 4 if args.tiny else args.calib_steps
     results: dict[str, Any] = {"calibration": {}, "runs": []}
     try:
@@ -235,7 +240,7 @@ def to_markdown(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--towers", nargs="+", choices=list(TOWERS), default=list(TOWERS))
+    p.add_argument("--towers", nargs="+", choices=list(TOWERS), default=["vit", "cnn"])
     p.add_argument("--objectives", nargs="+", choices=list(OBJECTIVES), default=list(OBJECTIVES))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--budget-s", type=float, default=60.0, help="training time per run (at calibrated speed)")

@@ -57,10 +57,12 @@ TRIALS: dict[str, tuple[str, int, int, list[str], str]] = {
     "cnn-tower": ("clip-tiny-cnn-64", 248, 128, [*BASE, "train.lr=1e-3"], "resnet10t image tower"),
     "cnn-batch-512": ("clip-tiny-cnn-64", 62, 512, [*BASE, "train.lr=2e-3", "train.warmup_steps=8"],
                       "resnet10t, batch 512 (more same-colour negatives per batch)"),
+    "hybrid-tower": ("clip-tiny-hybrid-64", 248, 128, [*BASE, "train.lr=1e-3"], "conv stem + ViT blocks image tower"),
 }  # fmt: skip
 OPT_IN = {"long-1200"}  # ~13 min alone: run it with --trials
 # name -> preset whose image tower is trained on the shape labels alone (can the architecture see shape?)
-SUPERVISED: dict[str, str] = {"shape-supervised-vit": "clip-tiny-64", "shape-supervised-cnn": "clip-tiny-cnn-64"}
+SUPERVISED: dict[str, str] = {"shape-supervised-vit": "clip-tiny-64", "shape-supervised-cnn": "clip-tiny-cnn-64",
+                               "shape-supervised-hybrid": "clip-tiny-hybrid-64"}  # fmt: skip
 SUPERVISED_STEPS, SUPERVISED_BATCH = 200, 128
 
 
@@ -104,12 +106,12 @@ def run_supervised(name: str, tiny: bool) -> dict[str, Any]:
 
     from mmcl.config import load_experiment
     from mmcl.data.synthetic import SHAPES, generate
-    from mmcl.models.towers import ImageTower
+    from mmcl.models.towers import build_image_tower
 
     preset = SUPERVISED[name]
     steps, batch = (3, 16) if tiny else (SUPERVISED_STEPS, SUPERVISED_BATCH)
     torch.manual_seed(0)
-    tower = ImageTower(load_experiment(None, [f"model.preset={preset}"]).model.image, len(SHAPES))
+    tower = build_image_tower(load_experiment(None, [f"model.preset={preset}"]).model.image, len(SHAPES))
     mean, std = torch.tensor(tower.mean).view(1, 3, 1, 1), torch.tensor(tower.std).view(1, 3, 1, 1)
 
     def shapes_batch(start: int, n: int, split: str) -> tuple[torch.Tensor, torch.Tensor]:

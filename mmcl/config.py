@@ -314,7 +314,8 @@ class DataConfig:
 class ImageTowerConfig:
     """A timm model used as the image encoder (any `timm.create_model` name)."""
 
-    kind: Literal["timm", "hf_clip"] = "timm"  # hf_clip: the vision half of a transformers CLIP/SigLIP folder
+    # hf_clip: the vision half of a transformers CLIP/SigLIP folder; hybrid: a conv stem feeding ViT blocks
+    kind: Literal["timm", "hf_clip", "hybrid"] = "timm"
     hf_name: str = ""  # kind='hf_clip': that folder (its config.json sets the architecture)
     timm_name: str = "vit_base_patch32_clip_224"
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. patch_size, embed_dim, depth, num_heads
@@ -328,6 +329,8 @@ class ImageTowerConfig:
     unlocked_layers: int = 0  # with lock: keep the last N blocks trainable
     # PrefixLM conv stem: a timm CNN cut after `stem_out_index` (stride 16 for ResNets at index 3)
     stem_out_index: int = 3
+    # kind='hybrid': widths of the 3x3 stride-2 conv layers that replace the ViT's patch embedding
+    conv_stem: list[int] = field(default_factory=list)
 
     def validate(self) -> None:
         _require_ranges(

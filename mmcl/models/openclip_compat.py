@@ -240,6 +240,7 @@ def load_open_clip_state_dict(model: nn.Module, state_dict_or_path: dict[str, to
 
 
 def _check_exportable(model: nn.Module) -> None:
+    from timm.layers import PatchEmbed
     from timm.models.vision_transformer import VisionTransformer
 
     from mmcl.data.text import ClipTokenizer
@@ -253,6 +254,8 @@ def _check_exportable(model: nn.Module) -> None:
     if not isinstance(trunk, VisionTransformer):
         reasons.append(f"the image tower is {type(trunk).__name__}, not a ViT")
     else:
+        if not isinstance(trunk.patch_embed, PatchEmbed):  # a hybrid tower's conv stem (timm HybridEmbed)
+            reasons.append("the ViT embeds patches with a conv stem; open_clip's ViT has a linear patch embedding")
         block = trunk.blocks[0]
         act = getattr(block.mlp, "act", None)
         if not (isinstance(act, nn.GELU) and act.approximate == "none"):

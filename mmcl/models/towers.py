@@ -131,7 +131,7 @@ class ImageTower(nn.Module):
     def __init__(self, cfg: ImageTowerConfig, embed_dim: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.trunk = _create_timm(cfg, None if cfg.pretrained else 0)
+        self.trunk = self._create_trunk(cfg, None if cfg.pretrained else 0)
         head = None
         if cfg.pretrained:
             classifier = self.trunk.get_classifier()
@@ -154,6 +154,9 @@ class ImageTower(nn.Module):
         self.class_token_shortcut = _class_token_shortcut_ok(self.trunk)
         if not cfg.pretrained and cfg.init == "clip" and self.class_token_shortcut:
             clip_init_vit(self.trunk)
+
+    def _create_trunk(self, cfg: ImageTowerConfig, num_classes: int | None) -> nn.Module:
+        return _create_timm(cfg, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not self.class_token_shortcut:
@@ -446,7 +449,8 @@ class HFTextTower(nn.Module):
 
 
 def build_image_tower(cfg: ImageTowerConfig, embed_dim: int) -> nn.Module:
-    """The image tower registered for `cfg.kind` (`ImageTower` for 'timm', `mmcl.models.hf_towers` for 'hf_clip')."""
+    """The image tower registered for `cfg.kind`: `ImageTower` ('timm'), `mmcl.models.hf_towers` ('hf_clip'),
+    `mmcl.models.hybrid_tower` ('hybrid')."""
     return IMAGE_TOWERS.get(cfg.kind)(cfg, embed_dim)
 
 
@@ -457,4 +461,4 @@ def build_text_tower(cfg: TextTowerConfig, embed_dim: int, tokenizer: Tokenizer)
     return TEXT_TOWERS.get(cfg.kind)(cfg, embed_dim, tokenizer)
 
 
-from mmcl.models import hf_towers  # noqa: E402, F401  (registers the 'hf_clip' towers)
+from mmcl.models import hf_towers, hybrid_tower  # noqa: E402, F401  (register the 'hf_clip' and 'hybrid' towers)
