@@ -23,7 +23,7 @@ from PIL import Image
 from mmcl.data import decode
 from mmcl.data.decode import MAX_PIXELS, SkipCounter, SkipSample
 from mmcl.data.reader import file_sample, list_inputs, read_samples
-from mmcl.index import DEFAULT_IVF_THRESHOLD, MANIFEST, THUMBS, EmbeddingIndex, _as_matrix
+from mmcl.index import DEFAULT_IVF_THRESHOLD, IVF_MIN_TRAIN, MANIFEST, THUMBS, TUNE_QUERIES, EmbeddingIndex, _as_matrix
 from mmcl.utils import UserError, atomic_open, atomic_write_text
 
 if TYPE_CHECKING:
@@ -249,7 +249,8 @@ def build_index(
     if skipped.counts:
         log.warning("index: skipped %s", decode.describe_counts(skipped.counts))
     base_params = {k: getattr(base, k) for k in ("nlist", "nprobe", "hnsw_m", "ef_search")} if base else {}
-    index = EmbeddingIndex.from_chunks(chunks[0].shape[1], chunks, metas, **params, **base_params)
+    queries = _caption_queries(encoder, metas)
+    index = EmbeddingIndex.from_chunks(chunks[0].shape[1], chunks, metas, queries, **params, **base_params)
     index.info.update(base.info if base is not None else {})
     index.info.update(info or {}, skipped=dict(skipped.counts))
     index.info["sources"] = list(dict.fromkeys([*index.info.get("sources", []), *map(str, sources)]))
@@ -260,6 +261,28 @@ def build_index(
             thumb.unlink(missing_ok=True)
     log.info("index: %d images (%s, dim %d) saved to %s", len(index), index.structure, index.dim, out)
     return index
+
+
+def _caption_queries(encoder: Encoder, metas: Sequence[dict[str, Any]]) -> np.ndarray | None:
+    """Text embeddings of up to TUNE_QUERIES stored captions (first line each), drawn at random: an approximate
+    index is tuned on the text queries it will answer (see `EmbeddingIndex._tune`). None without captions
+    (too few to tune on) or without a text encoder."""
+    if len(metas) < IVF_MIN_TRAIN or not hasattr(encoder, "encode_texts"):
+        return None  # exact below this size: nothing to tune
+    rng = np.random.default_rng(2)
+    captions: list[str] = []
+    for i in rng.permutation(len(metas))[: 4 * TUNE_QUERIES]:
+        line = (metas[int(i)].get("caption") or "").split("\n")[0].strip()
+        if line:
+            captions.append(line)
+        if len(captions) == TUNE_QUERIES:
+            break
+    if len(captions) < TUNE_QUERIES // 4:
+        return None
+    try:
+        return _as_matrix(encoder.encode_texts(captions), None)
+    except NotImplementedError:  # an image-only encoder
+        return None
 
 
 __all__ = ["build_index", "iter_samples"]

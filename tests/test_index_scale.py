@@ -232,22 +232,45 @@ def test_tuning_stops_where_recall_levels_off_and_the_manifest_tuning_is_applied
 
     import mmcl.index_plan
 
-    both = clustered(6200, clusters=5)  # few, wide clusters: 8-bit codes rank close neighbours wrongly
-    x, queries = both[:6000], both[6000:]
-    params = {"kind": "ivf", "storage": "sq8", "nlist": 64, "target_recall": 0.9999, "memory_budget": GIB}
-    index = EmbeddingIndex.from_chunks(32, [x], [{} for _ in range(6000)], **params)
+    both = clustered(20200, clusters=5)  # few, wide clusters: 4-byte PQ codes rank close neighbours wrongly
+    x, queries = both[:20000], both[20000:]
+    params = {"kind": "ivf", "storage": "pq", "nlist": 256, "target_recall": 0.9999, "memory_budget": GIB}
+    index = EmbeddingIndex.from_chunks(32, [x], [{} for _ in range(20000)], **params)
     tried = index.tuning["tried"]
-    assert tried[-1][1] - tried[-3][1] < mmcl.index_plan.PLATEAU  # two doublings added nothing: stop there
-    assert index.tuning["value"] == tried[-3][0] < 64  # the plateau's start, not a scan of every list
+    assert tried[-1][1] - tried[-4][1] < mmcl.index_plan.PLATEAU  # three doublings added nothing: stop there
+    assert index.tuning["value"] == tried[-4][0] < 256  # the plateau's start, not a scan of every list
     assert faiss.extract_index_ivf(index._index).nprobe == index.tuning["value"]
     index.save(tmp_path / "idx")
     loaded = EmbeddingIndex.load(tmp_path / "idx")
     assert faiss.extract_index_ivf(loaded._index).nprobe == index.tuning["value"]
-    loaded.tune([x], 0.5)  # a lower target: a narrower search, written to the manifest only
+    loaded.tune([x], 0.05)  # a lower target: a narrower search, written to the manifest only
     loaded.save_tuning(tmp_path / "idx")
     narrow = EmbeddingIndex.load(tmp_path / "idx")
-    assert narrow.target_recall == 0.5 and narrow.tuning["recall"] >= 0.5
+    assert narrow.target_recall == 0.05 and narrow.tuning["recall"] >= 0.05
     assert faiss.extract_index_ivf(narrow._index).nprobe == narrow.tuning["value"] < index.tuning["value"]
     _, truth = exact_topk(queries, [x], 10)
     _, found = narrow.search(queries, k=10)
-    assert recall_at_k(np.array([[m["id"] for m in r] for r in found]), truth, None, 10) >= 0.4
+    assert recall_at_k(np.array([[m["id"] for m in r] for r in found]), truth, None, 10) >= 0.03
+
+
+def test_tuning_on_given_queries_reaches_the_target_on_queries_of_that_kind():
+    """Queries off the stored vectors' manifold (text queries of an image index) need a broader search than
+    held-out stored vectors do; tuned on queries of their kind, the target holds for them."""
+    x = clustered(8000, clusters=40)
+    rng = np.random.default_rng(5)
+    gap = rng.standard_normal(32).astype(np.float32)
+    q = x[rng.integers(0, 8000, 600)] + 0.5 * gap / np.linalg.norm(gap) + 0.3 * rng.standard_normal((600, 32))
+    q = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    tune_q, test_q = q[:300], q[300:]
+    _, truth = exact_topk(test_q, [x], 10)
+
+    def recall(index: EmbeddingIndex) -> float:
+        _, found = index.search(test_q, k=10)
+        return recall_at_k(np.array([[m["id"] for m in r] for r in found]), truth, None, 10)
+
+    params = {"kind": "ivf", "storage": "fp32", "nlist": 128, "target_recall": 0.95, "memory_budget": GIB}
+    on_stored = EmbeddingIndex.from_chunks(32, [x], [{} for _ in range(8000)], **params)
+    on_queries = EmbeddingIndex.from_chunks(32, [x], [{} for _ in range(8000)], tune_q, **params)
+    assert on_queries.tuning["on"] == "300 given queries" and "stored" in on_stored.tuning["on"]
+    assert on_queries.tuning["value"] > on_stored.tuning["value"]
+    assert recall(on_queries) >= 0.92 and recall(on_queries) > recall(on_stored)
