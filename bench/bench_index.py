@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-wait", action="store_true", help="do not wait for a 1-min load average below 1.5")
     p.add_argument("--build-only", action="store_true", help="build (and keep) the indexes, measure nothing")
     p.add_argument("--rebuild", action="store_true", help="build the indexes anew even where one is kept")
+    p.add_argument("--retune", action="store_true", help="re-tune kept indexes (after a change to the tuning)")
     p.add_argument("--measure", type=Path, default=None, help=argparse.SUPPRESS)  # internal: one fresh process
     p.add_argument("--tiny", action="store_true", help="seconds-long check of the script, not a measurement")
     args = p.parse_args(argv)
@@ -201,7 +202,8 @@ def build_once(
     if record.is_file() and not args.rebuild:
         manifest = read_manifest(folder)
         tuned_on = manifest.get("tuning", {}).get("on", "")
-        if manifest.get("target_recall") != target or (tune_queries is not None and "given" not in tuned_on):
+        stale = manifest.get("target_recall") != target or (tune_queries is not None and "given" not in tuned_on)
+        if stale or args.retune:
             kept = EmbeddingIndex.load(folder)
             kept.tune(chunks, target, tune_queries)
             kept.save_tuning(folder)

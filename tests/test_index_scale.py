@@ -237,8 +237,8 @@ def test_tuning_stops_where_recall_levels_off_and_the_manifest_tuning_is_applied
     params = {"kind": "ivf", "storage": "pq", "nlist": 256, "target_recall": 0.9999, "memory_budget": GIB}
     index = EmbeddingIndex.from_chunks(32, [x], [{} for _ in range(20000)], **params)
     tried = index.tuning["tried"]
-    assert tried[-1][1] - tried[-4][1] < mmcl.index_plan.PLATEAU  # three doublings added nothing: stop there
-    assert index.tuning["value"] == tried[-4][0] < 256  # the plateau's start, not a scan of every list
+    assert tried[-1][1] - tried[-5][1] < mmcl.index_plan.PLATEAU  # four doublings added nothing: stop there
+    assert index.tuning["value"] == tried[-5][0] < 256  # the plateau's start, not a scan of every list
     assert faiss.extract_index_ivf(index._index).nprobe == index.tuning["value"]
     index.save(tmp_path / "idx")
     loaded = EmbeddingIndex.load(tmp_path / "idx")
