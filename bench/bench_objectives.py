@@ -7,8 +7,10 @@
 Data: the built-in synthetic shapes at 64 px (20,000 training samples, 1,000 held-out; 40 classes =
 8 colours x 5 shapes), the same shards as `bench_train.py` / `bench_recipe.py`.
 
-Per image tower (ViT: `clip-tiny-64` = open_clip's `open_clip-tiny-64`; CNN: `clip-tiny-cnn-64`, a timm
-resnet10t = open_clip's `open_clip-tiny-cnn-64` with `timm_model_name`; opt-in `--towers hybrid`:
+Per image tower (ViT: `clip-tiny-64` = open_clip's `open_clip-tiny-64`; CNN: `clip-tiny-cnn-narrow-64`, a timm
+resnet10t narrowed to channels 38-304 so that the model has at most clip-tiny-64's parameters and image FLOPs
+(8.94M vs 8.99M, 103.5 vs 187.6 MFLOPs) = open_clip's `open_clip-tiny-cnn-narrow-64` with `timm_model_name`
+`resnet10t_narrow`, registered by `common.patch_open_clip`; opt-in `--towers hybrid`:
 `clip-tiny-hybrid-64`, a conv stem feeding clip-tiny-64's ViT blocks, mmcl only), per objective (`OBJECTIVES`:
 every loss term alone added to CLIP, and a combination) and per seed:
 
@@ -24,6 +26,9 @@ every loss term alone added to CLIP, and a combination) and per seed:
 
 Every number in the table is the mean over seeds with the spread (min-max). Step counts depend on the
 calibration's speed (recorded with the load average); accuracies after a given number of steps do not.
+
+Resumable: the calibration and every finished run are saved to `objectives.partial.json` in the results folder
+as they complete; `--resume` picks up from there (a killed 2-hour run loses one configuration, not the table).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     DATA,
+    RESULTS,
     machine_info,
     machine_markdown,
     markdown_table,
@@ -52,7 +58,8 @@ from common import (  # noqa: E402
     write_results,
 )
 
-TOWERS = {"vit": ("clip-tiny-64", "open_clip-tiny-64"), "cnn": ("clip-tiny-cnn-64", "open_clip-tiny-cnn-64"),
+TOWERS = {"vit": ("clip-tiny-64", "open_clip-tiny-64"),
+          "cnn": ("clip-tiny-cnn-narrow-64", "open_clip-tiny-cnn-narrow-64"),  # resnet10t cut to the ViT's size
           "hybrid": ("clip-tiny-hybrid-64", None)}  # conv stem + ViT blocks: no open_clip equivalent  # fmt: skip
 NO_COLOUR = "augment: {jitter_p: 0, grayscale_p: 0, flip_p: 0}"  # keep what colour / position captions say
 # name -> (loss.terms, extra overrides, ViT blocks only: the vit and hybrid towers)
@@ -70,7 +77,7 @@ OBJECTIVES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "flip": ("[clip]", ("model.image.patch_dropout=0.5",), True),
     "negclip+simclr-nocolour": (f"[negclip, {{name: simclr, weight: 0.5, {NO_COLOUR}}}]", (), False),
 }
-RECIPE = ["train.lr=1e-3", "train.weight_decay=0.1", "train.warmup_steps=30", "train.grad_clip=1.0",
+RECIPE = ["train.lr=1e-3", "train.weight_decay=0.1", "train.warmup_steps=30", "train.grad_clip=1.0", "data.crop_scale=[0.8,1.0]",
           "data.shuffle_buffer=2000"]  # fmt: skip
 
 
@@ -85,8 +92,9 @@ def mmcl_overrides(objective: str, tower: str, steps: int) -> list[str]:
     return [*RECIPE, *warmup, f"loss.terms={terms}", *extra]
 
 
-def evaluate(pipe: Any, val: Path, classnames_file: Path) -> dict[str, Any]:
-    """Zero-shot, its colour / shape breakdown, text->image R@5 and (when present) compositional subsets."""
+def evaluate(pipe: Any, val: Path, classnames_file: Path, compositional: bool = True) -> dict[str, Any]:
+    """Zero-shot, its colour / shape breakdown (built-in shapes' 8 x 5 label order), text->image R@5 and
+    the compositional subsets of held-out built-in samples (`compositional`)."""
     from mmcl.eval.datasets import open_eval_dataset
     from mmcl.eval.runner import evaluate_retrieval, evaluate_zero_shot
     from mmcl.eval.templates import load_classnames, load_templates
@@ -103,6 +111,8 @@ def evaluate(pipe: Any, val: Path, classnames_file: Path) -> dict[str, Any]:
         "shape_acc": sum(r["label"] % 5 == r["pred"] % 5 for r in rows) / len(rows),
         "t2i_recall@5": ret["metrics"]["t2i_recall@5"],
     }
+    if not compositional:
+        return out
     from mmcl.eval.compositional import evaluate_compositional, generated_pairs, synthetic_samples
 
     pairs = generated_pairs(synthetic_samples(2000, split="val", image_size=64), max_per_subset=200)
@@ -143,10 +153,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         *(("open_clip", t, "open_clip") for t in args.towers if TOWERS[t][1]),
     ]
     calib_steps = 4 if args.tiny else args.calib_steps
+    partial = args.results_dir / "objectives.partial.json"
     results: dict[str, Any] = {"calibration": {}, "runs": []}
+    if args.resume and partial.is_file():
+        results = json.loads(partial.read_text())
+        print(f"resuming from {partial}: {len(results['calibration'])} calibrations, {len(results['runs'])} runs")
+    done = {(r["tower"], r["objective"], r["seed"]) for r in results["runs"]}
+
+    def save() -> None:
+        from mmcl.utils import atomic_write_text
+
+        args.results_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(partial, json.dumps(results, indent=2) + "\n")
+
     try:
         for kind, tower, objective in kinds:  # 1. samples/s of every configuration
             key = f"{tower}/{objective}"
+            if key in results["calibration"]:
+                continue
             name = f"calib_{tower}_{objective}".replace("+", "p")
             if kind == "mmcl":
                 argv = bench.mmcl_args(
@@ -157,11 +181,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res = bench.launch(name, kind, argv, B, skip=min(6, calib_steps // 2))
             results["calibration"][key] = {k: res.get(k) for k in ("samples_per_s", "loadavg_1min_after", "error")}
             shutil.rmtree(work / name, ignore_errors=True)
+            save()
+        # the baselines first in every seed: a run cut short still compares each term with both of them
+        ordered = sorted(kinds, key=lambda k: k[2] not in ("clip", "open_clip"))
         for seed in args.seeds:  # 2. + 3. equal wall time, then the same evaluation for both libraries
-            for kind, tower, objective in kinds:
+            for kind, tower, objective in ordered:
                 key = f"{tower}/{objective}"
                 sps = results["calibration"][key]["samples_per_s"]
-                if not sps:
+                if not sps or (tower, objective, seed) in done:
                     continue
                 steps = 3 if args.tiny else max(8, int(args.budget_s * sps / B))
                 name = f"{tower}_{objective}_s{seed}".replace("+", "p")
@@ -183,6 +210,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(json.dumps(row), flush=True)
                 results["runs"].append(row)
                 shutil.rmtree(work / name, ignore_errors=True)
+                save()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return results
@@ -250,21 +278,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-timeout", type=float, default=900.0)
     p.add_argument("--tiny", action="store_true", help="3 steps on 1,200 samples: a check of the script")
     p.add_argument("--results", type=Path, default=None, help="results folder (default bench/results/)")
+    p.add_argument("--resume", action="store_true", help="continue from the results folder's objectives.partial.json")
     args = p.parse_args(argv)
+    if args.tiny and args.results is None:
+        args.results = Path(tempfile.mkdtemp(prefix="bench_objectives_results_"))
+    args.results_dir = args.results or RESULTS
     logging.basicConfig(level=logging.WARNING)
+    given = sys.argv[1:] if argv is None else argv
     t0 = time.perf_counter()
     res = run(args)
     res.update(
         benchmark="objectives",
-        command=reproduce_command("bench_objectives.py", argv),
+        command=reproduce_command("bench_objectives.py", [a for a in given if a != "--resume"]),
         machine=machine_info(),
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         wall_s=round(time.perf_counter() - t0, 1),
         loadavg_end=[round(v, 2) for v in os.getloadavg()],
     )
     res["summary"] = summarise(res["runs"])
-    out = args.results or (Path(tempfile.mkdtemp(prefix="bench_objectives_results_")) if args.tiny else None)
-    paths = write_results("objectives", res, to_markdown(res), *([out] if out else []))
+    res["settings"].pop("results_dir")
+    paths = write_results("objectives", res, to_markdown(res), args.results_dir)
+    (args.results_dir / "objectives.partial.json").unlink(missing_ok=True)
     print("wrote", *paths)
     return 0
 

@@ -123,8 +123,29 @@ def patch_open_clip() -> None:
 
     open_clip_train.data.tar_file_expander = functools.partial(tariterators.tar_file_expander, eof_value=None)
     open_clip.add_model_config(str(openclip_tiny_config()))
+    register_timm_narrow_cnn()
     for config in sorted((REPO / "bench" / "configs").glob("*.json")):  # configs the exporter cannot derive
         open_clip.add_model_config(str(config))  # e.g. open_clip-tiny-cnn-64: a timm resnet10t tower
+
+
+NARROW_CNN_CHANNELS = (38, 76, 152, 304)  # = mmcl's clip-tiny-cnn-narrow-64 preset (timm_kwargs.channels)
+
+
+def register_timm_narrow_cnn() -> None:
+    """timm name `resnet10t_narrow`: resnet10t at the channels of mmcl's `clip-tiny-cnn-narrow-64`.
+
+    open_clip hands a timm tower no keyword arguments besides drop rates, so its twin of the preset
+    (bench/configs/open_clip-tiny-cnn-narrow-64.json) names a registered model instead.
+    """
+    import timm
+    from timm.models import register_model
+
+    if "resnet10t_narrow" in timm.list_models("resnet10t_narrow"):
+        return
+
+    @register_model
+    def resnet10t_narrow(pretrained: bool = False, **kwargs: Any):
+        return timm.create_model("resnet10t", pretrained=pretrained, channels=NARROW_CNN_CHANNELS, **kwargs)
 
 
 def openclip_tiny_config() -> Path:

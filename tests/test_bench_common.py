@@ -45,3 +45,29 @@ def test_clustered_queries_follow_the_vectors_but_are_not_stored(tmp_path: Path)
     np.testing.assert_array_equal(q, clustered_queries(50, 32))
     best = (q @ x.T).max(axis=1)
     assert np.median(best) > 0.5 and best.max() < 0.999
+
+
+def test_narrow_cnn_preset_is_clip_tiny_64_sized_and_open_clip_builds_the_same_tower() -> None:
+    """bench_objectives' CNN: at most clip-tiny-64's parameters and image FLOPs, the same trunk in open_clip."""
+    import open_clip
+    import torch
+    from common import patch_open_clip
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmcl.config import model_config
+    from mmcl.models import build_model
+
+    def size(model, encode) -> tuple[int, int]:
+        with FlopCounterMode(display=False) as flops:
+            encode(torch.randn(1, 3, 64, 64))
+        return sum(p.numel() for p in model.parameters()), flops.get_total_flops()
+
+    vit = build_model(model_config("clip-tiny-64"))
+    cnn = build_model(model_config("clip-tiny-cnn-narrow-64"))
+    (vit_params, vit_flops), (cnn_params, cnn_flops) = size(vit, vit.encode_image), size(cnn, cnn.encode_image)
+    assert cnn_params <= vit_params and cnn_flops <= vit_flops
+    patch_open_clip()
+    oc = open_clip.create_model("open_clip-tiny-cnn-narrow-64")
+    assert sum(p.numel() for p in oc.parameters()) == cnn_params
+    shapes = sorted(tuple(p.shape) for p in cnn.image.trunk.parameters())
+    assert sorted(tuple(p.shape) for p in oc.visual.trunk.parameters()) == shapes

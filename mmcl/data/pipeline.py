@@ -79,4 +79,5 @@ def device_decoder(cfg: DataConfig, model, device: torch.device | str, train: bo
 
 def _transform(cfg: DataConfig, model, train: bool) -> ImageTransform:
     pre = model.preprocess_cfg()
-    return image_transform(pre["image_size"], pre["mean"], pre["std"], train=train and cfg.augment)
+    return image_transform(pre["image_size"], pre["mean"], pre["std"], train=train and cfg.augment,
+                           scale=tuple(cfg.crop_scale))  # fmt: skip

@@ -38,7 +38,7 @@ def test_train_crop_matches_pil(size, shape):
     image = photo(*shape)
     for seed in range(4):
         got = ImageTransform(size, train=True).pixels(image, random.Random(seed))
-        top, left, h, w = random_resized_crop_box(*image.size, (0.8, 1.0), (3 / 4, 4 / 3), random.Random(seed))
+        top, left, h, w = random_resized_crop_box(*image.size, (0.9, 1.0), (3 / 4, 4 / 3), random.Random(seed))
         want = np.asarray(TF.resized_crop(image, top, left, h, w, [size, size], BICUBIC)).astype(int)
         assert got.dtype == torch.uint8 and got.shape == (3, size, size)
         diff = np.abs(as_array(got) - want)
@@ -113,3 +113,26 @@ def test_decode_gives_rgb_for_any_mode(mode):
     out = decode_image(buf.getvalue())
     assert out.mode == "RGB" and out.size == (20, 10)
     assert ImageTransform(8).pixels(image).shape == (3, 8, 8)  # the transform converts other modes itself
+
+
+@pytest.mark.parametrize("scale", [(0.8, 1.0), (0.9, 1.0)])
+def test_data_crop_scale_sets_the_training_crop_area(scale):
+    from mmcl.config import load_experiment
+    from mmcl.data.pipeline import _transform
+
+    cfg = load_experiment(None, [f"data.crop_scale=[{scale[0]}, {scale[1]}]"])
+    assert _transform(cfg.data, FakeModel(), train=True).scale == scale
+    assert _transform(cfg.data, FakeModel(), train=False).crop_box(200, 200) is None  # evaluation: centre crop
+    rng = random.Random(0)
+    areas = [h * w / 200**2 for _, _, h, w in (_transform(cfg.data, FakeModel(), True).crop_box(200, 200, rng)
+                                                for _ in range(300))]  # fmt: skip
+    assert scale[0] - 0.01 <= min(areas) and max(areas) <= 1.0
+    assert min(areas) < scale[0] + 0.03  # the whole range is drawn, not just full-frame crops
+
+
+@pytest.mark.parametrize("bad", ["[0.0, 1.0]", "[0.9, 0.8]", "[0.5, 1.2]", "[0.5]"])
+def test_bad_crop_scale_names_the_key(bad):
+    from mmcl.config import ConfigError, load_experiment
+
+    with pytest.raises(ConfigError, match="data.crop_scale"):
+        load_experiment(None, [f"data.crop_scale={bad}"])
