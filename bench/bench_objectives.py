@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="3 steps on 1,200 samples: a check of the script")
     p.add_argument("--results", type=Path, default=None, help="results folder (default bench/results/)")
     p.add_argument("--resume", action="store_true", help="continue from the results folder's objectives.partial.json")
+    p.add_argument("--report-partial", action="store_true",
+                   help="write the table from objectives.partial.json as it is (a run cut short), train nothing")  # fmt: skip
     args = p.parse_args(argv)
     if args.tiny and args.results is None:
         args.results = Path(tempfile.mkdtemp(prefix="bench_objectives_results_"))
@@ -286,10 +288,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     given = sys.argv[1:] if argv is None else argv
     t0 = time.perf_counter()
-    res = run(args)
+    partial = args.results_dir / "objectives.partial.json"
+    res = json.loads(partial.read_text()) if args.report_partial else run(args)
     res.update(
         benchmark="objectives",
-        command=reproduce_command("bench_objectives.py", [a for a in given if a != "--resume"]),
+        command=reproduce_command(
+            "bench_objectives.py", [a for a in given if a not in ("--resume", "--report-partial")]
+        ),
         machine=machine_info(),
         settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         wall_s=round(time.perf_counter() - t0, 1),
@@ -298,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     res["summary"] = summarise(res["runs"])
     res["settings"].pop("results_dir")
     paths = write_results("objectives", res, to_markdown(res), args.results_dir)
-    (args.results_dir / "objectives.partial.json").unlink(missing_ok=True)
+    if not args.report_partial:
+        partial.unlink(missing_ok=True)
     print("wrote", *paths)
     return 0
 
