@@ -261,6 +261,7 @@ def to_markdown(res: dict[str, Any]) -> str:
         "prediction's colour / shape is right (chance 12.5% / 20%); compositional subsets: the true caption scored "
         "above its hard negative (chance 50%). open_clip: its own trainer and defaults on the same architecture.",
         markdown_table(headers, rows),
+        res.get("conclusion", ""),
         machine_markdown(res["machine"]),
         f"Reproduce: `{res['command']}`",
     ])  # fmt: skip
