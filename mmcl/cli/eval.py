@@ -1,4 +1,6 @@
-"""`mmcl eval zeroshot|retrieval|captions RUN --shards ...`: evaluate a run folder or checkpoint, write a report."""
+"""`mmcl eval TASK RUN --shards ...`: evaluate a run folder or checkpoint, write a report.
+
+TASK: zeroshot, retrieval, captions, compositional, linear-probe, knn."""
 
 from __future__ import annotations
 
@@ -12,8 +14,37 @@ TASKS = {
     "retrieval": "image<->text retrieval on captioned images (recall@k, median rank)",
     "captions": "caption generation scored with BLEU-4, ROUGE-L and CIDEr-D",
     "compositional": "each image's caption against hard negative captions (SugarCrepe files, or made from the "
-    "attributes of labelled captions such as the built-in shapes): accuracy per subset, chance 50%",
+    "attributes of labelled captions such as the built-in shapes): accuracy per subset, chance 50%%",
+    "linear-probe": "logistic regression on frozen image features (CLIP_benchmark's protocol: weight-decay sweep "
+    "on a validation split), fitted on --shards, scored on --test-shards",
+    "knn": "weighted k-nearest-neighbour classification on frozen image features (DINO's: k 20, T 0.07), "
+    "bank from --shards, queries from --test-shards",
 }
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch size, a k)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (0 meaning 'all' or 'none')."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+PROBES = {"linear-probe": "linear_probe", "knn": "knn"}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,14 +62,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "--data",
             nargs="+",
             required=name != "compositional",
-            help="tar shards (paths, globs, {000..009} patterns, folders), an image-folder tree, or a CLIP_benchmark root",
+            help="tar shards (paths, globs, {000..009} patterns, folders), an image-folder tree, or a CLIP_benchmark root"
+            + (" (the training split of the probe)" if name in PROBES else ""),
         )
         t.add_argument("--out", help="report folder (default: RUN/eval/TASK)")
         t.add_argument("--split", default="test", help="split folder of a CLIP_benchmark root (default: test)")
-        t.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-        t.add_argument("--max-samples", type=int, default=0, help="stop after this many images (0 = all)")
-        t.add_argument("--workers", type=int, default=0, help="data loader processes decoding images")
-        t.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="skip larger images unread")
+        t.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
+        t.add_argument("--max-samples", type=non_negative_int, default=0, help="stop after this many images (0 = all)")
+        t.add_argument("--workers", type=non_negative_int, default=0, help="data loader processes decoding images")
+        t.add_argument("--max-pixels", type=positive_int, default=MAX_PIXELS, help="skip larger images unread")
         t.add_argument("--quiet", action="store_true", help="no progress bar")
         if name == "zeroshot":
             t.add_argument("--classnames", help="class names file, one per line (default: found with the data)")
@@ -49,15 +81,35 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             )
             t.add_argument("--label-key", default="label", help="key of the label in each sample's .json")
         if name == "retrieval":
-            t.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="recall@k cut-offs")
-            t.add_argument("--chunk-size", type=int, default=1024, help="queries x gallery block size of the scoring")
+            t.add_argument("--ks", type=positive_int, nargs="+", default=[1, 5, 10], help="recall@k cut-offs")
+            t.add_argument(
+                "--chunk-size", type=positive_int, default=1024, help="queries x gallery block size of the scoring"
+            )
         if name == "compositional":
             t.add_argument("--sugarcrepe", metavar="DATA_ROOT", help="SugarCrepe's data/ folder instead of --shards")
             t.add_argument("--images", help="folder of the images SugarCrepe's entries name (COCO val2017)")
             t.add_argument("--subsets", nargs="+", help="SugarCrepe subsets to read (default: every file found)")
-            t.add_argument("--max-pairs", type=int, default=0, help="pairs per subset (0 = all)")
+            t.add_argument("--max-pairs", type=non_negative_int, default=0, help="pairs per subset (0 = all)")
         if name in ("zeroshot", "retrieval", "compositional"):
-            t.add_argument("--text-batch-size", type=int, default=256, help="texts per forward pass")
+            t.add_argument("--text-batch-size", type=positive_int, default=256, help="texts per forward pass")
+        if name in PROBES:
+            t.add_argument("--test-shards", nargs="+", required=True, help="the labelled split the probe is scored on")
+            t.add_argument("--classnames", help="class names file, one per line (default: found with the data)")
+            t.add_argument("--label-key", default="label", help="key of the label in each sample's .json")
+        if name == "linear-probe":
+            t.add_argument("--fewshot-k", type=int, default=-1, help="training samples per class (-1 = all)")
+            t.add_argument(
+                "--val-proportion",
+                type=float,
+                default=0.2,
+                help="share of the training split held out for the weight-decay sweep (0 = no sweep, wd 0)",
+            )
+            t.add_argument("--epochs", type=positive_int, default=10, help="passes over the training features")
+            t.add_argument("--lr", type=float, default=0.1, help="AdamW learning rate (cosine schedule)")
+            t.add_argument("--seed", type=int, default=0, help="seed of the split, the init and the order")
+        if name == "knn":
+            t.add_argument("-k", "--k", type=positive_int, default=20, help="neighbours that vote")
+            t.add_argument("--temperature", type=float, default=0.07, help="vote weight exp(similarity / T)")
         if name == "captions":
             t.add_argument("--num-beams", type=int, default=None, help="beam width passed to generate()")
             t.add_argument("--max-new-tokens", type=int, default=None, help="caption length limit passed to generate()")
@@ -75,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
     task = args.eval_task
     if task == "compositional":
         return run_compositional(args)
+    if task in PROBES:
+        return run_probe(args)
     common = dict(
         batch_size=args.batch_size, max_samples=args.max_samples, num_workers=args.workers, progress=not args.quiet
     )
@@ -159,5 +213,56 @@ def run_compositional(args: argparse.Namespace) -> int:
     print(compositional_table(results), end="")
     if results.get("skipped"):
         print(f"skipped: {describe_counts(results['skipped'])}")
+    print(f"report: {written['eval.md']}")
+    return 0
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    from mmcl.eval.datasets import open_eval_dataset
+    from mmcl.eval.linear_probe import ProbeSettings
+    from mmcl.eval.report import write_report
+    from mmcl.eval.runner import evaluate_probe
+    from mmcl.inference import load_pipeline
+
+    method = PROBES[args.eval_task]
+
+    def open_split(shards: list[str], split: str):
+        return open_eval_dataset(
+            shards, classnames=args.classnames, label_key=args.label_key, split=split, max_pixels=args.max_pixels
+        )
+
+    train = open_split(args.shards, "train" if args.split == "test" else args.split)
+    test = open_split(args.test_shards, args.split)
+    settings = {"model": str(args.run), "train data": " ".join(args.shards), "test data": " ".join(args.test_shards)}
+    options: dict = {}
+    if method == "linear_probe":
+        options = dict(
+            settings=ProbeSettings(lr=args.lr, epochs=args.epochs, seed=args.seed),
+            fewshot_k=args.fewshot_k,
+            val_proportion=args.val_proportion,
+        )
+        settings.update(fewshot_k=args.fewshot_k, val_proportion=args.val_proportion, epochs=args.epochs, lr=args.lr)
+    else:
+        options = dict(k=args.k, temperature=args.temperature)
+        settings.update(k=args.k, temperature=args.temperature)
+    pipeline = load_pipeline(args.run)
+    results = evaluate_probe(
+        method,
+        pipeline,
+        train,
+        test,
+        classnames=train.classnames,
+        batch_size=args.batch_size,
+        max_samples=args.max_samples,
+        num_workers=args.workers,
+        progress=not args.quiet,
+        **options,
+    )
+    out = Path(args.out) if args.out else Path(args.run) / "eval" / args.eval_task
+    written = write_report(results, out, title=f"{args.eval_task} evaluation of {args.run}", settings=settings)
+    for k, v in results["metrics"].items():
+        print(f"{k:>24}  {v:.4f}" if isinstance(v, float) else f"{k:>24}  {v}")
+    if results.get("skipped"):
+        print(f"{'skipped':>24}  {describe_counts(results['skipped'])}")
     print(f"report: {written['eval.md']}")
     return 0

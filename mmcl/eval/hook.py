@@ -1,4 +1,5 @@
-"""The trainer's eval hook: zero-shot + retrieval + compositional pairs (contrastive models), caption metrics."""
+"""The trainer's eval hook: zero-shot, frozen-feature probes (k-NN, linear), retrieval with alignment and
+uniformity, compositional pairs (contrastive models); caption metrics (captioners)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 def make_eval_hook(cfg: ExperimentConfig) -> Callable[[nn.Module, int], dict[str, float]]:
     """A hook `(model, step) -> metrics` evaluating on `cfg.eval.shards` with what the model can do."""
     from mmcl.eval.datasets import open_eval_dataset
-    from mmcl.eval.runner import evaluate_captions, evaluate_retrieval, zero_shot_from_config
+    from mmcl.eval.runner import evaluate_captions, evaluate_retrieval, probe_metrics, zero_shot_from_config
     from mmcl.inference import Pipeline
 
     ev = cfg.eval
@@ -26,8 +27,9 @@ def make_eval_hook(cfg: ExperimentConfig) -> Callable[[nn.Module, int], dict[str
         metrics: dict[str, float] = {}
         encoder = Pipeline.from_model(model)
         if encoder.can_encode:
-            zs = zero_shot_from_config(ev, encoder.encode_images, encoder.encode_texts)
+            zs = zero_shot_from_config(ev, encoder.encode_images, encoder.encode_texts, keep_features=True)
             metrics.update({f"zeroshot_{k}": v for k, v in zs["metrics"].items() if k in ("top1", "top5")})
+            metrics.update(probe_metrics(zs["features"], zs["labels"]))
             ret = evaluate_retrieval(
                 encoder,
                 open_eval_dataset(ev.shards),
@@ -35,7 +37,8 @@ def make_eval_hook(cfg: ExperimentConfig) -> Callable[[nn.Module, int], dict[str
                 max_samples=ev.max_samples,
                 num_examples=0,
             )
-            metrics.update({k: v for k, v in ret["metrics"].items() if "recall@" in k})
+            keep = ("align", "uniform_image", "uniform_text")
+            metrics.update({k: v for k, v in ret["metrics"].items() if "recall@" in k or k in keep})
             metrics.update(compositional(encoder))
         if encoder.can_caption:
             cap = evaluate_captions(

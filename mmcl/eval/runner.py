@@ -21,8 +21,11 @@ import torch
 from PIL import Image
 
 from mmcl.data.decode import describe_counts
+from mmcl.eval.alignment import alignment_uniformity
 from mmcl.eval.caption_metrics import caption_scores
 from mmcl.eval.datasets import EvalSample, SkipReport, open_eval_dataset
+from mmcl.eval.knn import knn_classify
+from mmcl.eval.linear_probe import ProbeSettings, linear_probe
 from mmcl.eval.retrieval import retrieval_eval, top_texts
 from mmcl.eval.templates import load_templates
 from mmcl.eval.zeroshot import build_classifier, zero_shot_eval
@@ -151,8 +154,12 @@ def run_zero_shot(
     transform: Transform | None = None,
     num_examples: int = 8,
     progress: bool = False,
+    keep_features: bool = False,
 ) -> dict:
     """Zero-shot classification of a labelled dataset.
+
+    With `keep_features`, the result also holds the image `features` (N, D) and `labels` (N,) (for the
+    frozen-feature probes of the eval hook; not for a report: pop them before writing one).
 
     Returns:
         `task`='zeroshot', `metrics` (top1, top5, mean_per_class_recall, n_samples, n_classes), `classnames`,
@@ -172,7 +179,8 @@ def run_zero_shot(
         examples.extend({"key": s.key, "image": _thumb(s.image)} for s in batch[: num_examples - len(examples)])
     if not feats:
         raise UserError(f"the eval dataset yielded no samples{describe_skips(skipped)}")
-    res = zero_shot_eval(torch.cat(feats), torch.tensor(labels), classifier)
+    features = torch.cat(feats)
+    res = zero_shot_eval(features, torch.tensor(labels), classifier)
     pred, topk, scores = res.pop("predictions").tolist(), res.pop("topk").tolist(), res.pop("scores").tolist()
     for i, ex in enumerate(examples):
         ex.update(label=classnames[labels[i]], pred=classnames[pred[i]], correct=labels[i] == pred[i])
@@ -190,6 +198,7 @@ def run_zero_shot(
         ],
         "skipped": skipped,
         "examples": examples,
+        **({"features": features, "labels": torch.tensor(labels)} if keep_features else {}),
     }
 
 
@@ -233,6 +242,7 @@ def run_retrieval(
     text_features = encode_all_texts(encode_texts, texts, text_batch_size)
     t2i = torch.tensor(text_to_image)
     metrics = retrieval_eval(image_features, text_features, t2i, ks=ks, chunk_size=chunk_size)
+    metrics.update(alignment_uniformity(image_features, text_features, t2i))
     if examples:
         idx = torch.tensor([ex.pop("index") for ex in examples])
         scores, top = top_texts(image_features[idx], text_features, k=3)
@@ -282,6 +292,78 @@ def run_captioning(
     }
 
 
+def run_features(
+    encode_images: EncodeImages,
+    dataset: Iterable[EvalSample],
+    batch_size: int = 64,
+    max_samples: int = 0,
+    num_workers: int = 0,
+    transform: Transform | None = None,
+    progress: bool = False,
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """(features (N, D) float CPU, labels (N,) int64, skip counts) of a labelled dataset, for probes."""
+    feats, labels = [], []
+    skipped: dict[str, int] = {}
+    for batch in iterate_batches(dataset, batch_size, max_samples, num_workers, progress, desc, skipped):
+        for s in batch:
+            if s.label is None:
+                raise UserError(f"sample {s.key} has no label (need a .cls file or a label in its .json)")
+        feats.append(_encode(encode_images, [s.image for s in batch], transform))
+        labels.extend(s.label for s in batch)
+    if not feats:
+        raise UserError(f"the {desc} dataset yielded no samples{describe_skips(skipped)}")
+    return torch.cat(feats), torch.tensor(labels, dtype=torch.long), skipped
+
+
+def run_probe(
+    method: str,
+    encode_images: EncodeImages,
+    train: Iterable[EvalSample],
+    test: Iterable[EvalSample],
+    classnames: list[str] | None = None,
+    settings: ProbeSettings | None = None,
+    fewshot_k: int = -1,
+    val_proportion: float = 0.2,
+    k: int = 20,
+    temperature: float = 0.07,
+    **kw: Any,
+) -> dict:
+    """Frozen-feature evaluation: `method` 'linear_probe' (CLIP_benchmark's protocol) or 'knn' (DINO's).
+
+    Image features of the labelled `train` and `test` datasets are computed once; `kw` goes to `run_features`
+    (batch_size, max_samples, num_workers, transform, progress). Returns the probe's result dict with the
+    reader's skip counts of both splits (`skipped`) and per-split sizes.
+    """
+    train_x, train_y, skip_train = run_features(encode_images, train, desc="train features", **kw)
+    test_x, test_y, skip_test = run_features(encode_images, test, desc="test features", **kw)
+    if method == "linear_probe":
+        res = linear_probe(
+            train_x, train_y, test_x, test_y, val_proportion=val_proportion, fewshot_k=fewshot_k, settings=settings
+        )
+    elif method == "knn":
+        res = knn_classify(train_x, train_y, test_x, test_y, k=k, temperature=temperature)
+    else:
+        raise ValueError(f"unknown probe {method!r}: linear_probe or knn")
+    skipped = {r: skip_train.get(r, 0) + skip_test.get(r, 0) for r in {*skip_train, *skip_test}}
+    return {**res, "classnames": list(classnames or []), "skipped": skipped}
+
+
+def probe_metrics(features: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict[str, float]:
+    """`knn_top1` and `linear_probe_top1` of features split in two seeded halves (fit on one, score the other).
+
+    For the trainer's eval hook, where only one labelled split is at hand: cheap (a few hundred samples,
+    the coarse wd sweep), so the numbers are comparable along a run, not with a full protocol's.
+    """
+    if len(labels) < 8 or labels.unique().numel() < 2:
+        return {}
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    fit, score = perm[: len(perm) // 2], perm[len(perm) // 2 :]
+    knn = knn_classify(features[fit], labels[fit], features[score], labels[score])
+    lp = linear_probe(features[fit], labels[fit], features[score], labels[score], settings=ProbeSettings(seed=seed))
+    return {"knn_top1": knn["metrics"]["top1"], "linear_probe_top1": lp["metrics"]["top1"]}
+
+
 def _require(encoder: Encoder, can: bool, what: str) -> None:
     if not can:
         raise UserError(
@@ -295,6 +377,14 @@ def evaluate_zero_shot(
     """`run_zero_shot` with an `mmcl.inference.Encoder`'s `encode_images` / `encode_texts`."""
     _require(encoder, encoder.can_encode, "encode images and texts")
     return run_zero_shot(encoder.encode_images, encoder.encode_texts, dataset, classnames, templates, **kw)
+
+
+def evaluate_probe(
+    method: str, encoder: Encoder, train: Iterable[EvalSample], test: Iterable[EvalSample], **kw: Any
+) -> dict:
+    """`run_probe` with an `mmcl.inference.Encoder`'s image tower."""
+    _require(encoder, encoder.can_encode, "encode images and texts")
+    return run_probe(method, encoder.encode_images, train, test, **kw)
 
 
 def evaluate_retrieval(encoder: Encoder, dataset: Iterable[EvalSample], **kw: Any) -> dict:
@@ -318,6 +408,7 @@ def zero_shot_from_config(
     encode_texts: EncodeTexts,
     transform: Transform | None = None,
     progress: bool = False,
+    keep_features: bool = False,
 ) -> dict:
     """Zero-shot eval as described by an `EvalConfig` (shards, classnames, templates, max_samples, batch_size).
 
@@ -338,4 +429,5 @@ def zero_shot_from_config(
         max_samples=cfg.max_samples,
         transform=transform,
         progress=progress,
+        keep_features=keep_features,
     )
