@@ -338,6 +338,10 @@ class ImageTowerConfig:
     stem_out_index: int = 3
     # kind='hybrid': widths of the 3x3 stride-2 conv layers that replace the ViT's patch embedding
     conv_stem: list[int] = field(default_factory=list)
+    # CNNs: 'attention' replaces global average pooling by CLIP's attention pool with 2-D position embeddings
+    # (ModifiedResNet, Radford et al. 2021), which keeps where things are; 'default' = the model's own pooling
+    pool: Literal["default", "attention"] = "default"
+    pool_heads: int = 8  # heads of the attention pool (must divide the trunk's width)
 
     def validate(self) -> None:
         _require_ranges(
@@ -346,6 +350,7 @@ class ImageTowerConfig:
                 "image_size": (self.image_size >= 1, f">= 1 (got {self.image_size})"),
                 "patch_dropout": (0 <= self.patch_dropout < 1, f"in [0, 1) (got {self.patch_dropout})"),
                 "unlocked_layers": (self.unlocked_layers >= 0, f">= 0 (got {self.unlocked_layers})"),
+                "pool_heads": (self.pool_heads >= 1, f">= 1 (got {self.pool_heads})"),
             },
         )
 

@@ -117,6 +117,26 @@ def clip_init_vit(trunk: nn.Module) -> None:
         nn.init.normal_(trunk.pos_embed, std=scale)
 
 
+def attention_pool(trunk: nn.Module, cfg: ImageTowerConfig) -> nn.Module:
+    """timm's `AttentionPool2d` (CLIP's ModifiedResNet pool) over a CNN trunk's last feature map.
+
+    Global average pooling is blind to where a feature fired; CLIP's pool attends from the map's mean to
+    every position with a learned 2-D position embedding, so "a red square left of a circle" and its swap
+    can pool differently. Output width = the trunk's (the tower's projection follows), no own projection.
+    Shapes: (B, C, h, w) with h = w = image_size / the trunk's stride -> (B, C).
+    """
+    from timm.layers import AttentionPool2d
+
+    info = getattr(trunk, "feature_info", None)
+    if not info or getattr(trunk, "patch_embed", None) is not None:
+        raise UserError(f"model.image.pool=attention needs a CNN with a 2-D feature map; {cfg.timm_name} is not one")
+    width, stride = trunk.num_features, info[-1]["reduction"]
+    if width % cfg.pool_heads:
+        raise UserError(f"model.image.pool_heads={cfg.pool_heads} does not divide the trunk's width {width}")
+    side = max(1, -(-cfg.image_size // stride))  # ceil: a padded conv rounds up
+    return AttentionPool2d(width, feat_size=side, out_features=0, num_heads=cfg.pool_heads)
+
+
 @IMAGE_TOWERS.register("timm")
 class ImageTower(nn.Module):
     """A timm backbone and a bias-free linear projection to the joint embedding.
@@ -132,6 +152,7 @@ class ImageTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.trunk = self._create_trunk(cfg, None if cfg.pretrained else 0)
+        self.attn_pool = attention_pool(self.trunk, cfg) if cfg.pool == "attention" else None
         head = None
         if cfg.pretrained:
             classifier = self.trunk.get_classifier()
@@ -151,7 +172,7 @@ class ImageTower(nn.Module):
         self.mean = tuple(float(v) for v in data_cfg["mean"])
         self.std = tuple(float(v) for v in data_cfg["std"])
         self.locked = False
-        self.class_token_shortcut = _class_token_shortcut_ok(self.trunk)
+        self.class_token_shortcut = self.attn_pool is None and _class_token_shortcut_ok(self.trunk)
         if not cfg.pretrained and cfg.init == "clip" and self.class_token_shortcut:
             clip_init_vit(self.trunk)
 
@@ -159,6 +180,8 @@ class ImageTower(nn.Module):
         return _create_timm(cfg, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.attn_pool is not None:  # (B, C, h, w) feature map -> attention pool -> (B, C)
+            return self.proj(self.attn_pool(self.trunk.forward_features(images)))
         if not self.class_token_shortcut:
             return self.proj(self.trunk(images))  # (B, C) pooled -> (B, embed_dim)
         trunk = self.trunk
