@@ -1,5 +1,5 @@
 """The CLI as a newcomer meets it: every `--help`, `--version`, outputs that are files, configs from any folder,
-configs that are not UTF-8, and a warmup longer than the run."""
+a warmup longer than the run."""
 
 from __future__ import annotations
 
@@ -154,22 +154,6 @@ def test_wheel_ships_the_configs(tmp_path):
     shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml")}
     assert shipped and {f"mmcl/{p}" for p in shipped} <= set(names), sorted(names)[:20]
     assert not any(n.startswith("configs/") for n in names)  # no top-level `configs` package in site-packages
-
-
-@pytest.mark.parametrize(
-    "encoding, decodable",
-    [("latin-1", False), ("utf-16", True), ("utf-8-sig", True)],
-)
-def test_config_not_utf8(encoding, decodable, tmp_path, capsys):
-    path = tmp_path / "exp.yaml"
-    path.write_bytes("# caf\u00e9 config\ntrain:\n  steps: 7\n  warmup_steps: 1\n".encode(encoding))
-    if decodable:  # a BOM says what it is: read it
-        from mmcl.config import load_experiment
-
-        assert load_experiment(path).train.steps == 7
-        return
-    err = _one_line_error(capsys, ["train", str(path)])
-    assert str(path) in err and "UTF-8" in err, err
 
 
 @pytest.mark.parametrize(
