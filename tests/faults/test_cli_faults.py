@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -141,19 +142,51 @@ def test_missing_config_still_one_line(tmp_path, monkeypatch, capsys):
     assert "configs/clip/tinny.yaml" in err and "not found" in err
 
 
-def test_wheel_ships_the_configs(tmp_path):
-    """configs/ (top level of the repository) is package data of the wheel, as mmcl/configs/."""
+def test_installed_wheel_resolves_the_shipped_configs(tmp_path):
+    """configs/ (top level of the repository) is package data of the wheel, as mmcl/configs/, and an installed
+    wheel (no checkout around it) resolves `configs/clip/tiny.yaml` from any folder to its own copy."""
     import zipfile
 
-    done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PIP_NO_INDEX": "1"},
-    )  # fmt: skip
+    env = {**os.environ, "PIP_NO_INDEX": "1"}
+    env.pop("PYTHONPATH", None)
+    pip = [sys.executable, "-m", "pip", "-q"]
+    src = tmp_path / "src"  # a copy: building in the checkout would reuse a stale build/ folder
+    top_level_outputs = {"build", "runs", "data", "mmcl.egg-info"}
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        top = Path(folder) == ROOT
+        return {n for n in names if n.startswith(".") or n == "__pycache__" or (top and n in top_level_outputs)}
+
+    shutil.copytree(ROOT, src, ignore=ignore)
+    done = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "w"), str(src)],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    names = zipfile.ZipFile(next(tmp_path.glob("mmcl-*.whl"))).namelist()
+    wheel = next((tmp_path / "w").glob("mmcl-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {p.relative_to(ROOT).as_posix() for p in (ROOT / "configs").rglob("*.yaml")}
-    assert shipped and {f"mmcl/{p}" for p in shipped} <= set(names), sorted(names)[:20]
+    assert shipped and {f"mmcl/{p}" for p in shipped} <= names
     assert not any(n.startswith("configs/") for n in names)  # no top-level `configs` package in site-packages
+    assert {"mmcl/models/configs/clip-tiny.yaml", "mmcl/eval/templates/openai.txt"} <= names
+
+    site = tmp_path / "site"
+    done = subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)],
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    code = "from mmcl.config import load_experiment as l, resolve_experiment_path as r; import sys; "
+    code += "p = r('configs/clip/tiny.yaml'); print(p); print(l(p).train.output_dir)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**env, "PYTHONPATH": str(site)})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(site / "mmcl" / "configs" / "clip" / "tiny.yaml"), "runs/clip-tiny"]
+
+
+def test_pyproject_lists_every_subpackage():
+    """pyproject.toml lists the packages (so configs/ can ship inside mmcl): none on disk may be missing."""
+    from setuptools import find_packages
+
+    block = re.search(r"^packages = \[(.*?)\]", (ROOT / "pyproject.toml").read_text(), flags=re.S | re.M).group(1)
+    listed = set(re.findall(r'"([\w.]+)"', block))
+    assert set(find_packages(str(ROOT), include=["mmcl*"])) | {"mmcl.configs"} == listed
 
 
 @pytest.mark.parametrize(
