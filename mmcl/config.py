@@ -9,8 +9,10 @@ like) and re-validates the result.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
+import logging
 import math
 import re
 import types
@@ -24,6 +26,7 @@ import yaml
 from mmcl.utils import UserError, atomic_write_text
 
 T = TypeVar("T")
+log = logging.getLogger("mmcl.config")
 
 
 class ConfigError(UserError):
@@ -242,12 +245,31 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return nested
 
 
+# Byte-order marks an editor may write (Windows Notepad's "Unicode" is UTF-16 LE with one): decoded as marked.
+_BOMS = [(codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16")]  # fmt: skip
+
+
+def read_config_text(path: Path) -> str:
+    """The text of config file `path`: UTF-8, or the encoding its byte-order mark names; else one line saying so."""
+    data = path.read_bytes()
+    encoding = next((enc for bom, enc in _BOMS if data.startswith(bom)), "utf-8")
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}:{line}: not {encoding.upper()} text (byte 0x{data[e.start]:02x} at offset {e.start}): "
+            "save the file as UTF-8"
+        ) from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML file's top-level mapping; syntax errors and duplicate keys name the file, line and column."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = parse_yaml(path.read_text(), str(path)) or {}
+    data = parse_yaml(read_config_text(path), str(path)) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return data
@@ -512,6 +534,9 @@ def _upgrade_legacy_loss(loss: dict[str, Any], arch: str) -> dict[str, Any]:
     return {"terms": terms}
 
 
+MAX_WARMUP_FRACTION = 0.2  # of train.steps; open_clip's recipes and bench/ use 10%
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000  # optimizer steps
@@ -559,6 +584,18 @@ class TrainConfig:
                 "output_dir": (bool(self.output_dir.strip()), "a folder path (got an empty string)"),
             },
         )
+        self._cap_warmup()
+
+    def _cap_warmup(self) -> None:
+        """A warmup longer than a fifth of the run (a shipped config's warmup with a short `train.steps`, or
+        finetune's default `--warmup-steps 30` with `--steps 30`) would spend the run ramping up: cap it."""
+        cap = max(1, int(self.steps * MAX_WARMUP_FRACTION))
+        if self.warmup_steps > cap:
+            log.warning(
+                "train.warmup_steps=%d is more than %d%% of train.steps=%d: warming up over %d steps instead",
+                self.warmup_steps, round(100 * MAX_WARMUP_FRACTION), self.steps, cap,
+            )  # fmt: skip
+            self.warmup_steps = cap
 
 
 @dataclass
@@ -633,8 +670,35 @@ def model_config(preset_or_dict: str | dict[str, Any]) -> ModelConfig:
     return from_dict(ModelConfig, _resolve_model_preset(raw), "model")
 
 
+def shipped_configs_dir() -> Path | None:
+    """The experiment configs shipped with mmcl: `mmcl/configs/` of an installed wheel, or the checkout's
+    top-level `configs/` (an editable install); None if neither is there."""
+    package = Path(__file__).resolve().parent
+    if (package / "configs").is_dir():
+        return package / "configs"
+    checkout = package.parent
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs").is_dir():
+        return checkout / "configs"
+    return None
+
+
+def resolve_experiment_path(path: str | Path) -> Path:
+    """`path` if it exists; else, for a relative path such as `configs/clip/tiny.yaml`, the shipped config of that
+    name (so README's commands work from any folder), logged; else `path` (whose loading then says not found)."""
+    path = Path(path)
+    shipped = shipped_configs_dir()
+    if path.exists() or path.is_absolute() or shipped is None:
+        return path
+    rel = Path(*path.parts[1:]) if path.parts[:1] == ("configs",) else path
+    candidate = shipped / rel
+    if rel.parts and candidate.is_file():
+        log.info("%s is not in %s: using the one shipped with mmcl, %s", path, Path.cwd(), candidate)
+        return candidate
+    return path
+
+
 def experiment_raw(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
-    raw = load_yaml(path) if path else {}
+    raw = load_yaml(resolve_experiment_path(path)) if path else {}
     if isinstance(raw.get("model"), str):  # a preset name: `model.KEY=...` overrides refine it, not replace it
         raw["model"] = {"preset": raw["model"]}
     return deep_merge(raw, parse_overrides(list(overrides)))

@@ -36,7 +36,24 @@ def test_app_commands_name_the_missing_extra(tmp_path: Path) -> None:
         res = _mmcl_without_app(args, REPO)
         lines = [x for x in res.stderr.splitlines() if x.strip()]
         assert res.returncode == 2 and len(lines) == 1, res.stderr
-        assert "'app' extra" in lines[0] and "pip install 'mmcl[app]'" in lines[0]
+        assert "'app' extra" in lines[0] and f"pip install -e '.[app]' (in {REPO})" in lines[0], lines[0]
+
+
+def test_demo_names_the_missing_extra(tmp_path: Path) -> None:
+    res = _mmcl_without_app(["demo", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "data")], REPO)
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr
+    assert "'app' extra" in lines[0] and f"pip install -e '.[app]' (in {REPO})" in lines[0], lines[0]
+    assert not (tmp_path / "data").exists()  # stopped before writing anything
+
+
+def test_hint_outside_a_checkout_names_the_packages(monkeypatch) -> None:
+    """A wheel installed without its checkout: the extra's packages from the installed metadata (not on PyPI)."""
+    from mmcl import extras
+
+    monkeypatch.setattr(extras, "_checkout", lambda: None)
+    hint = extras.install_hint("app")
+    assert hint.startswith("pip install ") and "'faiss-cpu'" in hint and "'gradio>=6'" in hint, hint
 
 
 def test_pyproject_extras() -> None:

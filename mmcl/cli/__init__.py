@@ -23,11 +23,24 @@ COMMANDS = {
 }
 
 
+def _version() -> str:
+    """The installed distribution's version (what pip reports), else the package's own."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mmcl")
+    except PackageNotFoundError:  # imported from a checkout without installing it
+        from mmcl import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmcl",
         description="Multimodal image-text pretraining: write shards, train CLIP/SigLIP/PrefixLM, evaluate, serve.",
     )
+    parser.add_argument("--version", action="version", version=f"mmcl {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS.values():
         try:

@@ -22,7 +22,11 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmcl.cli._paths import require_output_folder
     from mmcl.extras import require
+
+    require_output_folder(args.out, "--out")
+    require_output_folder(args.data, "--data")
 
     require("faiss", "mmcl demo (it indexes the held-out images for the app)")
     from mmcl.demo import DemoSettings, run_demo

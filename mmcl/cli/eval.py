@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     sub = p.add_subparsers(dest="eval_task", metavar="TASK", required=True)
     for name, help_text in TASKS.items():
-        t = sub.add_parser(name, help=help_text, description=help_text)
+        t = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)  # help is %-formatted
         t.add_argument("run", help="run folder (runs/NAME) or checkpoint folder")
         t.add_argument(
             "--shards",

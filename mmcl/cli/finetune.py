@@ -58,6 +58,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmcl.cli._paths import require_output_folder
     from mmcl.config import EvalConfig
     from mmcl.finetune import FinetuneSpec, finetune
 
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     # one positional list: the shards, then KEY=VALUE overrides (main() also appends stragglers)
     overrides = [*[s for s in args.shards if "=" in s and not Path(s).exists()], *args.overrides]
     shards = [s for s in args.shards if s not in overrides]
+    require_output_folder(args.out, "--out")
     if args.reference and not args.target:
         raise UserError("--reference needs --target (the curve plots one against the other)")
     spec = FinetuneSpec(

@@ -109,9 +109,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmcl.cli._paths import require_output_folder
     from mmcl.data import sources
     from mmcl.data.writer import write_shards
 
+    require_output_folder(args.out, "OUT")
     if args.source == "synthetic":
         source = sources.SyntheticSource(args.n, split=args.split, seed=args.seed, image_size=args.image_size)
     elif args.source == "folder":

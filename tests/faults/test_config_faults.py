@@ -98,3 +98,17 @@ def test_model_override_keeps_the_preset():
     tiny = Path(__file__).resolve().parents[2] / "configs" / "clip" / "tiny.yaml"
     cfg = load_experiment(tiny, ["model.init_logit_bias=-10"])
     assert cfg.model.preset == "clip-tiny" and cfg.model.embed_dim == 64 and cfg.model.init_logit_bias == -10
+
+
+@pytest.mark.parametrize("encoding, decodable", [("latin-1", False), ("utf-16", True), ("utf-8-sig", True)])
+def test_config_not_utf8(encoding, decodable, tmp_path, capsys):
+    """Latin-1 bytes: one line naming the file; UTF-16 or UTF-8 with a byte-order mark: read as marked."""
+    path = tmp_path / "exp.yaml"
+    path.write_bytes("# caf\u00e9 config\ntrain:\n  steps: 7\n  warmup_steps: 1\n".encode(encoding))
+    if decodable:  # a BOM says what it is: read it
+        from mmcl.config import load_experiment
+
+        assert load_experiment(path).train.steps == 7
+        return
+    err = _one_line_error(capsys, ["train", str(path)])
+    assert str(path) in err and "UTF-8" in err, err
