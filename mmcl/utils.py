@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -70,6 +72,49 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def loader_worker_init(worker_id: int, parent_pid: int | None = None) -> None:
+    """A DataLoader `worker_init_fn`: the worker dies with its parent and keeps off the parent's W&B run.
+
+    Use it as `functools.partial(loader_worker_init, parent_pid=os.getpid())`, bound in the parent.
+
+    * A worker outlives a SIGKILLed or SIGTERMed parent for good (PPID 1, its memory held): torch's own
+      watchdog only looks while the worker waits for work, and the worker then hangs at exit flushing its
+      result queue to nobody. On Linux the kernel sends the worker SIGKILL when the parent dies
+      (prctl PR_SET_PDEATHSIG); elsewhere, and as a fallback, a daemon thread exits once the parent is gone.
+    * A worker forked after `wandb.init` inherits W&B's import hooks: its first import of a module W&B watches
+      (open_clip, transformers ... loaded lazily by the data pipeline) publishes telemetry through the parent's
+      connection and raises wandb's ForkedError. Telemetry is the parent's business: the hooks are dropped here.
+
+    Args:
+        worker_id: given by the DataLoader (unused).
+        parent_pid: the process that started the loader; default: this worker's parent now.
+    """
+    parent = parent_pid if parent_pid is not None else os.getppid()
+    hooks = sys.modules.get("wandb.sdk.lib.import_hooks")
+    if hooks is not None:
+        hooks.unregister_all_post_import_hooks()
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=_exit_with_parent, args=(parent,), name="mmcl-parent-watch", daemon=True).start()
+
+
+def _exit_with_parent(parent: int, interval_s: float = 1.0) -> None:
+    import time
+
+    while os.getppid() == parent:
+        time.sleep(interval_s)
+    os._exit(1)  # reparented: the parent is gone, and so is anyone reading this worker's results
 
 
 def setup_logging(level: int = logging.INFO) -> None:

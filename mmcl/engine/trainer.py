@@ -16,8 +16,10 @@ a plain Accelerate loop:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +40,7 @@ from mmcl.engine.accumulate import forward_backward
 from mmcl.engine.metrics import MetricsLog, plot_curves
 from mmcl.engine.optim import build_optimizer, lr_at, set_lr
 from mmcl.losses.base import StepContext
-from mmcl.utils import UserError
+from mmcl.utils import UserError, loader_worker_init
 
 log = logging.getLogger("mmcl.train")
 
@@ -87,6 +89,7 @@ class BatchSource:
             self.stream, self.num_workers, self.state, pin_memory=self.accelerator.device.type == "cuda"
         )
         loader.generator = torch.Generator().manual_seed(self.state.epoch)  # keep the global RNG untouched
+        loader.worker_init_fn = functools.partial(loader_worker_init, parent_pid=os.getpid())
         self._it = iter(loader)
 
     def _pull(self) -> Batch | None:
