@@ -77,6 +77,22 @@ def _image(label: str, sources: list[str], max_pixels: int, **kw: Any) -> gr.Ima
     return image
 
 
+def _examples(paths: Sequence[str], target: gr.Image, label: str = "Examples") -> gr.Examples:
+    """Example thumbnails that fill `target` when clicked, through the queue like every other event of the page.
+
+    Gradio loads an (uncached) example with a queue-less event, which the page posts to `/gradio_api/run/predict`;
+    `NamedCallGuard` refuses that route for every event (it would run any event by index, outside the queue's
+    limits), so the load event joins the queue instead, without a concurrency limit: it only returns a file
+    Gradio already holds, and must not wait behind a long classification.
+    """
+    from gradio.context import get_blocks_context
+
+    examples = gr.Examples([[p] for p in paths], inputs=[target], label=label)
+    load = get_blocks_context().fns[examples.load_input_event["id"]]
+    load.queue, load.concurrency_limit = True, None
+    return examples
+
+
 def _guard(fn: Callable) -> Callable:
     """Run a handler; bad input becomes a `gr.Error` shown in the page, and the server keeps serving."""
 
@@ -163,9 +179,7 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
                     with gr.Column():
                         zs_out = gr.Label(label="Prediction", num_top_classes=20, elem_id="prediction")
                         zs_plot = gr.BarPlot(x="label", y="probability", sort="-y", y_lim=[0, 1], label="Probabilities")
-                gr.Examples(
-                    [[p] for p in examples], inputs=[zs_image], label="Examples (built-in synthetic test images)"
-                )
+                _examples(examples, zs_image, "Examples (built-in synthetic test images)")
             with gr.Tab("Retrieval", id="retrieval") as ret_tab:
                 with gr.Row():
                     with gr.Column():
@@ -195,7 +209,7 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
                         cap_btn = gr.Button("Caption", variant="primary")
                     with gr.Column():
                         cap_out = gr.Textbox(label="Caption", lines=3)
-                gr.Examples([[p] for p in examples], inputs=[cap_image], label="Examples")
+                _examples(examples, cap_image)
             with gr.Tab("Compare captions", id="compare"):  # the compositional eval's question, for one image
 
                 @_guard
@@ -214,7 +228,7 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
                     with gr.Column():
                         cmp_out = gr.Label(label="Probability (the model's own scale)")
                         cmp_verdict = gr.Markdown()
-                gr.Examples([[p] for p in examples], inputs=[cmp_image], label="Examples")
+                _examples(examples, cmp_image)
                 cmp_inputs = [cmp_image, cmp_first, cmp_second, chosen]
                 cmp_btn.click(compare, cmp_inputs, [cmp_out, cmp_verdict], api_name="compare_captions")
         if state.choices is not None and state.choices.runs:
