@@ -12,10 +12,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -306,6 +308,7 @@ def launch(
     state: H.AppState | None = None,
     auth: tuple[str, str] | None = None,
     allowed_origins: tuple[str, ...] = (),
+    allowed_hosts: tuple[str, ...] = (),
 ) -> tuple[gr.Blocks, str]:
     """Build and serve the app; returns the Blocks and the local URL.
 
@@ -323,11 +326,12 @@ def launch(
         state: a ready state (tests inject fake models); overrides run/index/open_clip/allow_runs.
         auth: (user, password) for Gradio's login page; advisable on any host other than localhost.
         allowed_origins: other web origins whose pages may call the server (default: only its own).
+        allowed_hosts: host names the server may be reached under besides localhost and `host` (`HostGuard`).
     """
     import faiss
     from starlette.middleware import Middleware
 
-    from mmcl.app.guard import NamedCallGuard, OriginGuard
+    from mmcl.app.guard import HostGuard, NamedCallGuard, OriginGuard
 
     # One query per request: faiss's OpenMP threads only add synchronisation there (measured 2.5x slower
     # single-query search at 100k vectors on 2 shared cores); concurrent requests use the cores instead.
@@ -339,13 +343,19 @@ def launch(
     demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
     allowed = [str(thumbs_dir(state.index_dir).resolve())] if state.index_dir else []
     theme = gr.themes.Soft(font=THEME_FONTS, font_mono=["ui-monospace", "monospace"])
-    _, url, _ = demo.launch(
+    hosts = {h.strip().strip("[]").lower() for h in allowed_hosts if h.strip()}  # the share link's joins it below
+    middleware = [
+        Middleware(HostGuard, bound=host, allowed=hosts),
+        Middleware(OriginGuard, allowed=allowed_origins),
+        Middleware(NamedCallGuard, public=public),
+    ]
+    _, url, share_url = demo.launch(
         server_name=host,
         server_port=port,
         share=share,
         max_file_size=max_file_size,
         allowed_paths=allowed,
-        prevent_thread_lock=prevent_thread_lock,
+        prevent_thread_lock=True,  # serve below, once the share link's host is allowed
         quiet=quiet,
         theme=theme,
         css=CSS,
@@ -353,8 +363,10 @@ def launch(
         ssr_mode=False,
         mcp_server=False,
         auth=auth,
-        app_kwargs={
-            "middleware": [Middleware(OriginGuard, allowed=allowed_origins), Middleware(NamedCallGuard, public=public)]
-        },
+        app_kwargs={"middleware": middleware},
     )
+    if share_url:
+        hosts.add(urlsplit(share_url).hostname or "")
+    if not prevent_thread_lock and not getattr(sys, "ps1", sys.flags.interactive):  # as Gradio: a notebook goes on
+        demo.block_thread()
     return demo, url
