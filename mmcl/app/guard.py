@@ -1,5 +1,9 @@
-"""Exposure limits for the app's HTTP server: other web origins, unlisted endpoints and image URLs are refused.
+"""Exposure limits for the app's HTTP server: other host names, other web origins, unlisted endpoints and image
+URLs are refused.
 
+A page on a name the attacker controls can point that name at 127.0.0.1 (DNS rebinding): the browser then
+treats the app as the attacker's own origin, so the Origin check passes. `HostGuard` answers 403 to any `Host`
+that is not the bound address, a localhost name or a name the user allowed (`--allow-host`).
 Gradio's CORS middleware only withholds the response from a foreign page's script; a cross-origin form POST
 (an upload) is still processed. `OriginGuard` answers 403 before the request reaches Gradio instead.
 Gradio resolves `/gradio_api/call/NAME` (and `/run/NAME`, `/api/NAME`) for any event, listed or not;
@@ -8,12 +12,17 @@ Gradio resolves `/gradio_api/call/NAME` (and `/run/NAME`, `/api/NAME`) for any e
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+log = logging.getLogger("mmcl")
+
+LOCAL_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 URL_PATTERN = re.compile(r"^\s*([a-z][a-z0-9+.-]*://|data:)", re.IGNORECASE)
 NAMED_CALL = re.compile(r"/gradio_api/(?:call/v2|call|run|api)/([^/]+)")
 URL_MESSAGE = "image URLs are not fetched: download the image and upload the file instead"
@@ -22,6 +31,94 @@ URL_MESSAGE = "image URLs are not fetched: download the image and upload the fil
 async def _refuse(send: Callable, status: int, body: bytes) -> None:
     await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", b"text/plain")]})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _refuse_scope(scope: dict[str, Any], send: Callable, body: bytes) -> None:
+    """403 for an HTTP request; a policy-violation close for a websocket."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1008})
+    else:
+        await _refuse(send, 403, body)
+
+
+def _headers(scope: dict[str, Any]) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+
+def split_host(value: str) -> tuple[str, int | None] | None:
+    """'Name:8080' -> ('name', 8080); '[::1]:80' -> ('::1', 80); None when it is no valid host[:port]."""
+    try:
+        parts = urlsplit("//" + value.strip())
+        if not parts.hostname or parts.path or parts.query or parts.fragment or parts.username is not None:
+            return None
+        return parts.hostname.lower(), parts.port  # .port raises ValueError on 'host:abc' or a port > 65535
+    except ValueError:
+        return None
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+class _OncePerValue:
+    """Logs one line per distinct refused value (a bounded set), so a hostile page cannot flood the log."""
+
+    def __init__(self, limit: int = 256) -> None:
+        self.seen: set[str] = set()
+        self.limit = limit
+
+    def __call__(self, what: str, value: str) -> None:
+        key = f"{what}\0{value}"
+        if key not in self.seen and len(self.seen) < self.limit:
+            self.seen.add(key)
+            log.warning("app: refused a request with %s %r", what, value[:200])
+
+
+class HostGuard:
+    """ASGI middleware: a request whose `Host` names anything but this server is refused with 403.
+
+    Accepted: localhost names (localhost, 127.0.0.1, ::1), the bound address, the names in `allowed`, and,
+    when the server listens on every interface (0.0.0.0 or ::), any IP address: a literal address cannot be
+    rebound, only a name can. A request without a Host header comes from no browser and passes.
+
+    Args:
+        app: the wrapped ASGI app.
+        bound: the address the server listens on (`--host`).
+        allowed: extra host names (`--allow-host`); the set is kept, not copied, so names learnt after the
+            server started (the share link's) can be added to it.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], bound: str = "127.0.0.1", allowed: set[str] | None = None):
+        self.app = app
+        self.bound = bound.strip().strip("[]").lower()
+        self.allowed = allowed if allowed is not None else set()
+        self.report = _OncePerValue()
+
+    def host_ok(self, value: str) -> bool:
+        parsed = split_host(value)
+        if parsed is None:
+            return False
+        name = parsed[0]
+        if name in LOCAL_NAMES or name == self.bound or name in {a.lower() for a in self.allowed}:
+            return True
+        return self.bound in WILDCARDS and _is_ip(name)
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = _headers(scope).get("host")
+            if host is not None and not self.host_ok(host):
+                self.report("Host", host)
+                name = (split_host(host) or ("NAME",))[0]
+                body = (
+                    f"host '{host[:200]}' refused: start the app with --allow-host {name} to serve it under that name"
+                )
+                await _refuse_scope(scope, send, body.encode("utf-8", "replace"))
+                return
+        await self.app(scope, receive, send)
 
 
 class OriginGuard:
@@ -35,29 +132,35 @@ class OriginGuard:
     def __init__(self, app: Callable[..., Awaitable[None]], allowed: Iterable[str] = ()) -> None:
         self.app = app
         self.allowed = {o.rstrip("/").lower() for o in allowed}
+        self.report = _OncePerValue()
 
     def origin_ok(self, origin: str, host: str) -> bool:
-        origin = origin.rstrip("/").lower()
+        """Whether a page of `origin` may call this server, reached as `host`; a malformed origin may not."""
+        origin = origin.strip().rstrip("/").lower()
         if origin in self.allowed:
             return True
-        parts = urlsplit(origin)
-        if parts.netloc and parts.netloc == host.lower():  # the page was served by this server
+        try:
+            parts = urlsplit(origin)
+            port = parts.port  # ValueError for 'http://127.0.0.1:7861.evil.example' or a port > 65535
+        except ValueError:
+            return False
+        if parts.scheme not in ("http", "https") or parts.path or parts.query or parts.username is not None:
+            return False
+        if parts.netloc and parts.netloc == host.strip().lower():  # the page was served by this server
             return True
-        own_port = host.rsplit(":", 1)[-1] if ":" in host else ""
-        local = (parts.hostname or "") in {h.strip("[]") for h in LOCAL_HOSTS}
-        host_local = host.lower().rsplit(":", 1)[0].strip("[]") in {h.strip("[]") for h in LOCAL_HOSTS}
-        return local and host_local and str(parts.port or "") == own_port
+        own = split_host(host)
+        if own is None:
+            return False
+        return (parts.hostname or "") in LOCAL_NAMES and own[0] in LOCAL_NAMES and port == own[1]
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] in ("http", "websocket"):
-            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            headers = _headers(scope)
             origin = headers.get("origin")
             if origin is not None and not self.origin_ok(origin, headers.get("host", "")):
-                if scope["type"] == "websocket":
-                    await send({"type": "websocket.close", "code": 1008})
-                    return
+                self.report("Origin", origin)
                 body = b"cross-origin request refused (start the app with --allow-origin to permit one)"
-                await _refuse(send, 403, body)
+                await _refuse_scope(scope, send, body)
                 return
         await self.app(scope, receive, send)
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -75,6 +77,22 @@ def _image(label: str, sources: list[str], max_pixels: int, **kw: Any) -> gr.Ima
     image.async_move_resource_to_block_cache = fetch
     image.move_resource_to_block_cache = fetch_sync
     return image
+
+
+def _examples(paths: Sequence[str], target: gr.Image, label: str = "Examples") -> gr.Examples:
+    """Example thumbnails that fill `target` when clicked, through the queue like every other event of the page.
+
+    Gradio loads an (uncached) example with a queue-less event, which the page posts to `/gradio_api/run/predict`;
+    `NamedCallGuard` refuses that route for every event (it would run any event by index, outside the queue's
+    limits), so the load event joins the queue instead, without a concurrency limit: it only returns a file
+    Gradio already holds, and must not wait behind a long classification.
+    """
+    from gradio.context import get_blocks_context
+
+    examples = gr.Examples([[p] for p in paths], inputs=[target], label=label)
+    load = get_blocks_context().fns[examples.load_input_event["id"]]
+    load.queue, load.concurrency_limit = True, None
+    return examples
 
 
 def _guard(fn: Callable) -> Callable:
@@ -163,9 +181,7 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
                     with gr.Column():
                         zs_out = gr.Label(label="Prediction", num_top_classes=20, elem_id="prediction")
                         zs_plot = gr.BarPlot(x="label", y="probability", sort="-y", y_lim=[0, 1], label="Probabilities")
-                gr.Examples(
-                    [[p] for p in examples], inputs=[zs_image], label="Examples (built-in synthetic test images)"
-                )
+                _examples(examples, zs_image, "Examples (built-in synthetic test images)")
             with gr.Tab("Retrieval", id="retrieval") as ret_tab:
                 with gr.Row():
                     with gr.Column():
@@ -195,7 +211,7 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
                         cap_btn = gr.Button("Caption", variant="primary")
                     with gr.Column():
                         cap_out = gr.Textbox(label="Caption", lines=3)
-                gr.Examples([[p] for p in examples], inputs=[cap_image], label="Examples")
+                _examples(examples, cap_image)
             with gr.Tab("Compare captions", id="compare"):  # the compositional eval's question, for one image
 
                 @_guard
@@ -214,7 +230,7 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
                     with gr.Column():
                         cmp_out = gr.Label(label="Probability (the model's own scale)")
                         cmp_verdict = gr.Markdown()
-                gr.Examples([[p] for p in examples], inputs=[cmp_image], label="Examples")
+                _examples(examples, cmp_image)
                 cmp_inputs = [cmp_image, cmp_first, cmp_second, chosen]
                 cmp_btn.click(compare, cmp_inputs, [cmp_out, cmp_verdict], api_name="compare_captions")
         if state.choices is not None and state.choices.runs:
@@ -292,6 +308,7 @@ def launch(
     state: H.AppState | None = None,
     auth: tuple[str, str] | None = None,
     allowed_origins: tuple[str, ...] = (),
+    allowed_hosts: tuple[str, ...] = (),
 ) -> tuple[gr.Blocks, str]:
     """Build and serve the app; returns the Blocks and the local URL.
 
@@ -309,11 +326,12 @@ def launch(
         state: a ready state (tests inject fake models); overrides run/index/open_clip/allow_runs.
         auth: (user, password) for Gradio's login page; advisable on any host other than localhost.
         allowed_origins: other web origins whose pages may call the server (default: only its own).
+        allowed_hosts: host names the server may be reached under besides localhost and `host` (`HostGuard`).
     """
     import faiss
     from starlette.middleware import Middleware
 
-    from mmcl.app.guard import NamedCallGuard, OriginGuard
+    from mmcl.app.guard import HostGuard, NamedCallGuard, OriginGuard
 
     # One query per request: faiss's OpenMP threads only add synchronisation there (measured 2.5x slower
     # single-query search at 100k vectors on 2 shared cores); concurrent requests use the cores instead.
@@ -325,13 +343,19 @@ def launch(
     demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
     allowed = [str(thumbs_dir(state.index_dir).resolve())] if state.index_dir else []
     theme = gr.themes.Soft(font=THEME_FONTS, font_mono=["ui-monospace", "monospace"])
-    _, url, _ = demo.launch(
+    hosts = {h.strip().strip("[]").lower() for h in allowed_hosts if h.strip()}  # the share link's joins it below
+    middleware = [
+        Middleware(HostGuard, bound=host, allowed=hosts),
+        Middleware(OriginGuard, allowed=allowed_origins),
+        Middleware(NamedCallGuard, public=public),
+    ]
+    _, url, share_url = demo.launch(
         server_name=host,
         server_port=port,
         share=share,
         max_file_size=max_file_size,
         allowed_paths=allowed,
-        prevent_thread_lock=prevent_thread_lock,
+        prevent_thread_lock=True,  # serve below, once the share link's host is allowed
         quiet=quiet,
         theme=theme,
         css=CSS,
@@ -339,8 +363,10 @@ def launch(
         ssr_mode=False,
         mcp_server=False,
         auth=auth,
-        app_kwargs={
-            "middleware": [Middleware(OriginGuard, allowed=allowed_origins), Middleware(NamedCallGuard, public=public)]
-        },
+        app_kwargs={"middleware": middleware},
     )
+    if share_url:
+        hosts.add(urlsplit(share_url).hostname or "")
+    if not prevent_thread_lock and not getattr(sys, "ps1", sys.flags.interactive):  # as Gradio: a notebook goes on
+        demo.block_thread()
     return demo, url

@@ -34,6 +34,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="another web origin allowed to call the server, e.g. https://example.org (default: only its own)",
     )
     p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name the server may be reached under besides localhost and --host, e.g. a LAN name; repeatable "
+        "(other names are refused: DNS rebinding)",
+    )
+    p.add_argument(
         "--allow-runs",
         nargs="+",
         default=[],
@@ -67,5 +75,6 @@ def run(args: argparse.Namespace) -> int:
         allow_runs=tuple(args.allow_runs),
         auth=auth,
         allowed_origins=tuple(args.allow_origin),
+        allowed_hosts=tuple(args.allow_host),
     )
     return 0

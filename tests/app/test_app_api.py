@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -166,3 +167,50 @@ def test_sixteen_concurrent_clients(server):
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(one, range(16), timeout=240))
     assert len(results) == 16 and all(want == got for want, got in results)
+
+
+def _page_event(url: str, session_hash: str, dep: dict, data: list) -> dict:
+    """Trigger an event the way the page's JavaScript does: a dependency with `queue: false` is posted to
+    `/gradio_api/run/predict` by index, any other joins the queue; returns {"success", "data" | "status"}."""
+    body = {"data": data, "fn_index": dep["id"], "session_hash": session_hash, "event_data": None, "trigger_id": None}
+    if dep.get("queue") is False:
+        done = httpx.post(f"{url}gradio_api/run/predict", json=body, timeout=30)
+        if done.status_code != 200:
+            return {"success": False, "status": done.status_code, "text": done.text}
+        return {"success": True, **done.json()}
+    httpx.post(f"{url}gradio_api/queue/join", json=body, timeout=30).raise_for_status()
+    with httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session_hash}, timeout=60) as s:
+        for line in s.iter_lines():
+            if line.startswith("data:"):
+                msg = json.loads(line[5:])
+                if msg.get("msg") == "process_completed":
+                    return {"success": msg["success"], **msg["output"]}
+    raise AssertionError("the event never completed")
+
+
+def test_every_example_fills_its_image_input(server):
+    """Clicking an example thumbnail (issue 19.4: it got 404 from the endpoint guard) puts that image in the input."""
+    url = server[0]
+    config = httpx.get(url + "config", timeout=30).json()
+    datasets = [c["id"] for c in config["components"] if c["type"] == "dataset"]
+    assert len(datasets) == 3  # zero-shot, captioning, compare captions
+    for dataset in datasets:
+        dep = next(d for d in config["dependencies"] if [dataset, "click"] in d["targets"])
+        samples = next(c for c in config["components"] if c["id"] == dataset)["props"]["samples"]
+        for i in range(len(samples)):
+            done = _page_event(url, f"examples{dataset}x{i}", dep, [i])
+            assert done["success"], done
+            filled = done["data"][0]
+            filled = filled.get("value", filled)  # an update dict or the value itself
+            assert filled["path"].endswith(".png") and Path(samples[i][0]["path"]).name == Path(filled["path"]).name
+            image = httpx.get(filled["url"], timeout=30)  # the page can show it
+            assert image.status_code == 200 and image.content[:4] == b"\x89PNG"
+
+
+def test_run_predict_stays_closed(server):
+    """The direct, queue-less route stays refused for every event, by name or by index."""
+    url = server[0]
+    deps = httpx.get(url + "config", timeout=30).json()["dependencies"]
+    for dep in deps:
+        body = {"data": [], "fn_index": dep["id"], "session_hash": "closed"}
+        assert httpx.post(f"{url}gradio_api/run/predict", json=body, timeout=30).status_code == 404

@@ -120,7 +120,9 @@ def test_cli_app_arguments(monkeypatch):
     assert seen["allow_runs"] == () and seen["max_file_size"] == "20mb"
     assert main(["app", "runs/x", "--index", "runs/x/index", "--port", "9000", "--allow-runs", "runs/y", "runs/z"]) == 0
     assert seen["args"] == ("runs/x", "runs/x/index") and seen["port"] == 9000
-    assert seen["allow_runs"] == ("runs/y", "runs/z")
+    assert seen["allow_runs"] == ("runs/y", "runs/z") and seen["allowed_hosts"] == ()
+    assert main(["app", "--allow-host", "box.lan", "--allow-host", "10.0.0.7"]) == 0
+    assert seen["allowed_hosts"] == ("box.lan", "10.0.0.7")
 
 
 def test_app_script_is_the_cli(monkeypatch):

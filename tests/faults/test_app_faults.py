@@ -4,6 +4,7 @@ per browser session and only to runs named at start (no API endpoint), image URL
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -43,6 +44,98 @@ def test_cross_origin_upload_is_refused(server):
     assert refused.status_code == 403 and "cross-origin" in refused.text
     assert _upload(server, server).status_code == 200  # the app's own page
     assert _upload(server, None).status_code == 200  # scripts and gradio_client send no Origin
+
+
+# ---- DNS rebinding: the Host header names this server or the request is refused --------------------------------
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].strip("/"))
+
+
+def _post_as(url: str, host: str, origin: str | None = None, route: str = "upload") -> httpx.Response:
+    """A request to the server at `url` (127.0.0.1) that claims to be for `host`, as a rebound page sends it."""
+    headers = {"Host": host, **({"Origin": origin} if origin else {})}
+    if route == "upload":
+        files = {"files": ("x.png", b"\x89PNG\r\n\x1a\n" + b"0" * 64, "image/png")}
+        return httpx.post(f"{url}/gradio_api/upload", files=files, headers=headers, timeout=30)
+    return httpx.post(f"{url}/gradio_api/call/{route}", json={"data": ["red", 3]}, headers=headers, timeout=30)
+
+
+def test_dns_rebinding_host_is_refused(server):
+    """Issue 24.1: `Host: attacker.example` with a matching Origin reached Gradio (upload 200, search answered)."""
+    port = _port(server)
+    for route in ("upload", "search_text"):
+        rebound = _post_as(server, f"attacker.example:{port}", f"http://attacker.example:{port}", route)
+        assert rebound.status_code == 403, (route, rebound.status_code)
+        assert "--allow-host attacker.example" in rebound.text
+        assert _post_as(server, f"attacker.example:{port}", None, route).status_code == 403  # no Origin either
+    assert httpx.get(f"{server}/config", headers={"Host": f"attacker.example:{port}"}, timeout=30).status_code == 403
+    for local in ("127.0.0.1", "localhost", "[::1]", "LocalHost"):  # what a browser on this machine sends
+        assert _post_as(server, f"{local}:{port}", f"http://{local}:{port}").status_code == 200, local
+    for bad in (f"127.0.0.1:{port}.evil.example", "127.0.0.1:99999", "a b", "user@127.0.0.1", ""):
+        assert _post_as(server, bad).status_code == 403, bad
+
+
+def test_allow_host_serves_a_named_host():
+    from mmcl.app import launch
+
+    state = H.AppState()
+    state.set_pipeline(FakePipeline(), "fake")
+    demo, url = launch(
+        state=state, port=free_port(), prevent_thread_lock=True, quiet=True, allowed_hosts=("Box.LAN", "10.1.2.3")
+    )
+    try:
+        url, port = url.rstrip("/"), _port(url)
+        assert _post_as(url, f"box.lan:{port}", f"http://box.lan:{port}").status_code == 200
+        assert _post_as(url, f"10.1.2.3:{port}").status_code == 200
+        assert _post_as(url, f"other.lan:{port}").status_code == 403
+        assert _post_as(url, f"10.1.2.4:{port}").status_code == 403  # bound to 127.0.0.1: no other address
+    finally:
+        demo.close()
+
+
+@pytest.mark.parametrize(
+    ("bound", "host", "ok"),
+    [
+        ("127.0.0.1", "127.0.0.1:7860", True),
+        ("127.0.0.1", "192.168.1.5:7860", False),
+        ("192.168.1.5", "192.168.1.5:7860", True),
+        ("0.0.0.0", "192.168.1.5:7860", True),  # every interface: any literal address (it cannot be rebound)
+        ("0.0.0.0", "[fe80::1]:7860", True),
+        ("0.0.0.0", "box.lan:7860", False),  # but a name only with --allow-host
+        ("::", "attacker.example", False),
+        ("box.lan", "box.lan:7860", True),
+    ],
+)
+def test_host_guard_policy(bound, host, ok):
+    from mmcl.app.guard import HostGuard
+
+    assert HostGuard(None, bound=bound).host_ok(host) is ok
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://127.0.0.1:{port}.evil.example",
+        "http://127.0.0.1:99999",
+        "http://[::1",
+        "null",
+        "http://127.0.0.1:{port}/x",
+    ],
+)
+def test_malformed_origin_is_refused_in_one_log_line(server, origin, capfd, caplog):
+    """Issue 24.3: a malformed Origin gave 500 and a ValueError traceback in the server log."""
+    origin = origin.format(port=_port(server))
+    with caplog.at_level(logging.WARNING, logger="mmcl"):
+        refused = _upload(server, origin)
+        _upload(server, origin)  # the same value again: still refused, not logged again
+    assert refused.status_code == 403 and "cross-origin" in refused.text
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ValueError" not in err
+    lines = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert len(lines) <= 1 and all("\n" not in line for line in lines)
+    assert _upload(server, server).status_code == 200  # the server keeps serving
 
 
 def test_auth_protects_the_api():
