@@ -352,6 +352,9 @@ class ImageTowerConfig:
     # from-scratch ViT init: 'clip' = OpenAI CLIP / open_clip's (learns far faster in short runs), 'timm' = timm's
     init: Literal["clip", "timm"] = "clip"
     image_size: int = 224
+    # evaluation/training preprocessing of the model's source (its image processor or open_clip preprocess_cfg):
+    # resize_mode 'shortest' (+ centre crop) or 'squash', resize_size, interpolation, mean, std (mmcl.data.transforms)
+    preprocess: dict[str, Any] = field(default_factory=dict)
     # FLIP (Li et al. 2023): share of a ViT's patch tokens dropped at random in training (timm's patch_drop_rate)
     patch_dropout: float = 0.0
     lock: bool = False  # LiT: freeze the tower

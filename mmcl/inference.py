@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from mmcl.config import ExperimentConfig, from_dict, load_yaml
-from mmcl.data.transforms import image_transform
+from mmcl.data.transforms import transform_from_preprocess
 from mmcl.utils import UserError
 
 
@@ -99,8 +99,7 @@ class Pipeline:
     device: torch.device
 
     def __post_init__(self) -> None:
-        pre = self.model.preprocess_cfg()
-        self.preprocess = image_transform(pre["image_size"], pre["mean"], pre["std"], train=False)
+        self.preprocess = transform_from_preprocess(self.model.preprocess_cfg(), train=False)  # the source's
         self.tokenizer = self.model.tokenizer
         self.can_encode, self.can_caption = _capabilities(self.model)
 

@@ -10,7 +10,7 @@ from mmcl.config import DataConfig
 from mmcl.data.device_decode import DeviceDecoder, EncodedSampleDecoder
 from mmcl.data.remote import FetchOptions
 from mmcl.data.shards import Collator, SampleDecoder, ShardStream, expand_shards
-from mmcl.data.transforms import ImageTransform, image_transform
+from mmcl.data.transforms import ImageTransform, transform_from_preprocess
 from mmcl.utils import UserError
 
 
@@ -78,6 +78,5 @@ def device_decoder(cfg: DataConfig, model, device: torch.device | str, train: bo
 
 
 def _transform(cfg: DataConfig, model, train: bool) -> ImageTransform:
-    pre = model.preprocess_cfg()
-    return image_transform(pre["image_size"], pre["mean"], pre["std"], train=train and cfg.augment,
-                           scale=tuple(cfg.crop_scale))  # fmt: skip
+    # the model's own geometry (resize mode, interpolation) as well as its size and normalisation
+    return transform_from_preprocess(model.preprocess_cfg(), train=train and cfg.augment, scale=tuple(cfg.crop_scale))

@@ -1,4 +1,9 @@
-"""Image transforms from the image tower's preprocessing config (size, mean, std).
+"""Image transforms from the model's preprocessing config (`preprocess_cfg()`: size, resize mode, mean, std, ...).
+
+A model's preprocessing follows its source: CLIP's image processor resizes the shorter side and centre-crops
+(`resize_mode: shortest`), SigLIP's resizes the whole image to a square without cropping (`squash`, as
+transformers' `SiglipImageProcessor` and open_clip's `resize_mode='squash'`); `resolve_preprocess` merges the
+tower's defaults with what its source recorded (`model.image.preprocess`).
 
 Geometry runs in torch on uint8 (its antialiased bicubic resize matches PIL's to +-3 levels and costs a third
 of it: `bench/profile_loader.py`); normalising is a separate step, so the loader can normalise a whole batch
@@ -21,6 +26,33 @@ from torchvision.transforms import InterpolationMode
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 BICUBIC = InterpolationMode.BICUBIC
+RESIZE_MODES = ("shortest", "squash")
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest")
+PREPROCESS_KEYS = ("image_size", "mean", "std", "resize_mode", "resize_size", "interpolation")
+
+
+def resolve_preprocess(image_size: int, mean: Sequence[float], std: Sequence[float], *overrides: dict) -> dict:
+    """The full preprocessing dict: defaults (shortest side + centre crop, bicubic) under `overrides` (later wins).
+
+    Keys: image_size (S), mean, std, resize_mode ('shortest' | 'squash'), resize_size (the size resized to before
+    the centre crop to S; 0 = S), interpolation ('bicubic' | 'bilinear' | 'nearest').
+    """
+    from mmcl.utils import UserError
+
+    out: dict = {"image_size": int(image_size), "mean": tuple(mean), "std": tuple(std), "resize_mode": "shortest",
+                 "resize_size": 0, "interpolation": "bicubic"}  # fmt: skip
+    for extra in overrides:
+        for key, value in (extra or {}).items():
+            if key not in PREPROCESS_KEYS:
+                raise UserError(f"model.image.preprocess.{key}: unknown key (known: {', '.join(PREPROCESS_KEYS)})")
+            out[key] = value
+    if out["resize_mode"] not in RESIZE_MODES:
+        raise UserError(f"resize_mode '{out['resize_mode']}' is not supported ({', '.join(RESIZE_MODES)})")
+    if out["interpolation"] not in INTERPOLATIONS:
+        raise UserError(f"interpolation '{out['interpolation']}' is not supported ({', '.join(INTERPOLATIONS)})")
+    out["mean"], out["std"] = tuple(float(v) for v in out["mean"]), tuple(float(v) for v in out["std"])
+    out["resize_size"] = int(out["resize_size"] or 0)
+    return out
 
 
 def random_resized_crop_box(
@@ -44,8 +76,10 @@ class ImageTransform:
     """PIL image (+ per-sample RNG) -> normalised (3, S, S) float tensor; `pixels` + `normalize` are its two halves.
 
     Training: a mild random-resized crop (area 0.9-1 as open_clip; `data.crop_scale`: 0.8-1 did worse on
-    the digits and on captions about position, bench/results/isolation.md). Evaluation: resize the shorter
-    side and centre-crop, as CLIP does (torchvision's `Resize` + `CenterCrop` arithmetic).
+    the digits and on captions about position, bench/results/isolation.md); with `resize_mode='squash'` the
+    crop's aspect ratio is drawn around the image's own, so a full-area crop is the whole (squashed) image the
+    model was trained on. Evaluation: `shortest` resizes the shorter side and centre-crops, as CLIP does
+    (torchvision's `Resize` + `CenterCrop` arithmetic); `squash` resizes the whole image to (S, S), as SigLIP.
     """
 
     def __init__(
@@ -56,8 +90,13 @@ class ImageTransform:
         train: bool = False,
         scale: tuple[float, float] = (0.9, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        resize_mode: str = "shortest",
+        resize_size: int = 0,
+        interpolation: str = "bicubic",
     ) -> None:
         self.size, self.train, self.scale, self.ratio = image_size, train, scale, ratio
+        self.resize_mode, self.interpolation = resize_mode, interpolation
+        self.resize_size = resize_size or image_size  # resized to this, then centre-cropped to image_size
         self.mean = torch.tensor(mean).view(3, 1, 1) * 255
         self.inv_std = 1 / (torch.tensor(std).view(3, 1, 1) * 255)
 
@@ -76,22 +115,33 @@ class ImageTransform:
         """Training: the random-resized crop (top, left, h, w) drawn from `rng`; evaluation: None (centre crop)."""
         if not self.train:
             return None
-        return random_resized_crop_box(width, height, self.scale, self.ratio, rng or random.Random())
+        ratio = self.ratio
+        if self.resize_mode == "squash":  # around the image's own aspect: scale 1 = the whole image
+            ratio = (ratio[0] * width / height, ratio[1] * width / height)
+        return random_resized_crop_box(width, height, self.scale, ratio, rng or random.Random())
 
     def geometry(
         self, x: torch.Tensor, box: tuple[int, int, int, int] | None, resize: Callable[..., torch.Tensor] | None = None
     ) -> torch.Tensor:
         """Crop `box` of a uint8 (3, H, W) image and resize it to (S, S); no box: resize the shorter side to S and
-        centre-crop. `resize(x, (h, w))` defaults to torch's uint8 resize (CPU; the device decoder passes
-        torchvision's, which also runs on CUDA)."""
-        resize = resize or _resize
-        s = self.size
+        centre-crop (`squash`: resize the whole image). `resize(x, (h, w))` defaults to torch's uint8 resize in
+        the transform's interpolation (CPU; the device decoder passes torchvision's, which also runs on CUDA)."""
+        if resize is None:
+            mode = self.interpolation
+
+            def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+                return _resize(x, size, mode)
+
+        s, r = self.size, self.resize_size
         if box is not None:
             top, left, h, w = box
             return resize(x[:, top : top + h, left : left + w], (s, s))
         height, width = x.shape[1:]
-        if min(height, width) != s:  # shorter side to s, the longer one truncated as torchvision's Resize does
-            height, width = (int(s * height / width), s) if width <= height else (s, int(s * width / height))
+        if self.resize_mode == "squash":
+            height, width = r, r
+            x = resize(x, (r, r))
+        elif min(height, width) != r:  # shorter side to r, the longer one truncated as torchvision's Resize does
+            height, width = (int(r * height / width), r) if width <= height else (r, int(r * width / height))
             x = resize(x, (height, width))
         top, left = int(round((height - s) / 2.0)), int(round((width - s) / 2.0))
         return x[:, top : top + s, left : left + s]
@@ -105,11 +155,13 @@ class ImageTransform:
         return out.sub_(self.mean).mul_(self.inv_std)  # in place: one buffer, three passes
 
 
-def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Antialiased bicubic resize of a uint8 (3, H, W) tensor (PIL's filter; rounds and saturates to uint8)."""
+def _resize(x: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """Antialiased resize of a uint8 (3, H, W) tensor (PIL's filters; rounds and saturates to uint8)."""
     if tuple(x.shape[1:]) == size:
         return x
-    return F.interpolate(x[None], size=size, mode="bicubic", antialias=True)[0]
+    if mode == "nearest":
+        return F.interpolate(x[None], size=size, mode="nearest-exact")[0]
+    return F.interpolate(x[None], size=size, mode=mode, antialias=True)[0]
 
 
 def image_transform(
@@ -118,11 +170,23 @@ def image_transform(
     std: Sequence[float] = OPENAI_STD,
     train: bool = False,
     scale: tuple[float, float] = (0.9, 1.0),
+    resize_mode: str = "shortest",
+    resize_size: int = 0,
+    interpolation: str = "bicubic",
 ) -> ImageTransform:
-    return ImageTransform(image_size, mean, std, train=train, scale=scale)
+    return ImageTransform(image_size, mean, std, train=train, scale=scale, resize_mode=resize_mode,
+                          resize_size=resize_size, interpolation=interpolation)  # fmt: skip
+
+
+def transform_from_preprocess(
+    pre: dict, train: bool = False, scale: tuple[float, float] = (0.9, 1.0)
+) -> ImageTransform:
+    """The transform of a `preprocess_cfg()` dict (see `resolve_preprocess`; missing keys take the defaults)."""
+    return image_transform(pre["image_size"], pre["mean"], pre["std"], train=train, scale=scale,
+                           resize_mode=pre.get("resize_mode", "shortest"), resize_size=pre.get("resize_size", 0),
+                           interpolation=pre.get("interpolation", "bicubic"))  # fmt: skip
 
 
 def transform_from_model(model, train: bool, augment: bool = True) -> Callable[[Image.Image], torch.Tensor]:
-    """The transform for `model`, read from its `preprocess_cfg()` (image_size, mean, std)."""
-    cfg = model.preprocess_cfg()
-    return image_transform(cfg["image_size"], cfg["mean"], cfg["std"], train=train and augment)
+    """The transform for `model`, read from its `preprocess_cfg()` (size, resize mode, mean, std, interpolation)."""
+    return transform_from_preprocess(model.preprocess_cfg(), train=train and augment)

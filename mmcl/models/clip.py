@@ -99,8 +99,14 @@ class CLIP(nn.Module):
         return self
 
     def preprocess_cfg(self) -> dict:
-        """{'image_size', 'mean', 'std'} expected by the image tower."""
-        return {"image_size": self.cfg.image.image_size, "mean": self.image.mean, "std": self.image.std}
+        """What the image tower expects (`mmcl.data.transforms.resolve_preprocess`): image_size, mean, std,
+        resize_mode, resize_size, interpolation; the tower's defaults (an imported tower: its source's image
+        processor) under what the config recorded (`model.image.preprocess`)."""
+        from mmcl.data.transforms import resolve_preprocess
+
+        tower = getattr(self.image, "preprocess", {})
+        return resolve_preprocess(self.cfg.image.image_size, self.image.mean, self.image.std, tower,
+                                  self.cfg.image.preprocess)  # fmt: skip
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute tower activations in the backward pass (memory for compute)."""

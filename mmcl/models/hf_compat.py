@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mmcl.config import ImageTowerConfig, ModelConfig, TextTowerConfig
-from mmcl.models.hf_towers import hf_config, hf_embed_dim
+from mmcl.models.hf_towers import hf_config, hf_embed_dim, hf_preprocess
 from mmcl.utils import UserError
 
 _TOWER_PREFIXES = {"vision_model.": "image.", "visual_projection.": "image.", "text_model.": "text.",
@@ -47,7 +47,14 @@ def model_config_from_hf(path: str | Path) -> ModelConfig:
     return ModelConfig(
         arch="clip",
         embed_dim=hf_embed_dim(cfg, family),
-        image=ImageTowerConfig(kind="hf_clip", hf_name=path, timm_name="", image_size=int(vision.image_size)),
+        image=ImageTowerConfig(
+            kind="hf_clip",
+            hf_name=path,
+            timm_name="",
+            image_size=int(vision.image_size),
+            # the folder's image processor, recorded so a run (and its exports) keep it
+            preprocess=_plain(hf_preprocess(path, family, int(vision.image_size))),
+        ),
         text=TextTowerConfig(
             kind="hf_clip",
             hf_name=path,
@@ -65,6 +72,11 @@ def model_config_from_hf(path: str | Path) -> ModelConfig:
         max_logit_scale=1e4 if siglip else 100.0,
         init_logit_bias=-10.0 if siglip else None,
     )
+
+
+def _plain(pre: dict) -> dict:
+    """A preprocessing dict with lists for tuples (YAML-safe in config.yaml)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in pre.items()}
 
 
 def hf_to_mmcl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

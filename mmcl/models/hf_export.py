@@ -145,7 +145,7 @@ def _native_hf_config(model: nn.Module) -> Any:
 def _native_parts(model: nn.Module) -> tuple[Any, Any, Any]:
     """(CLIPModel, tokenizer, image processor) for a native mmcl CLIP; one-line error naming a part without
     a transformers equivalent."""
-    from transformers import CLIPImageProcessor, CLIPModel
+    from transformers import CLIPModel
 
     from mmcl.data.text import ClipTokenizer
     from mmcl.models.openclip_compat import _check_exportable
@@ -162,13 +162,29 @@ def _native_parts(model: nn.Module) -> tuple[Any, Any, Any]:
         hf.load_state_dict(native_to_hf(model), strict=True)
     except RuntimeError as e:
         raise UserError(f"the converted weights do not load into CLIPModel: {str(e).splitlines()[0]}") from None
-    pre = model.preprocess_cfg()
-    size = int(pre["image_size"])
-    processor = CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=3,  # bicubic, as mmcl
-        image_mean=list(pre["mean"]), image_std=list(pre["std"]),
-    )  # fmt: skip
-    return hf, clip_bpe_tokenizer(model.text.cfg.context_length), processor
+    return hf, clip_bpe_tokenizer(model.text.cfg.context_length), image_processor(model.preprocess_cfg())
+
+
+_RESAMPLE = {"nearest": 0, "bilinear": 2, "bicubic": 3}  # PIL.Image.Resampling, as transformers saves it
+
+
+def image_processor(pre: dict[str, Any], siglip: bool = False) -> Any:
+    """The transformers image processor doing what mmcl's `preprocess_cfg()` does: 'shortest' = resize the
+    shorter side + centre crop (`CLIPImageProcessor`), 'squash' = resize to a square, no crop
+    (`SiglipImageProcessor` for SigLIP models, as their source ships; `CLIPImageProcessor` otherwise)."""
+    import transformers
+
+    size, resize = int(pre["image_size"]), int(pre.get("resize_size") or pre["image_size"])
+    common = {"resample": _RESAMPLE[pre.get("interpolation", "bicubic")], "image_mean": list(pre["mean"]),
+              "image_std": list(pre["std"])}  # fmt: skip
+    crop = {"do_center_crop": True, "crop_size": {"height": size, "width": size}}
+    if pre.get("resize_mode", "shortest") == "shortest":
+        return transformers.CLIPImageProcessor(size={"shortest_edge": resize}, **crop, **common)
+    if siglip and resize == size:
+        return transformers.SiglipImageProcessor(size={"height": size, "width": size}, **common)
+    if resize == size:
+        crop = {"do_center_crop": False}
+    return transformers.CLIPImageProcessor(size={"height": resize, "width": resize}, **crop, **common)
 
 
 def _hf_tower_parts(model: nn.Module) -> tuple[Any, Any, Any]:
@@ -191,16 +207,7 @@ def _hf_tower_parts(model: nn.Module) -> tuple[Any, Any, Any]:
     except RuntimeError as e:
         raise UserError(f"the weights do not load into {family.model_cls}: {str(e).splitlines()[0]}") from None
     tokenizer = transformers.AutoTokenizer.from_pretrained(model.text.cfg.tokenizer or source)
-    try:
-        processor = transformers.AutoImageProcessor.from_pretrained(source)
-    except (OSError, ValueError):
-        pre = model.preprocess_cfg()
-        size = int(pre["image_size"])
-        processor = transformers.CLIPImageProcessor(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}, resample=3,
-            image_mean=list(pre["mean"]), image_std=list(pre["std"]),
-        )  # fmt: skip
-    return hf, tokenizer, processor
+    return hf, tokenizer, image_processor(model.preprocess_cfg(), siglip=not family.projections)
 
 
 def export_hf(model: nn.Module, out_dir: str | Path) -> Path:

@@ -44,11 +44,14 @@ class HFFamily:
     pad_text_to_max: bool  # SigLIP: rows padded to max_position_embeddings, no mask
     mean: tuple[float, ...]  # image processor defaults when the folder has no preprocessor_config.json
     std: tuple[float, ...]
+    resize_mode: str  # CLIPImageProcessor: 'shortest' (+ centre crop); SiglipImageProcessor: 'squash'
 
 
 FAMILIES: dict[str, HFFamily] = {
-    "clip": HFFamily("CLIPModel", "CLIPVisionModel", "CLIPTextModel", True, False, CLIP_MEAN, CLIP_STD),
-    "siglip": HFFamily("SiglipModel", "SiglipVisionModel", "SiglipTextModel", False, True, (0.5,) * 3, (0.5,) * 3),
+    "clip": HFFamily("CLIPModel", "CLIPVisionModel", "CLIPTextModel", True, False, CLIP_MEAN, CLIP_STD, "shortest"),
+    "siglip": HFFamily(
+        "SiglipModel", "SiglipVisionModel", "SiglipTextModel", False, True, (0.5,) * 3, (0.5,) * 3, "squash"
+    ),
 }
 
 
@@ -89,14 +92,59 @@ def _check_dim(path: str, embed_dim: int, expected: int) -> None:
         raise UserError(f"model.embed_dim={embed_dim} but the transformers model at '{path}' embeds to {expected}")
 
 
-def hf_preprocess(path: str, family: HFFamily) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) from the folder's `preprocessor_config.json`, or the family's defaults."""
+_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling values transformers saves
+
+
+def processor_preprocess(pre: dict[str, Any], image_size: int, where: str) -> dict[str, Any]:
+    """mmcl's preprocessing dict (`mmcl.data.transforms.resolve_preprocess` keys) of a transformers image
+    processor config (`preprocessor_config.json`): CLIPImageProcessor's `size.shortest_edge` + centre crop is
+    `shortest`; SiglipImageProcessor's `size.height/width` without a crop is `squash`."""
+    out: dict[str, Any] = {}
+    size = pre.get("size") or {}
+    if isinstance(size, int):
+        size = {"shortest_edge": size}
+    crop = pre.get("do_center_crop", False) and pre.get("crop_size")
+    if "shortest_edge" in size:
+        out["resize_mode"], out["resize_size"] = "shortest", int(size["shortest_edge"])
+    elif "height" in size and "width" in size:
+        if size["height"] != size["width"]:
+            raise UserError(f"{where}: non-square resize {size['height']}x{size['width']} is not supported")
+        out["resize_mode"], out["resize_size"] = "squash", int(size["height"])
+    if crop:
+        crop = crop if isinstance(crop, dict) else {"height": crop, "width": crop}
+        if crop.get("height") != crop.get("width") or int(crop["height"]) != image_size:
+            raise UserError(f"{where}: crop_size {crop} does not match the model's {image_size} px input")
+    elif out.get("resize_mode") == "shortest" and out["resize_size"] != image_size:
+        raise UserError(f"{where}: resizes the shorter side to {out['resize_size']} px without a crop to {image_size}")
+    if "resample" in pre:
+        mode = _PIL_RESAMPLE.get(int(pre["resample"]))
+        if mode is None:
+            raise UserError(f"{where}: resample={pre['resample']} is not supported (bicubic, bilinear, nearest)")
+        out["interpolation"] = mode
+    if pre.get("do_normalize", True) is False:
+        out["mean"], out["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    elif "image_mean" in pre and "image_std" in pre:
+        out["mean"] = tuple(float(v) for v in pre["image_mean"])
+        out["std"] = tuple(float(v) for v in pre["image_std"])
+    return out
+
+
+def hf_preprocess(path: str, family: HFFamily, image_size: int) -> dict[str, Any]:
+    """The preprocessing of the folder's image processor (`preprocessor_config.json`), or the family's defaults
+    (CLIP: shorter side + centre crop; SigLIP: squash), as a `resolve_preprocess` dict."""
+    from mmcl.data.transforms import resolve_preprocess
+
+    defaults = {"resize_mode": family.resize_mode}
     file = Path(path) / "preprocessor_config.json"
-    if file.is_file():
+    if not file.is_file():
+        return resolve_preprocess(image_size, family.mean, family.std, defaults)
+    try:
         pre = json.loads(file.read_text())
-        if "image_mean" in pre and "image_std" in pre:
-            return tuple(float(v) for v in pre["image_mean"]), tuple(float(v) for v in pre["image_std"])
-    return family.mean, family.std
+    except (OSError, ValueError) as e:
+        raise UserError(f"{file}: not a readable image processor config ({e})") from None
+    return resolve_preprocess(
+        image_size, family.mean, family.std, defaults, processor_preprocess(pre, image_size, str(file))
+    )
 
 
 @IMAGE_TOWERS.register("hf_clip")
@@ -120,7 +168,8 @@ class HFVisionTower(nn.Module):
         self.vision_model = _transformers_cls(family.vision_cls)._from_config(vision, dtype=torch.float32)
         if family.projections:
             self.visual_projection = nn.Linear(vision.hidden_size, embed_dim, bias=False)
-        self.mean, self.std = hf_preprocess(cfg.hf_name, family)
+        self.preprocess = hf_preprocess(cfg.hf_name, family, int(vision.image_size))  # its image processor's
+        self.mean, self.std = self.preprocess["mean"], self.preprocess["std"]
         self.locked = False
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

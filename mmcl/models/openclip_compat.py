@@ -79,6 +79,25 @@ def _check_defaults(cfg: dict[str, Any], defaults: dict[str, Any], known: set[st
         raise UserError(f"open_clip {where} settings not supported by mmcl: {', '.join(bad)}")
 
 
+def _preprocess_from_open_clip(pre: dict[str, Any]) -> dict[str, Any]:
+    """mmcl's `model.image.preprocess` of an open_clip `preprocess_cfg` (size, mean, std, interpolation,
+    resize_mode); 'longest' (letterbox padding) has no mmcl equivalent."""
+    out: dict[str, Any] = {}
+    mode = pre.get("resize_mode", "shortest")
+    if mode not in ("shortest", "squash"):
+        raise UserError(f"open_clip preprocess_cfg resize_mode '{mode}' is not supported (shortest, squash)")
+    if "resize_mode" in pre:
+        out["resize_mode"] = mode
+    if pre.get("interpolation"):
+        if pre["interpolation"] not in ("bicubic", "bilinear", "nearest"):
+            raise UserError(f"open_clip preprocess_cfg interpolation '{pre['interpolation']}' is not supported")
+        out["interpolation"] = pre["interpolation"]
+    for key in ("mean", "std"):
+        if key in pre:
+            out[key] = [float(v) for v in pre[key]]
+    return out
+
+
 def model_config_from_open_clip(cfg_json: dict[str, Any] | str | Path) -> ModelConfig:
     """An mmcl ModelConfig with the architecture of an open_clip model config (dict or JSON file;
     `open_clip_config.json` files with a `model_cfg` entry work too)."""
@@ -88,6 +107,7 @@ def model_config_from_open_clip(cfg_json: dict[str, Any] | str | Path) -> ModelC
             cfg_json = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"{path}: cannot read the open_clip config ({e})") from None
+    preprocess = _preprocess_from_open_clip(cfg_json.get("preprocess_cfg") or {})
     cfg = dict(cfg_json.get("model_cfg", cfg_json))
     if cfg.get("quick_gelu"):
         raise UserError("open_clip quick_gelu models are not supported (mmcl towers use exact GELU)")
@@ -123,7 +143,9 @@ def model_config_from_open_clip(cfg_json: dict[str, Any] | str | Path) -> ModelC
     return ModelConfig(
         arch="clip",
         embed_dim=embed_dim,
-        image=ImageTowerConfig(timm_name=_TIMM_CLIP_VIT, timm_kwargs=timm_kwargs, image_size=image_size),
+        image=ImageTowerConfig(
+            timm_name=_TIMM_CLIP_VIT, timm_kwargs=timm_kwargs, image_size=image_size, preprocess=preprocess
+        ),
         text=TextTowerConfig(
             kind="clip",
             tokenizer="clip",
@@ -325,8 +347,12 @@ def export_open_clip(model: nn.Module, out_dir: str | Path, name: str | None = N
     except RuntimeError as e:
         raise UserError(f"the converted weights do not load into open_clip: {str(e).splitlines()[0]}") from None
     pre = model.preprocess_cfg()
+    if pre["resize_size"] and pre["resize_size"] != pre["image_size"]:
+        raise UserError(
+            f"open_clip's preprocessing cannot resize to {pre['resize_size']} px before a {pre['image_size']} px crop"
+        )
     preprocess = {"size": pre["image_size"], "mean": list(pre["mean"]), "std": list(pre["std"]),
-                  "interpolation": "bicubic", "resize_mode": "shortest"}  # fmt: skip
+                  "interpolation": pre["interpolation"], "resize_mode": pre["resize_mode"]}  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     weights_path = out_dir / "open_clip_model.safetensors"
     config_path = out_dir / f"{name}.json"

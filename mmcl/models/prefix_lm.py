@@ -135,8 +135,10 @@ class PrefixLM(nn.Module):
 
     def preprocess_cfg(self) -> dict:
         """Image size and normalisation the data pipeline must produce for this model."""
+        from mmcl.data.transforms import resolve_preprocess
+
         stem = self.image_stem
-        return {"image_size": self.cfg.image.image_size, "mean": tuple(stem.mean), "std": tuple(stem.std)}
+        return resolve_preprocess(self.cfg.image.image_size, stem.mean, stem.std, self.cfg.image.preprocess)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_*
