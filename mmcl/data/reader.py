@@ -10,7 +10,7 @@ tokenizer trainer (`mmcl.data.tokenizer_train`) all list their inputs and read t
   Python's tarfile in stream mode (grouped by key as webdataset does; http(s) through `mmcl.data.remote`,
   which retries), only ever reading the members `wanted_member` allows (images, `.txt`, `.json`, `.cls`: webdataset's
   default decoders would unpickle `.pyd` and `torch.load` `.pth`). An unreadable shard (0 bytes, not a tar,
-  truncated) is counted once as `unreadable_tar` and skipped, never raised;
+  truncated, a damaged member header) is counted once as `unreadable_tar` and skipped, never raised;
 * `file_sample` makes the same raw sample from a loose image file and its sidecar `.txt`.
 
 Decoding a raw sample (image, caption, label) is `mmcl.data.decode`'s job.
@@ -185,7 +185,8 @@ def read_samples(
     Args:
         urls: shard paths or URLs (any iterable, e.g. an endless resampled stream).
         counter: receives one skip per shard that cannot be opened or read to its end: `unreadable_tar`
-            (0 bytes, not a tar, truncated) or, for http(s) shards after the retries of `options`,
+            (0 bytes, not a tar, truncated, a damaged member header: every tar must end in its two end-of-archive
+            blocks) or, for http(s) shards after the retries of `options`,
             `http_<status>`, `http_timeout`, `http_dropped`, `http_unreachable` (each such URL is also logged).
             The complete samples read before the damage are kept, the one being read when it broke off is dropped.
         select: which members to read (by file name); must never admit pickles (see `wanted_member`).
@@ -194,7 +195,7 @@ def read_samples(
     """
     for i, url in enumerate(urls):  # one shard at a time, so damage is counted once per shard
         offset = start_offset if i == 0 else 0
-        errors: list[Exception] = [] if is_remote(url) else _missing_end(url)
+        errors: list[Exception] = []
         last = None
         try:
             with open_at(url, offset, options) as stream:
@@ -246,7 +247,7 @@ def _samples(
     """
     from webdataset.tariterators import base_plus_ext
 
-    tar = tarfile.open(fileobj=stream, mode="r|*")  # noqa: SIM115 (the caller closes the stream)
+    tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_CheckedTarInfo)  # noqa: SIM115 (the caller closes it)
     seekable = getattr(tar.fileobj, "comptype", "tar") == "tar"
     current: dict[str, Any] | None = None
     for info in tar:
@@ -267,30 +268,47 @@ def _samples(
             errors.append(ValueError(f"{name}: duplicate file name in tar file"))
             continue
         current[suffix] = data
+    problem = _check_end(tar, base)
+    if problem is not None:  # recorded before the last sample is yielded: the caller then drops it
+        errors.append(problem)
     if current is not None:
         yield current
 
 
-def _missing_end(path: str) -> list[Exception]:
-    """[the problem] when a local tar cannot be complete, else [].
+class _CheckedTarInfo(tarfile.TarInfo):
+    """A TarInfo that records on its TarFile why the member headers ended (`ended_by`).
 
-    Python's tarfile ends a stream silently where a header is cut short, so a shard truncated at or inside a
-    member header reads as a shorter valid one. A complete tar is a whole number of 512-byte blocks ending
-    in (at least) two zero blocks; check that instead (two small reads).
+    In stream mode tarfile stops without a word at any header it cannot parse past the first one: a damaged
+    header (bad checksum), a header cut short, or the end of the data where a header should be. Only a zero
+    block is a real end of archive; `_check_end` tells them apart with what is recorded here.
     """
-    try:
-        size = os.path.getsize(path)
-        if size == 0:
-            return []  # tarfile itself reports an empty file
-        if size % 512:
-            return [OSError(f"truncated: {size} bytes is not a whole number of 512-byte tar blocks")]
-        with open(path, "rb") as f:
-            f.seek(max(0, size - 1024))
-            if f.read().strip(b"\0"):
-                return [OSError("truncated: no end-of-archive blocks")]
-    except OSError as e:
-        return [e]
-    return []
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:  # type: ignore[override]
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as e:
+            tar.ended_by = e  # type: ignore[attr-defined]
+            raise
+
+
+def _check_end(tar: tarfile.TarFile, base: int) -> Exception | None:
+    """The problem when the member headers of `tar` (a stream from byte `base`) did not end at an end of archive.
+
+    A complete tar ends in two zero blocks: a damaged header, a stream cut at or inside a header, or a
+    missing second zero block (cut right after the first) mean members were lost after the last one read.
+    """
+    ended_by = getattr(tar, "ended_by", None)
+    at = base + tar.offset
+    if isinstance(ended_by, tarfile.EOFHeaderError):
+        if tar.fileobj.read(tarfile.BLOCKSIZE) == tarfile.NUL * tarfile.BLOCKSIZE:  # type: ignore[union-attr]
+            return None
+        return OSError(f"truncated: one end-of-archive block at byte {at}, not two")
+    if isinstance(ended_by, tarfile.EmptyHeaderError):
+        return OSError(f"truncated: the data ends at byte {at}, where a member header or the end blocks should be")
+    if isinstance(ended_by, tarfile.TruncatedHeaderError):
+        return OSError(f"truncated: the data ends inside the member header at byte {at}")
+    return OSError(f"damaged member header at byte {at} ({ended_by}); the members after it are lost")
 
 
 def file_sample(path: str | Path) -> dict[str, Any]:

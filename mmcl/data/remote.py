@@ -3,7 +3,9 @@
 An http(s) shard is read with `urllib` as one `GET`; a stalled read (no byte for `timeout` seconds), a
 connection dropped before `Content-Length`, a 5xx/429 answer or a refused connection is retried up to
 `retries` times with exponential backoff, each retry asking for the rest with a `Range` header (a server that
-ignores ranges is answered by discarding the bytes already read). What still fails raises `ShardUnreadable`
+ignores ranges is answered by discarding the bytes already read; a 206 answer starts where its `Content-Range`
+says, checked, never assumed). A shard's end is checked by the tar reader (`mmcl.data.reader`: two zero blocks),
+so a body cut at a member boundary, with or without a `Content-Length`, is never read as a shorter shard. What still fails raises `ShardUnreadable`
 with a reason the reader counts. Every source can be opened at a byte offset (resume seeks there).
 """
 
@@ -14,6 +16,7 @@ import http.client
 import io
 import logging
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -54,10 +57,24 @@ class ShardUnreadable(OSError):
         self.url, self.reason, self.detail = url, reason, detail
 
 
+class BadRange(http.client.HTTPException):
+    """A 206 answer whose Content-Range is missing, unreadable or starts past the byte asked for."""
+
+
+def _content_range(header: str | None, url: str) -> tuple[int, int | None]:
+    """(first byte, total size or None) of a `Content-Range: bytes FIRST-LAST/TOTAL` header."""
+    match = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", header or "")
+    if match is None:
+        raise BadRange(f"a 206 answer with Content-Range {header!r}")
+    return int(match[1]), None if match[3] == "*" else int(match[3])
+
+
 def _failure(exn: BaseException) -> tuple[str, bool]:
     """(skip reason, worth retrying) for an exception raised while opening or reading over http."""
     if isinstance(exn, urllib.error.HTTPError):
         return f"http_{exn.code}", exn.code in _RETRY_STATUS
+    if isinstance(exn, BadRange):
+        return "http_bad_range", True
     if isinstance(exn, TimeoutError) or "timed out" in str(exn):
         return "http_timeout", True
     if isinstance(exn, (http.client.IncompleteRead, ConnectionError, http.client.HTTPException, EOFError)):
@@ -98,16 +115,20 @@ class HttpStream(io.RawIOBase):
             urllib.request.Request(self.url, headers=headers), timeout=self.options.timeout
         )
         length = response.headers.get("Content-Length")
-        if response.status == 206:
-            self.end = self.pos + int(length) if length is not None else None
+        if response.status == 206:  # where the body starts is what Content-Range says, not what was asked
+            first, total = _content_range(response.headers.get("Content-Range"), self.url)
+            if first > self.pos:
+                raise BadRange(f"asked for bytes from {self.pos}, the answer starts at byte {first}")
+            self.end = total if total is not None else (first + int(length) if length is not None else None)
+            skip = self.pos - first
         else:  # a full answer: the server ignored the range, so skip what was read already
             self.end = int(length) if length is not None else None
-            todo = self.pos
-            while todo:
-                chunk = response.read(min(todo, 1 << 20))
-                if not chunk:
-                    raise http.client.IncompleteRead(b"", todo)
-                todo -= len(chunk)
+            skip = self.pos
+        while skip:
+            chunk = response.read(min(skip, 1 << 20))
+            if not chunk:
+                raise http.client.IncompleteRead(b"", skip)
+            skip -= len(chunk)
         self._response = response
 
     def _connect(self) -> None:

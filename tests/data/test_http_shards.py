@@ -24,6 +24,7 @@ from mmcl.engine.metrics import read_metrics
 from mmcl.engine.trainer import train
 
 STALL_S = 1.5  # the server's stall; the client's timeout is well below it
+TRICKLE_S = 0.05  # the trickling server's pause between two bytes: every byte comes well within the timeout
 FAST = FetchOptions(timeout=0.4, retries=4, backoff=0.05, max_backoff=0.4)
 
 
@@ -48,12 +49,21 @@ def write_shards(root: Path, n_shards: int, per_shard: int) -> dict[str, list[st
     return keys
 
 
+def _header_boundary(tar: bytes) -> int:
+    """The offset of the member header nearest the middle of `tar` (a cut there leaves a shorter valid-looking tar)."""
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        offsets = [m.offset for m in t.getmembers()]
+    return offsets[len(offsets) // 2]
+
+
 class FaultyServer:
     """A threaded HTTP server on 127.0.0.1 serving the files of `root`, with faults planned per file.
 
     `faults[name]` lists what the next requests for `name` get, in order: 'stall' (headers and a few bytes,
     then silence for STALL_S), 'drop' (the connection closed half way through the body), '503', 'restart'
-    (the connection closed and the whole server down for a moment, then back on the same port); requests past
+    (the connection closed and the whole server down for a moment, then back on the same port), 'cut' (no
+    Content-Length, the body closed at the member header boundary half way through), 'range_ignored' (a Range
+    request answered 206 with the body from byte 0; 'range_unlabelled': the same without a Content-Range), 'trickle' (one byte every TRICKLE_S); requests past
     the list are served normally. `always` names files that always answer 503. Ranges are honoured.
     """
 
@@ -90,11 +100,28 @@ class FaultyServer:
                     return
                 data = path.read_bytes()
                 start = int(self.headers["Range"].split("=")[1].rstrip("-")) if self.headers.get("Range") else 0
-                self.send_response(206 if start else 200)
-                self.send_header("Content-Length", str(len(data) - start))
+                if fault in ("range_ignored", "range_unlabelled"):
+                    start, partial = 0, bool(start)
+                else:
+                    partial = bool(start)
+                self.send_response(206 if partial else 200)
+                if fault != "cut":
+                    self.send_header("Content-Length", str(len(data) - start))
+                if partial and fault != "range_unlabelled":
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 self.end_headers()
                 body = data[start:]
                 try:
+                    if fault == "cut":
+                        self.wfile.write(body[: _header_boundary(body)])
+                        self.close_connection = True
+                        return
+                    if fault == "trickle":
+                        for i in range(len(body)):
+                            self.wfile.write(body[i : i + 1])
+                            self.wfile.flush()
+                            time.sleep(TRICKLE_S)
+                        return
                     if fault == "stall":
                         self.wfile.write(body[:1024])
                         self.wfile.flush()
@@ -206,3 +233,29 @@ def test_training_over_http_survives_the_faults_and_reports_them(served, tmp_pat
     # 3 readable shards x 8 = 3 batches an epoch: 6 steps take two epochs, each failing on the dead shard once
     assert rows[-1]["skipped_http_503"] == 2
     assert json.loads(json.dumps(rows[-1]))  # metrics stay plain JSON
+
+
+def test_a_truncated_tar_over_http_is_counted_not_read_as_a_shorter_shard(served, tmp_path):
+    server, keys = served(3, 8, {"00001.tar": ["cut"]})
+    full = (tmp_path / "shards" / "00000.tar").read_bytes()
+    (tmp_path / "shards" / "00000.tar").write_bytes(full[: _header_boundary(full)])  # served whole, Content-Length true
+    counter = SkipCounter()
+    samples = list(read_samples(expand_shards(server.url("{00000..00002}.tar")), counter, options=FAST))
+    got = [s["__key__"] for s in samples]
+    assert counter.counts == {"unreadable_tar": 2}  # the file cut on disk, and the body cut by the connection
+    assert got[-8:] == keys["00002.tar"]
+    for name in ("00000.tar", "00001.tar"):  # only the complete samples before the cut, none twice
+        read = [k for k in got if k[:5] == name[:5]]
+        assert read == keys[name][: len(read)] and len(read) < 8
+
+
+def test_a_206_answer_from_byte_0_is_not_spliced_into_the_stream(served):
+    server, keys = served(2, 8, {"00000.tar": ["drop", "range_ignored"], "00001.tar": ["drop", "range_unlabelled"]})
+    counter = SkipCounter()
+    samples = list(read_samples(expand_shards(server.url("{00000..00001}.tar")), counter, options=FAST))
+    assert [s["__key__"] for s in samples] == keys["00000.tar"] + keys["00001.tar"] and counter.counts == {}
+    # an honest Content-Range from 0: the bytes before the resume point are skipped; none at all: asked again
+    faults = [f for _, f, _ in server.requests]
+    assert faults == ["drop", "range_ignored", "drop", "range_unlabelled", "ok"]
+    resumed = [r for _, f, r in server.requests if f != "drop"]
+    assert all(r.startswith("bytes=") and r != "bytes=0-" for r in resumed)

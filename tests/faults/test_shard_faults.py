@@ -160,3 +160,46 @@ def test_every_sample_skipped_names_the_reasons(tmp_path):
     assert "every sample was skipped" in message
     for reason in ("not_an_image: 1", "no_image: 1", "missing_caption: 1", "unreadable_tar: 1"):
         assert reason in message, message
+
+
+def _damage_header_halfway(path: Path, n: int) -> str:
+    """A tar of `n` labelled samples (KEY.jpg + KEY.cls) with the header of sample n/2's .cls overwritten
+    (name and checksum bytes), as a flipped disk block or a bad copy leaves it; returns the damaged key."""
+    members = []
+    for i in range(n):
+        members += [(f"{i:09d}.jpg", _jpeg(i % 7, 8)), (f"{i:09d}.cls", str(i % 3).encode())]
+    raw = bytearray(_tar(path, members))
+    with tarfile.open(path) as tar:
+        victim = [m for m in tar.getmembers() if m.name == f"{n // 2:09d}.cls"][0]
+    raw[victim.offset : victim.offset + 16] = b"\xff" * 16  # the name
+    raw[victim.offset + 148 : victim.offset + 156] = b"garbage!"  # the checksum
+    path.write_bytes(bytes(raw))
+    return f"{n // 2:09d}"
+
+
+def test_a_damaged_header_mid_shard_is_counted_and_the_cut_sample_dropped(tmp_path):
+    from mmcl.data.decode import SkipCounter
+    from mmcl.data.reader import read_samples
+
+    cut = _damage_header_halfway(tmp_path / "00000.tar", 1000)
+    _tar(tmp_path / "00001.tar", [("next.jpg", _jpeg(1)), ("next.cls", b"0")])
+    counter = SkipCounter()
+    samples = list(read_samples([str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")], counter))
+    keys = [s["__key__"] for s in samples]
+    assert cut not in keys  # its .cls was behind the damaged header: never yielded without it
+    assert keys == [f"{i:09d}" for i in range(500)] + ["next"]  # the next shard is still read
+    assert all("cls" in s for s in samples)
+    assert counter.counts == {"unreadable_tar": 1}
+
+
+def test_eval_counts_a_damaged_header_instead_of_failing_on_a_label(tmp_path):
+    from mmcl.eval.datasets import open_eval_dataset
+    from mmcl.eval.runner import iterate_batches
+
+    _damage_header_halfway(tmp_path / "00000.tar", 1000)
+    (tmp_path / "classnames.txt").write_text("a\nb\nc\n")
+    dataset = open_eval_dataset(str(tmp_path / "00000.tar"))
+    skipped: dict[str, int] = {}
+    samples = [s for batch in iterate_batches(dataset, 64, num_workers=2, skipped=skipped) for s in batch]
+    assert len(samples) == 500 and all(s.label is not None for s in samples)
+    assert skipped == {"unreadable_tar": 1}
