@@ -45,7 +45,7 @@ def step_dir(root: Path, step: int) -> Path:
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Published checkpoints (a manifest, or trainer.json for older ones), oldest first; not verified."""
+    """Published checkpoints (a manifest, or a trainer.json that lost its manifest), oldest first; not verified."""
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
@@ -82,7 +82,7 @@ def safe_torch_load(path: Path) -> Any:
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, AttributeError) as e:
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, TypeError, AttributeError, OSError) as e:
         kind = (
             "holds pickled objects other than tensors and numbers"
             if isinstance(e, pickle.UnpicklingError)
@@ -199,35 +199,108 @@ def write_manifest(directory: Path) -> None:
 
 
 def verify_checkpoint(ckpt: Path) -> str | None:
-    """None if every file matches `manifest.json` (size, then SHA-256), else what is wrong, in a few words.
+    """None if every file matches `manifest.json` (size, then SHA-256) and the states it holds are plausible,
+    else what is wrong, in a few words.
 
-    Checkpoints written before manifests existed (no manifest, but trainer.json) are accepted as they are.
+    A checkpoint without a manifest is incomplete (the manifest is written last): every checkpoint this
+    format has ever produced carries one, so a missing one means a lost or deleted file, never an old writer.
+    A manifest can be recomputed over damaged files, so what resume will read is parsed and range-checked too.
     """
     manifest = ckpt / MANIFEST
     if not manifest.is_file():
-        return None if (ckpt / "trainer.json").is_file() else "no manifest.json"
+        return "no manifest.json: the checkpoint is incomplete"
     try:
         files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as e:
+        wanted = {name: (int(want["size"]), str(want["sha256"])) for name, want in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         return f"manifest.json is unreadable ({type(e).__name__})"
-    for name, want in files.items():
+    for name, (size_wanted, sha) in wanted.items():
         path = ckpt / name
         if not path.is_file():
             return f"{name} is missing"
         size = path.stat().st_size
-        if size != want["size"]:
-            return f"{name} is {size} bytes, the manifest says {want['size']}"
-        if _sha256(path) != want["sha256"]:
+        if size != size_wanted:
+            return f"{name} is {size} bytes, the manifest says {size_wanted}"
+        if _sha256(path) != sha:
             return f"{name} does not match its SHA-256 in the manifest"
+    return _check_states(ckpt)
+
+
+def _read_json(path: Path) -> tuple[Any, str | None]:
+    try:
+        return json.loads(path.read_text()), None
+    except FileNotFoundError:
+        return None, f"{path.name} is missing"
+    except (ValueError, OSError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None, f"{path.name} is not valid JSON ({type(e).__name__})"
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_states(ckpt: Path) -> str | None:
+    """What is wrong with `trainer.json` and the `rank{R}.json` files, or None: they parse, have the fields
+    resume reads with sane types and ranges, and the step is the one in the folder name."""
+    state, problem = _read_json(ckpt / "trainer.json")
+    if problem:
+        return problem
+    if not isinstance(state, dict):
+        return "trainer.json does not hold an object"
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return "trainer.json: step is not an integer"
+    if step < 0:
+        return f"trainer.json: step {step} is negative"
+    named = ckpt.name[len(STEP_PREFIX) :] if ckpt.name.startswith(STEP_PREFIX) else ""
+    if named.isdigit() and int(named) != step:
+        return f"trainer.json: step {step} does not match the folder name {ckpt.name}"
+    procs = state.get("num_processes")
+    if not _is_count(procs) or procs < 1:
+        return f"trainer.json: num_processes {procs!r} is not a positive integer"
+    for counter in ("bad_in_a_row", "bad_total"):
+        if counter in state and not _is_count(state[counter]):
+            return f"trainer.json: {counter} {state[counter]!r} is not a count"
+    for rank in range(procs):
+        rank_state, problem = _read_json(ckpt / f"rank{rank}.json")
+        if problem:
+            return problem
+        rng = rank_state.get("rng") if isinstance(rank_state, dict) else None
+        if not isinstance(rank_state.get("data") if isinstance(rank_state, dict) else None, dict) or not (
+            isinstance(rng, dict)
+            and isinstance(rng.get("python"), list)
+            and len(rng["python"]) == 3
+            and isinstance(rng.get("numpy"), list)
+            and len(rng["numpy"]) == 5
+        ):
+            return f"rank{rank}.json does not hold a data position and RNG states"
+        if not (ckpt / f"rank{rank}_rng.pt").is_file():
+            return f"rank{rank}_rng.pt is missing"
     return None
 
 
-def newest_valid_checkpoint(root: Path) -> Path | None:
-    """The newest checkpoint under `root` that passes `verify_checkpoint`; each damaged newer one is warned about."""
+def checkpoint_step(ckpt: Path) -> int:
+    """The step recorded in a checkpoint that passed `verify_checkpoint`."""
+    return int(json.loads((ckpt / "trainer.json").read_text())["step"])
+
+
+def newest_valid_checkpoint(root: Path, max_step: int | None = None) -> Path | None:
+    """The newest checkpoint under `root` that passes `verify_checkpoint`; each damaged newer one is warned about.
+
+    Raises:
+        UserError: that checkpoint is past `max_step` (the configured train.steps): resuming it would train
+            nothing and report a run that is not the one asked for.
+    """
     found = list_checkpoints(root)
     for i, candidate in enumerate(reversed(found)):
         problem = verify_checkpoint(candidate)
         if problem is None:
+            step = checkpoint_step(candidate)
+            if max_step is not None and step > max_step:
+                raise UserError(
+                    f"{candidate} is at step {step}, past train.steps={max_step}: raise train.steps to go on "
+                    "from it, or choose another train.output_dir"
+                )
             return candidate
         older = found[-i - 2].name if i + 1 < len(found) else None
         log.warning(

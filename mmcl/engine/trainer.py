@@ -215,7 +215,8 @@ class Trainer:
         acc.wait_for_everyone()
 
     def _restore(self) -> tuple[int, StreamState, dict[str, Any]]:
-        latest = ckpt.newest_valid_checkpoint(self.ckpt_root)  # a damaged newest one: warn, use the previous
+        # a damaged newest one: warn, use the previous; one past train.steps: a one-line error
+        latest = ckpt.newest_valid_checkpoint(self.ckpt_root, max_step=self.tc.steps)
         if latest is None:
             return 0, StreamState(), {}
         saved_cfg = self.run_dir / "config.yaml"

@@ -162,3 +162,85 @@ def test_safe_torch_load_never_suggests_the_unsafe_load(tmp_path):
     assert not (tmp_path / "pwned").exists()
     with pytest.raises(pickle.UnpicklingError):  # the check above is meaningful: torch itself refuses it
         torch.load(path, weights_only=True)
+
+
+# ---------------------------------------------------------------- what a checkpoint holds is checked, not trusted
+
+
+def _resume(run: Path, demo_shards: Path, capsys, steps: int = 6) -> tuple[int, str]:
+    rc = main(["train", "-", *_args(demo_shards, run, steps)])
+    return rc, capsys.readouterr().err
+
+
+def _resumed_from(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "resumed from" in r.getMessage()]
+
+
+def test_deleted_manifest_makes_the_checkpoint_incomplete(run, demo_shards, caplog):
+    newest = run / "checkpoints" / "step_0000004"
+    (newest / "manifest.json").unlink()
+    assert ckpt.verify_checkpoint(newest) is not None
+    with caplog.at_level(logging.INFO, logger="mmcl"):
+        result = train(load_experiment(None, _args(demo_shards, run, 6)))
+    assert result.step == 6
+    warning = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "step_0000004" in r.getMessage()
+    ]
+    assert warning and "no manifest.json" in warning[0] and "falling back to step_0000002" in warning[0]
+    assert "step_0000002" in _resumed_from(caplog)[0]
+
+
+def test_deleted_manifest_and_truncated_optimizer_fall_back(run, demo_shards, caplog, capsys):
+    newest = run / "checkpoints" / "step_0000004"
+    (newest / "manifest.json").unlink()
+    opt = newest / "optimizer.pt"
+    with opt.open("r+b") as f:
+        f.truncate(opt.stat().st_size // 3)
+    with caplog.at_level(logging.INFO, logger="mmcl"):
+        rc, err = _resume(run, demo_shards, capsys)
+    assert rc == 0, err
+    assert "Traceback" not in err
+    assert "step_0000002" in _resumed_from(caplog)[0]
+
+
+def test_truncated_rank_state_under_a_recomputed_manifest_falls_back(run, demo_shards, caplog, capsys):
+    newest = run / "checkpoints" / "step_0000004"
+    rank = newest / "rank0.json"
+    rank.write_bytes(rank.read_bytes()[: rank.stat().st_size // 2])
+    ckpt.write_manifest(newest)  # the manifest agrees: only the content is wrong
+    assert "rank0.json" in ckpt.verify_checkpoint(newest)
+    with caplog.at_level(logging.INFO, logger="mmcl"):
+        rc, err = _resume(run, demo_shards, capsys)
+    assert rc == 0 and "Traceback" not in err
+    assert "step_0000002" in _resumed_from(caplog)[0]
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"step": 99999}, "step 99999 does not match the folder name step_0000004"),
+        ({"step": "4"}, "step is not an integer"),
+        ({"step": -4}, "step -4"),
+        ({"num_processes": 0}, "num_processes"),
+    ],
+)
+def test_implausible_trainer_state_is_refused(run, demo_shards, caplog, capsys, change, problem):
+    import json
+
+    newest = run / "checkpoints" / "step_0000004"
+    state = json.loads((newest / "trainer.json").read_text())
+    (newest / "trainer.json").write_text(json.dumps({**state, **change}))
+    ckpt.write_manifest(newest)
+    assert problem in ckpt.verify_checkpoint(newest)
+    with caplog.at_level(logging.INFO, logger="mmcl"):
+        rc, err = _resume(run, demo_shards, capsys)
+    assert rc == 0 and "Traceback" not in err
+    assert "step_0000002" in _resumed_from(caplog)[0]
+    assert json.loads((run / "checkpoints" / "step_0000006" / "trainer.json").read_text())["step"] == 6
+
+
+def test_a_checkpoint_past_the_configured_steps_is_one_line(run, demo_shards, capsys):
+    rc, err = _resume(run, demo_shards, capsys, steps=3)  # the newest checkpoint is step 4
+    assert rc == 2 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("mmcl train: error: ") and "step_0000004" in line and "train.steps=3" in line
