@@ -48,3 +48,22 @@ def gather_features(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both feature sets (n, D) of this process gathered across processes -> (world_size * n, D) each."""
     return all_gather_cat(image_features, with_grad), all_gather_cat(text_features, with_grad)
+
+
+def ring_pass(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Send `tensors` to the next rank of the ring and receive the previous rank's (no autograd).
+
+    Rank r sends to (r + 1) % P and receives from (r - 1) % P, all tensors in one batch of
+    point-to-point operations (any backend with send/recv: gloo, nccl). Every rank must call it
+    with tensors of the same shapes and dtypes. Returns the received tensors (new memory).
+    """
+    rank, world = world_info()
+    if world == 1:
+        return [t.clone() for t in tensors]
+    right, left = (rank + 1) % world, (rank - 1) % world
+    received = [torch.empty_like(t) for t in tensors]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), right) for t in tensors]
+    ops += [dist.P2POp(dist.irecv, r, left) for r in received]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return received
