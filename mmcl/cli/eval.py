@@ -14,7 +14,7 @@ TASKS = {
     "retrieval": "image<->text retrieval on captioned images (recall@k, median rank)",
     "captions": "caption generation scored with BLEU-4, ROUGE-L and CIDEr-D",
     "compositional": "each image's caption against hard negative captions (SugarCrepe files, or made from the "
-    "attributes of labelled captions such as the built-in shapes): accuracy per subset, chance 50%%",
+    "attributes of labelled captions such as the built-in shapes): accuracy per subset, chance 50%",
     "linear-probe": "logistic regression on frozen image features (CLIP_benchmark's protocol: weight-decay sweep "
     "on a validation split), fitted on --shards, scored on --test-shards",
     "knn": "weighted k-nearest-neighbour classification on frozen image features (DINO's: k 20, T 0.07), "
