@@ -90,6 +90,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             t.add_argument("--images", help="folder of the images SugarCrepe's entries name (COCO val2017)")
             t.add_argument("--subsets", nargs="+", help="SugarCrepe subsets to read (default: every file found)")
             t.add_argument("--max-pairs", type=non_negative_int, default=0, help="pairs per subset (0 = all)")
+            t.add_argument(
+                "--counterfactuals",
+                type=positive_int,
+                metavar="N",
+                help="instead of captions: N built-in test scenes and their counterfactual images, scored with "
+                "Winoground's text, image and group scores",
+            )
+            t.add_argument("--image-size", type=positive_int, default=64, help="side of the built-in scenes")
         if name in ("zeroshot", "retrieval", "compositional"):
             t.add_argument("--text-batch-size", type=positive_int, default=256, help="texts per forward pass")
         if name in PROBES:
@@ -187,8 +195,13 @@ def run_compositional(args: argparse.Namespace) -> int:
     from mmcl.inference import load_pipeline
     from mmcl.utils import UserError
 
+    if args.counterfactuals:
+        return run_group_scores(args)
     if bool(args.sugarcrepe) == bool(args.shards):
-        raise UserError("give either --shards (labelled captions with attributes) or --sugarcrepe DATA_ROOT --images")
+        raise UserError(
+            "give either --shards (labelled captions with attributes), --sugarcrepe DATA_ROOT --images "
+            "or --counterfactuals N (built-in scenes)"
+        )
     if args.sugarcrepe:
         if not args.images:
             raise UserError("--sugarcrepe needs --images: the folder of the images its entries name (COCO val2017)")
@@ -264,5 +277,21 @@ def run_probe(args: argparse.Namespace) -> int:
         print(f"{k:>24}  {v:.4f}" if isinstance(v, float) else f"{k:>24}  {v}")
     if results.get("skipped"):
         print(f"{'skipped':>24}  {describe_counts(results['skipped'])}")
+    print(f"report: {written['eval.md']}")
+    return 0
+
+
+def run_group_scores(args: argparse.Namespace) -> int:
+    from mmcl.eval.group_scores import counterfactual_groups, evaluate_group_scores, group_table
+    from mmcl.eval.report import write_report
+    from mmcl.inference import load_pipeline
+
+    groups = counterfactual_groups(args.counterfactuals, image_size=args.image_size, subsets=args.subsets)
+    pipeline = load_pipeline(args.run)
+    results = evaluate_group_scores(pipeline, groups, batch_size=args.batch_size, text_batch_size=args.text_batch_size)
+    out = Path(args.out) if args.out else Path(args.run) / "eval" / "counterfactual"
+    settings = {"model": str(args.run), "data": f"{args.counterfactuals} built-in test scenes + counterfactuals"}
+    written = write_report(results, out, title=f"counterfactual group scores of {args.run}", settings=settings)
+    print(group_table(results), end="")
     print(f"report: {written['eval.md']}")
     return 0

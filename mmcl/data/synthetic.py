@@ -233,16 +233,40 @@ def _noise(rng: random.Random, size: int) -> Image.Image:
     return tile.crop((x, y, x + size, y + size))
 
 
-def generate(index: int, seed: int = 0, image_size: int = 64, split: str = "train") -> SyntheticSample:
-    """Render sample `index` of the (split, seed) stream at `image_size` x `image_size` pixels.
+@dataclass
+class Scene:
+    """What a sample shows, before any pixel is drawn: the main object(s), the distractor, the background.
 
-    Args:
-        index: sample number, >= 0; any index is valid (the stream is unbounded).
-        seed: selects an independent stream; the default 0 is the reference dataset.
-        image_size: side of the square image in pixels (32-64 suits the tiny models).
-        split: "train", "val" or "test": disjoint streams for training and held-out evaluation.
+    `cells` are the main objects' grid cells (row, col); `d_cell` the distractor's, or None.
     """
-    rng = _rng(index, seed, split)
+
+    colour: str
+    shape: str
+    size: str
+    count: int
+    position: str
+    cells: list[tuple[int, int]]
+    background: str
+    distractor: str | None = None
+    d_cell: tuple[int, int] | None = None
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        return {
+            "colour": self.colour,
+            "shape": self.shape,
+            "size": self.size,
+            "position": self.position,
+            "count": self.count,
+            "background": self.background,
+        }
+
+    @property
+    def label(self) -> int:
+        return CLASSNAMES.index(f"{self.colour} {self.shape}")
+
+
+def _plan(rng: random.Random) -> Scene:
     label = rng.randrange(len(CLASSNAMES))
     colour, shape = list(COLOURS)[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
     count = rng.choices([1, 2, 3], weights=[0.5, 0.25, 0.25])[0]
@@ -255,51 +279,105 @@ def generate(index: int, seed: int = 0, image_size: int = 64, split: str = "trai
         line = LINES[position]
         cells = [line[i] for i in sorted(rng.sample(range(3), count))]
     background = rng.choice(list(BACKGROUNDS))
-    attrs = {
-        "colour": colour,
-        "shape": shape,
-        "size": size,
-        "position": position,
-        "count": count,
-        "background": background,
-    }
+    scene = Scene(colour, shape, size, count, position, cells, background)
 
     # A distractor only where the main object stays obvious: beside a group or a large object.
-    distractor = d_cell = None
     if (count > 1 or size == "large") and rng.random() < _DISTRACTOR_P:
         d_label = rng.randrange(len(CLASSNAMES) - 1)
         d_label += d_label >= label  # any class but the main one
-        d_colour, d_shape = list(COLOURS)[d_label // len(SHAPES)], SHAPES[d_label % len(SHAPES)]
         rows, cols = {r for r, _ in cells}, {c for _, c in cells}
         free = [(r, c) for r in range(3) for c in range(3) if (r, c) not in cells]
         if count > 1:  # keep the group's line to itself
             free = [
                 (r, c) for r, c in free if not (len(rows) == 1 and r in rows) and not (len(cols) == 1 and c in cols)
             ]
-        d_cell = rng.choice(free)
-        distractor = CLASSNAMES[d_label]
+        scene.d_cell = rng.choice(free)
+        scene.distractor = CLASSNAMES[d_label]
+    return scene
 
-    s = image_size
-    canvas = _background(rng, BACKGROUNDS[background], s)
+
+Jitter = tuple[float, float, float, tuple[int, int, int], float]
+
+
+def _jitter(rng: random.Random) -> Jitter:
+    """One object's raw draws (radius, x, y, colour noise, angle), in the order the generator always drew them."""
+    u_r, u_x, u_y = rng.random(), rng.random(), rng.random()
+    fill = (rng.randint(-20, 20), rng.randint(-20, 20), rng.randint(-20, 20))
+    return u_r, u_x, u_y, fill, rng.random()
+
+
+def _uniform(a: float, b: float, u: float) -> float:
+    return a + (b - a) * u  # random.Random.uniform's own formula: the same value from the same draw
+
+
+def _render(scene: Scene, rng: random.Random, s: int, like: Scene | None = None) -> Image.Image:
+    """Draw `scene`. With `like` (the scene the stream was planned for), the stream advances as it would for
+    `like`, and each object of `scene` takes the jitter of the same object in `like` (main object k, the
+    distractor): an edited scene keeps its original's background, noise and object placement."""
+    like = like or scene
+    canvas = _background(rng, BACKGROUNDS[scene.background], s)
     draw = ImageDraw.Draw(canvas)
     cell = s / 3
-    objects = [(c, shape, colour, _RADIUS[size]) for c in cells]
-    if distractor is not None:
-        objects.append((d_cell, d_shape, d_colour, _RADIUS["small"]))
-    for (row, col), obj_shape, obj_colour, rel in objects:
-        r = rel * s * rng.uniform(0.9, 1.1)
+    main = [_jitter(rng) for _ in like.cells]
+    d_jitter = _jitter(rng) if like.distractor is not None else None
+    extra = random.Random(f"extra/{like}")  # objects `like` lacks (a counterfactual's third copy); not `rng`
+    objects = [
+        (c, scene.shape, scene.colour, _RADIUS[scene.size], main[k] if k < len(main) else _jitter(extra))
+        for k, c in enumerate(scene.cells)
+    ]
+    if scene.distractor is not None:
+        d_colour, d_shape = scene.distractor.split()
+        objects.append((scene.d_cell, d_shape, d_colour, _RADIUS["small"], d_jitter or _jitter(extra)))
+    for (row, col), obj_shape, obj_colour, rel, (u_r, u_x, u_y, noise, u_angle) in objects:
+        r = rel * s * _uniform(0.9, 1.1, u_r)
         slack = max(cell / 2 - r, 0.0) * 0.8
-        cx = (col + 0.5) * cell + rng.uniform(-slack, slack)
-        cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
-        fill = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in COLOURS[obj_colour])
-        _draw(draw, obj_shape, fill, cx, cy, r, rng.uniform(-0.26, 0.26))
+        cx = (col + 0.5) * cell + _uniform(-slack, slack, u_x)
+        cy = (row + 0.5) * cell + _uniform(-slack, slack, u_y)
+        fill = tuple(min(255, max(0, v + d)) for v, d in zip(COLOURS[obj_colour], noise))
+        _draw(draw, obj_shape, fill, cx, cy, r, _uniform(-0.26, 0.26, u_angle))
     # Pixel noise over everything, objects included: no exact colour to match.
-    image = ImageChops.add(canvas, _noise(rng, s), offset=-12)
+    return ImageChops.add(canvas, _noise(rng, s), offset=-12)
 
-    caption = _caption(rng, attrs, distractor)
-    meta = {"split": split, "seed": seed, "index": index}
-    d_position = next(name for name, c in POSITIONS.items() if c == d_cell) if d_cell else None
-    return SyntheticSample(image, caption, label, CLASSNAMES[label], attrs, distractor, meta, d_position)
+
+def _sample(
+    scene: Scene, rng: random.Random, image_size: int, meta: dict[str, Any], like: Scene | None = None
+) -> SyntheticSample:
+    image = _render(scene, rng, image_size, like)
+    caption = _caption(rng, scene.attributes, scene.distractor)
+    d_position = next(name for name, c in POSITIONS.items() if c == scene.d_cell) if scene.d_cell else None
+    return SyntheticSample(
+        image, caption, scene.label, CLASSNAMES[scene.label], scene.attributes, scene.distractor, meta, d_position
+    )
+
+
+def generate(index: int, seed: int = 0, image_size: int = 64, split: str = "train") -> SyntheticSample:
+    """Render sample `index` of the (split, seed) stream at `image_size` x `image_size` pixels.
+
+    Args:
+        index: sample number, >= 0; any index is valid (the stream is unbounded).
+        seed: selects an independent stream; the default 0 is the reference dataset.
+        image_size: side of the square image in pixels (32-64 suits the tiny models).
+        split: "train", "val" or "test": disjoint streams for training and held-out evaluation.
+    """
+    rng = _rng(index, seed, split)
+    return _sample(_plan(rng), rng, image_size, {"split": split, "seed": seed, "index": index})
+
+
+def scene_of(index: int, seed: int = 0, split: str = "train") -> Scene:
+    """The scene of sample `index` (what `generate` draws), without rendering it."""
+    return _plan(_rng(index, seed, split))
+
+
+def render_scene(
+    scene: Scene, index: int, seed: int = 0, image_size: int = 64, split: str = "train"
+) -> SyntheticSample:
+    """Render `scene` with the random stream of sample `index`: an edited copy of that sample's scene keeps
+    its background, noise and object jitter (up to the objects it adds or removes), so a counterfactual
+    differs from the original only where the edit says (`mmcl.data.counterfactual`)."""
+    rng = _rng(index, seed, split)
+    original = _plan(rng)  # the same draws as the original, so rendering continues the same stream
+    meta = {"split": split, "seed": seed, "index": index, "edited": True}
+    return _sample(scene, rng, image_size, meta, like=original)
 
 
 def iter_synthetic(
