@@ -6,7 +6,7 @@
 
 Each training run is a child process (`python bench/bench_train.py --child KIND OUT -- ARGS`) that runs
 the real trainer — open_clip: `open_clip_train.main.main(argv)` after the webdataset workaround of
-DESIGN.md and registering `open_clip-tiny-64` (mmcl's clip-tiny-64 preset through the open_clip exporter, `common.openclip_tiny_config`); mmcl: `mmcl.engine.trainer.train`
+`common.patch_open_clip` (webdataset's end-of-file marker turned off: open_clip #935) and registering `open_clip-tiny-64` (mmcl's clip-tiny-64 preset through the open_clip exporter, `common.openclip_tiny_config`); mmcl: `mmcl.engine.trainer.train`
 on `load_experiment(None, overrides)` — with a global optimizer-step hook that records when every
 optimizer step finishes. Steady-state samples/s = batch x steps / time, over the steps after the
 first `skip`; the parent samples the memory of the child's whole process tree (loader workers included).
