@@ -21,3 +21,13 @@ def require_output_folder(path: str | Path, what: str = "output folder") -> Path
             where = "" if candidate == path else f" (in {path})"
             raise UserError(f"{what} {candidate} is a file, not a folder{where}: choose another path")
     return path
+
+
+def require_output_file(path: str | Path, what: str = "output file") -> Path:
+    """`path` as a file a command may (over)write: refused in one line if it is a folder, or if a folder above it
+    is an existing file."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} {path} is a folder, not a file: name the file to write, e.g. {path / 'x'}")
+    require_output_folder(path.parent, f"{what}'s folder")
+    return path

@@ -31,7 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmcl.cli._paths import require_output_file
     from mmcl.data.tokenizer_train import train_tokenizer_file
+
+    require_output_file(args.out, "--out")
 
     summary = train_tokenizer_file(
         args.inputs,

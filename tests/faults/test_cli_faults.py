@@ -108,6 +108,16 @@ def test_finetune_and_demo_outputs_that_are_files(tmp_path, capsys):
     assert str(some_file) in err and "not a folder" in err, err
 
 
+@pytest.mark.parametrize("out", ["some_file/tok.json", "folder"])
+def test_tokenizer_out_under_a_file_or_a_folder(out, tmp_path, capsys):
+    (tmp_path / "caps.txt").write_text("a red square\na blue circle\n")
+    (tmp_path / "some_file").write_text("keep me")
+    (tmp_path / "folder").mkdir()
+    err = _one_line_error(capsys, ["tokenizer", "train", str(tmp_path / "caps.txt"), "--out", str(tmp_path / out)])
+    assert str(tmp_path / out.split("/")[0]) in err and ("not a folder" in err or "not a file" in err), err
+    assert (tmp_path / "some_file").read_text() == "keep me" and not any((tmp_path / "folder").iterdir())
+
+
 def _run_mmcl(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     code = f"import sys; from mmcl.cli import main; sys.exit(main({args!r}))"

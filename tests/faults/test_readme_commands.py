@@ -12,11 +12,16 @@ scripts' headers), so a drifting example fails here. Each runs in its own folder
   PATH records the argv bash built, and the mmcl part of it then runs as above. The README's `accelerate
   launch` and `torchrun` lines: accelerate reads the config file, torch's parser the flags, and the mmcl part
   runs here (multi-process training itself is tested in tests/engine). `demo.sh` and `test.sh` run
-  with `--help` / `--collect-only` appended (their "$@"), so they check the install and stop.
+  with `--help` / `--collect-only` appended (their "$@"), so they check the install and stop; `setup.sh`
+  runs as written (installed already, it only checks).
+- Commands quoted in the prose (`mmcl app RUN --allow-runs RUN2 RUN3`, `python bench/bench_train.py --phases
+  throughput`) must exist as written: the mmcl command path and its options parse, a script's `--help` lists
+  the options quoted. Every command's own `--help` is run in test_cli_faults.py.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shlex
@@ -26,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from mmcl.cli import main
+from mmcl.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARDS = "/data/laion/{00000..41407}.tar"
@@ -154,6 +159,7 @@ def test_commands_were_found():
     assert any(SHARDS in c and c.startswith("mmcl train") for c in COMMANDS)
     assert any(c.startswith("sbatch") for c in COMMANDS) and any("clip_pretrain.sh" in c for c in COMMANDS)
     assert sum(c.startswith("mmcl") for c in COMMANDS) >= 12
+    assert {"bash pipelines/setup.sh --app", "bash pipelines/setup.sh --dev"} <= set(COMMANDS)
 
 
 def _serve_without_blocking(monkeypatch) -> dict:
@@ -196,6 +202,10 @@ def test_command_runs_as_written(command, workdir, inputs, monkeypatch, capsys, 
         assert done.returncode == 0 and "tests/test_config.py: " in done.stdout, (
             done.stdout[-2000:] + done.stderr[-2000:]
         )
+        return
+    if words[:2] == ["bash", "pipelines/setup.sh"]:  # an install: here (installed already) it only checks
+        done = _bash(["pipelines/setup.sh", *words[2:]], ROOT)
+        assert done.returncode == 0 and "installing" not in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]
         return
     if words[0] in ("sbatch", "bash"):  # a launcher script: run it, its cluster launcher replaced by a recorder
         script = next(w for w in words if w.startswith("pipelines/"))
@@ -270,6 +280,60 @@ def test_command_runs_as_written(command, workdir, inputs, monkeypatch, capsys, 
         assert any((workdir / argv[3]).iterdir())
     elif argv[:2] == ["index", "build"]:
         assert (workdir / argv[argv.index("--out") + 1] / "manifest.json").is_file()
+
+
+def _inline_commands() -> list[str]:
+    """Commands quoted in README's prose (`` `mmcl app RUN --allow-runs RUN2 RUN3` ``, `` `python bench/x.py` ``),
+    but not error messages (`mmcl app: error: ...`) or the generic `mmcl <command>`."""
+    spans = re.findall(r"`((?:mmcl|python|bash) [^`]*)`", (ROOT / "README.md").read_text())
+    return [s for s in dict.fromkeys(spans) if not re.match(r"mmcl (\S+:|<)", s)]
+
+
+INLINE = _inline_commands()
+
+
+def _command_path(argv: list[str]) -> tuple[list[str], argparse.ArgumentParser]:
+    """The subcommand words at the start of `argv` and the parser they lead to."""
+    parser, path = build_parser(), []
+    for word in argv:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or word not in subs[0].choices:
+            break
+        parser, path = subs[0].choices[word], [*path, word]
+    return path, parser
+
+
+def test_inline_commands_were_found():
+    assert "mmcl app RUN --allow-runs RUN2 RUN3" in INLINE and "python bench/bench_train.py" in INLINE
+    assert "mmcl --version" in INLINE and not any("error" in c for c in INLINE)
+
+
+@pytest.mark.parametrize("command", INLINE)
+def test_inline_command_is_valid(command, capsys):
+    """Each command quoted in the prose exists as written: a bash line is one of the commands run above; an mmcl
+    command path exists and its options parse (placeholders such as RUN, OUT stand for paths); a script's
+    `--help` works and lists every option quoted."""
+    words = shlex.split(command)
+    if words[0] == "bash":
+        assert command in COMMANDS, f"{command} is not run by test_command_runs_as_written"
+        return
+    if words[0] == "python":
+        done = subprocess.run([sys.executable, words[1], "--help"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, **ENV, "PYTHONPATH": str(ROOT)})  # fmt: skip
+        assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr[-2000:]
+        for option in (w for w in words[2:] if w.startswith("--")):
+            assert option in done.stdout, f"{command}: {option} not in its --help"
+        return
+    argv = words[1:]
+    if argv == ["--version"]:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 0 and capsys.readouterr().out.startswith("mmcl ")
+        return
+    path, parser = _command_path(argv)
+    assert path and path[0] == argv[0], f"{command}: no such command"
+    if len(path) < len(argv):  # a whole command line: it parses
+        parser.parse_args(argv[len(path) :])
 
 
 def _sugarcrepe_files(data: Path, images: Path) -> None:
