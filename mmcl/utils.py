@@ -86,6 +86,8 @@ def loader_worker_init(worker_id: int, parent_pid: int | None = None) -> None:
       watchdog only looks while the worker waits for work, and the worker then hangs at exit flushing its
       result queue to nobody. On Linux the kernel sends the worker SIGKILL when the parent dies
       (prctl PR_SET_PDEATHSIG); elsewhere, and as a fallback, a daemon thread exits once the parent is gone.
+    * Ctrl-C reaches the whole process group: the worker ignores it and leaves stopping to the parent (which
+      shuts its workers down), instead of dying mid-hand-over with a traceback.
     * A worker forked after `wandb.init` inherits W&B's import hooks: its first import of a module W&B watches
       (open_clip, transformers ... loaded lazily by the data pipeline) publishes telemetry through the parent's
       connection and raises wandb's ForkedError. Telemetry is the parent's business: the hooks are dropped here.
@@ -98,9 +100,11 @@ def loader_worker_init(worker_id: int, parent_pid: int | None = None) -> None:
     hooks = sys.modules.get("wandb.sdk.lib.import_hooks")
     if hooks is not None:
         hooks.unregister_all_post_import_hooks()
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         import ctypes
-        import signal
 
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
