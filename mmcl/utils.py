@@ -74,6 +74,72 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         f.write(data)
 
 
+class FolderLock:
+    """An exclusive `flock` on a lock file in a folder, held until `release()` or this process ends.
+
+    The kernel drops the lock when its holder dies, however it dies: a lock file left by a killed run never
+    blocks the next one. The file keeps who took the lock last (pid, host, time), for the message of whoever
+    is refused.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self._fd = path, fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = -1
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def lock_folder(folder: str | Path, name: str, what: str) -> FolderLock:
+    """Take `folder/name` exclusively for `what` (e.g. "training"), or say who holds it.
+
+    Raises:
+        UserError: another process holds it: one line with its pid, host and start time.
+    """
+    import json
+    import socket
+    import time
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; run without a lock
+        return FolderLock(path, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:
+            holder = {}
+        os.close(fd)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["time"])) if "time" in holder else "?"
+        raise UserError(
+            f"{folder} is in use by another {what}: pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+            f"since {since} (lock {path}); wait for it to end or choose another folder"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, info, 0)
+    return FolderLock(path, fd)
+
+
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 

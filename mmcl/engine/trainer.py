@@ -40,9 +40,11 @@ from mmcl.engine.accumulate import forward_backward
 from mmcl.engine.metrics import MetricsLog, plot_curves
 from mmcl.engine.optim import build_optimizer, lr_at, set_lr
 from mmcl.losses.base import StepContext
-from mmcl.utils import UserError, loader_worker_init
+from mmcl.utils import UserError, loader_worker_init, lock_folder
 
 log = logging.getLogger("mmcl.train")
+
+LOCK_FILE = "train.lock"  # in the run folder: flock-ed by the training that writes there
 
 EvalHook = Callable[[torch.nn.Module, int], dict[str, float]]
 
@@ -150,6 +152,9 @@ class Trainer:
                 expand_shards(pattern)
         self.run_dir = Path(self.tc.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
+        # One training per run folder (two would interleave metrics.jsonl and checkpoints). Taken before anything
+        # is written there (W&B starts with the Accelerator); by the first rank only (RANK: torchrun, accelerate).
+        self._lock = lock_folder(self.run_dir, LOCK_FILE, "training") if os.environ.get("RANK", "0") == "0" else None
         trackers = [t for t in self.tc.trackers if t != "none"]
         self.accelerator = Accelerator(
             mixed_precision=resolve_precision(self.tc.precision).replace("fp32", "no"),
@@ -249,6 +254,8 @@ class Trainer:
             TrainingInterrupted: on Ctrl-C (a KeyboardInterrupt), saying at which step and how to resume.
         """
         self._step, self._bar = 0, None
+        if self._lock is None and os.environ.get("RANK", "0") == "0":  # fit() again after a finished fit()
+            self._lock = lock_folder(self.run_dir, LOCK_FILE, "training")
         self._stop = _StopBetweenSteps(enabled=self.accelerator.num_processes == 1)
         try:
             with self._stop:
@@ -260,6 +267,10 @@ class Trainer:
                 raise
             newest = ckpt.latest_checkpoint(self.ckpt_root)
             raise TrainingInterrupted(self._step, self.tc.steps, ckpt_step(newest)) from None
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
 
     def _fit(self, stop_after: int | None) -> TrainResult:
         acc, tc = self.accelerator, self.tc
