@@ -30,7 +30,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         if hasattr(os, "fchmod"):  # mkstemp makes 0600 whatever the umask; open() would not
-            os.fchmod(fd, 0o666 & ~current_umask())  # makes 0600 whatever the umask; open() would not
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
