@@ -29,6 +29,8 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp makes 0600 whatever the umask; open() would not
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -39,6 +41,21 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (setting it is process-wide, racy
+    with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_path(path: str | Path) -> None:
@@ -74,6 +91,72 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         f.write(data)
 
 
+class FolderLock:
+    """An exclusive `flock` on a lock file in a folder, held until `release()` or this process ends.
+
+    The kernel drops the lock when its holder dies, however it dies: a lock file left by a killed run never
+    blocks the next one. The file keeps who took the lock last (pid, host, time), for the message of whoever
+    is refused.
+    """
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self._fd = path, fd
+
+    def release(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = -1
+
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def lock_folder(folder: str | Path, name: str, what: str) -> FolderLock:
+    """Take `folder/name` exclusively for `what` (e.g. "training"), or say who holds it.
+
+    Raises:
+        UserError: another process holds it: one line with its pid, host and start time.
+    """
+    import json
+    import socket
+    import time
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; run without a lock
+        return FolderLock(path, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        try:
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except ValueError:
+            holder = {}
+        os.close(fd)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["time"])) if "time" in holder else "?"
+        raise UserError(
+            f"{folder} is in use by another {what}: pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+            f"since {since} (lock {path}); wait for it to end or choose another folder"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, info, 0)
+    return FolderLock(path, fd)
+
+
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -86,6 +169,8 @@ def loader_worker_init(worker_id: int, parent_pid: int | None = None) -> None:
       watchdog only looks while the worker waits for work, and the worker then hangs at exit flushing its
       result queue to nobody. On Linux the kernel sends the worker SIGKILL when the parent dies
       (prctl PR_SET_PDEATHSIG); elsewhere, and as a fallback, a daemon thread exits once the parent is gone.
+    * Ctrl-C reaches the whole process group: the worker ignores it and leaves stopping to the parent (which
+      shuts its workers down), instead of dying mid-hand-over with a traceback.
     * A worker forked after `wandb.init` inherits W&B's import hooks: its first import of a module W&B watches
       (open_clip, transformers ... loaded lazily by the data pipeline) publishes telemetry through the parent's
       connection and raises wandb's ForkedError. Telemetry is the parent's business: the hooks are dropped here.
@@ -98,9 +183,11 @@ def loader_worker_init(worker_id: int, parent_pid: int | None = None) -> None:
     hooks = sys.modules.get("wandb.sdk.lib.import_hooks")
     if hooks is not None:
         hooks.unregister_all_post_import_hooks()
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         import ctypes
-        import signal
 
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)

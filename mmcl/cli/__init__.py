@@ -69,3 +69,6 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FileNotFoundError) as e:
         print(f"mmcl {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (the trainer's says where it stopped), no traceback
+        print(f"mmcl {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return 130

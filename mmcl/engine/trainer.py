@@ -40,9 +40,11 @@ from mmcl.engine.accumulate import forward_backward
 from mmcl.engine.metrics import MetricsLog, plot_curves
 from mmcl.engine.optim import build_optimizer, lr_at, set_lr
 from mmcl.losses.base import StepContext
-from mmcl.utils import UserError, loader_worker_init
+from mmcl.utils import UserError, loader_worker_init, lock_folder
 
 log = logging.getLogger("mmcl.train")
+
+LOCK_FILE = "train.lock"  # in the run folder: flock-ed by the training that writes there
 
 EvalHook = Callable[[torch.nn.Module, int], dict[str, float]]
 
@@ -150,6 +152,9 @@ class Trainer:
                 expand_shards(pattern)
         self.run_dir = Path(self.tc.output_dir)
         self.ckpt_root = self.run_dir / "checkpoints"
+        # One training per run folder (two would interleave metrics.jsonl and checkpoints). Taken before anything
+        # is written there (W&B starts with the Accelerator); by the first rank only (RANK: torchrun, accelerate).
+        self._lock = lock_folder(self.run_dir, LOCK_FILE, "training") if os.environ.get("RANK", "0") == "0" else None
         trackers = [t for t in self.tc.trackers if t != "none"]
         self.accelerator = Accelerator(
             mixed_precision=resolve_precision(self.tc.precision).replace("fp32", "no"),
@@ -244,9 +249,34 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self, stop_after: int | None = None) -> TrainResult:
-        """Train to `train.steps` (or stop early after `stop_after` steps, for tests and benchmarks)."""
+        """Train to `train.steps` (or stop early after `stop_after` steps, for tests and benchmarks).
+
+        Raises:
+            TrainingInterrupted: on Ctrl-C (a KeyboardInterrupt), saying at which step and how to resume.
+        """
+        self._step, self._bar = 0, None
+        if self._lock is None and os.environ.get("RANK", "0") == "0":  # fit() again after a finished fit()
+            self._lock = lock_folder(self.run_dir, LOCK_FILE, "training")
+        self._stop = _StopBetweenSteps(enabled=self.accelerator.num_processes == 1)
+        try:
+            with self._stop:
+                return self._fit(stop_after)
+        except KeyboardInterrupt as e:
+            if self._bar is not None:
+                self._bar.close()  # the message goes on a line of its own
+            if isinstance(e, TrainingInterrupted):
+                raise
+            newest = ckpt.latest_checkpoint(self.ckpt_root)
+            raise TrainingInterrupted(self._step, self.tc.steps, ckpt_step(newest)) from None
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _fit(self, stop_after: int | None) -> TrainResult:
         acc, tc = self.accelerator, self.tc
         step, data_state, counters = self._restore()
+        self._step = step
         if acc.is_main_process:
             save_yaml(self.cfg, self.run_dir / "config.yaml")
             self._announce(step)
@@ -260,10 +290,12 @@ class Trainer:
         window_steps, window_start = 0, time.perf_counter()
         last: dict[str, float] = {}
         eval_metrics: dict[str, float] = {}
-        bar = _progress(acc.is_main_process and tc.progress and sys.stderr.isatty(), tc.steps, step)
+        bar = self._bar = _progress(acc.is_main_process and tc.progress and sys.stderr.isatty(), tc.steps, step)
         fit_start, first_step = time.perf_counter(), step
         end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
         while step < end:
+            if self._stop.requested:  # Ctrl-C during the last step: stop between steps
+                raise KeyboardInterrupt
             self.prepared.train()
             set_lr(self.optimizer, lr_at(step, tc))
             micro = [source.next() for _ in range(tc.grad_accum)]
@@ -279,11 +311,13 @@ class Trainer:
                         "(lower train.lr, check the data, or use fp32)"
                     )
                 step += 1
+                self._step = step
                 continue
             bad_in_a_row = 0
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             step += 1
+            self._step = step
             self.task.on_step_end(self._step_context(step))
             for k, v in {**out, "grad_norm": grad_norm}.items():
                 window[k] = window.get(k, 0.0) + v
@@ -398,6 +432,64 @@ class Trainer:
             )
         if step:
             log.info("continuing at step %d of %d", step, self.tc.steps)
+
+
+class _StopBetweenSteps:
+    """While active, a first Ctrl-C (SIGINT) only asks the loop to stop before its next step; a second one
+    interrupts at once.
+
+    Stopping between steps leaves nothing half done: no batch half received from a loader worker (an interrupt
+    inside that hand-over made the worker print a BrokenPipe traceback). Only for a single process: ranks of a
+    distributed run would stop at different steps, each waiting for the others in a collective.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled, self.requested = enabled, False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> _StopBetweenSteps:
+        import signal
+        import threading
+
+        self.enabled = self.enabled and threading.current_thread() is threading.main_thread()
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; its message is the one line to show (where it stopped, how to resume)."""
+
+    def __init__(self, step: int, total: int, checkpoint_step: int | None) -> None:
+        self.step, self.total, self.checkpoint_step = step, total, checkpoint_step
+        saved = f"last checkpoint: step {checkpoint_step}" if checkpoint_step is not None else "no checkpoint yet"
+        super().__init__(f"interrupted at step {step} of {total} ({saved}); resume with: {_resume_command()}")
+
+
+def ckpt_step(path: Path | None) -> int | None:
+    """The step of a checkpoint folder `step_0000200` (None for None)."""
+    return None if path is None else int(path.name.rsplit("_", 1)[1])
+
+
+def _resume_command() -> str:
+    """The command line that started this process when it is the `mmcl` CLI (re-running it resumes)."""
+    import shlex
+
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if argv0 is not None and (argv0.name == "mmcl" or argv0.parts[-2:] == ("cli", "__main__.py")):
+        return shlex.join(["mmcl", *sys.argv[1:]])
+    return "the same command or train() call (it continues from the last checkpoint)"
 
 
 def _trackers(names: list[str], run_dir: Path) -> list[Any]:
