@@ -12,6 +12,7 @@ Gradio resolves `/gradio_api/call/NAME` (and `/run/NAME`, `/api/NAME`) for any e
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import re
@@ -200,6 +201,48 @@ def refuse_urls(path: str | None) -> None:
 
     if isinstance(path, str) and URL_PATTERN.match(path):
         raise UserError(URL_MESSAGE)
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}  # Gradio's (binary) units
+
+
+def parse_file_size(value: str | int) -> int:
+    """'20mb', '512 KB', '1048576' -> bytes (Gradio's units, powers of 1024); a clear error for anything else."""
+    from mmcl.utils import UserError
+
+    text = str(value).replace(" ", "").upper()
+    digits = len(text) - len(text.lstrip("0123456789"))
+    unit = text[digits:]
+    if not digits or unit not in SIZE_UNITS or int(text[:digits]) <= 0:
+        raise UserError(f"--max-file-size takes a positive size like 20mb, 512kb or 1gb, got '{value}'")
+    return int(text[:digits]) * SIZE_UNITS[unit]
+
+
+def check_listen(host: str, port: int | None) -> None:
+    """Fail in one line, before any model is loaded, when the server could not listen on host:port.
+
+    Gradio reports a taken port as "Cannot find empty port" after the model has loaded, and a port out of range
+    as an OverflowError traceback.
+    """
+    import socket
+
+    from mmcl.utils import UserError
+
+    if port is None:
+        return
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UserError(f"--port must be between 1 and 65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as e:
+        raise UserError(f"cannot listen on '{host}': not an address of this machine ({e})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a closing socket is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as e:
+            reason = "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+            raise UserError(f"cannot listen on {host}:{port}: {reason} (choose another with --port N)") from None
 
 
 def parse_auth(value: str) -> tuple[str, str]:

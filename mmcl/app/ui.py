@@ -331,7 +331,10 @@ def launch(
     import faiss
     from starlette.middleware import Middleware
 
-    from mmcl.app.guard import HostGuard, NamedCallGuard, OriginGuard
+    from mmcl.app.guard import HostGuard, NamedCallGuard, OriginGuard, check_listen, parse_file_size
+
+    max_bytes = parse_file_size(max_file_size)
+    check_listen(host, port)  # before the model loads: a taken port is a one-line error at once
 
     # One query per request: faiss's OpenMP threads only add synchronisation there (measured 2.5x slower
     # single-query search at 100k vectors on 2 shared cores); concurrent requests use the cores instead.
@@ -349,22 +352,25 @@ def launch(
         Middleware(OriginGuard, allowed=allowed_origins),
         Middleware(NamedCallGuard, public=public),
     ]
-    _, url, share_url = demo.launch(
-        server_name=host,
-        server_port=port,
-        share=share,
-        max_file_size=max_file_size,
-        allowed_paths=allowed,
-        prevent_thread_lock=True,  # serve below, once the share link's host is allowed
-        quiet=quiet,
-        theme=theme,
-        css=CSS,
-        footer_links=[],
-        ssr_mode=False,
-        mcp_server=False,
-        auth=auth,
-        app_kwargs={"middleware": middleware},
-    )
+    try:
+        _, url, share_url = demo.launch(
+            server_name=host,
+            server_port=port,
+            share=share,
+            max_file_size=max_bytes,
+            allowed_paths=allowed,
+            prevent_thread_lock=True,  # serve below, once the share link's host is allowed
+            quiet=quiet,
+            theme=theme,
+            css=CSS,
+            footer_links=[],
+            ssr_mode=False,
+            mcp_server=False,
+            auth=auth,
+            app_kwargs={"middleware": middleware},
+        )
+    except OSError as e:  # "Cannot find empty port ...": taken between `check_listen` and the server's start
+        raise UserError(f"cannot listen on {host}:{port}: {str(e).split('. ')[0]}") from None
     if share_url:
         hosts.add(urlsplit(share_url).hostname or "")
     if not prevent_thread_lock and not getattr(sys, "ps1", sys.flags.interactive):  # as Gradio: a notebook goes on

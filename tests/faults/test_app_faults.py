@@ -314,3 +314,58 @@ def test_image_url_in_a_raw_request_is_refused(server, no_downloads):
     events = httpx.get(f"{server}/gradio_api/call/search_image/{posted.json()['event_id']}", timeout=60).text
     assert "event: error" in events and URL_MESSAGE in events
     assert no_downloads == []
+
+
+# ---- bad command lines: one line, before any model loads --------------------------------------------------------
+
+
+@pytest.fixture
+def taken_port():
+    """A port this machine is listening on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "99999"], "--port must be between 1 and 65535, got 99999"),
+        (["--port", "0"], "--port must be between 1 and 65535, got 0"),
+        (["--max-file-size", "banana"], "--max-file-size takes a positive size like 20mb, 512kb or 1gb, got 'banana'"),
+        (["--max-file-size", "20 parsecs"], "got '20 parsecs'"),
+        (["--max-file-size", "0mb"], "got '0mb'"),
+        (
+            ["--port", "{taken}"],
+            "cannot listen on 127.0.0.1:{taken}: the port is in use (choose another with --port N)",
+        ),
+        (["--host", "no-such-host.invalid"], "cannot listen on 'no-such-host.invalid'"),
+    ],
+)
+def test_bad_app_command_line_is_one_line(argv, message, taken_port, tmp_path, monkeypatch, capsys):
+    """Issue 24.16: these ended in OverflowError / ValueError / OSError tracebacks (the last after loading the model)."""
+    import gradio as gr
+
+    import mmcl.app.models as models
+
+    loaded = []
+    monkeypatch.setattr(models, "load_run", lambda path: loaded.append(path) or FakePipeline())
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda demo: demo.close() or pytest.fail("the app started serving"))
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path)
+    argv = [a.format(taken=taken_port) for a in argv]
+    assert main(["app", "run", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("mmcl app: error: ")
+    assert message.format(taken=taken_port) in err
+    assert loaded == []  # refused before the model was loaded
+
+
+def test_file_size_values():
+    from mmcl.app.guard import parse_file_size
+
+    assert parse_file_size("20mb") == parse_file_size("20 MB") == 20 * 2**20
+    assert parse_file_size("512kb") == 512 * 2**10 and parse_file_size("1048576") == parse_file_size(2**20) == 2**20
