@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -189,6 +190,78 @@ class NamedCallGuard:
                 await _refuse(send, 404, b"no such API endpoint")
                 return
         await self.app(scope, receive, send)
+
+
+def body_limit(max_bytes: int) -> int:
+    """The largest request body `BodyLimit` lets through: one image of `max_bytes` sent inline as base64, plus
+    1 MiB for the other fields (labels, prompts)."""
+    return max_bytes * 4 // 3 + 2**20
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is refused with 413 before the app reads any of it.
+
+    Gradio bounds multipart uploads (`max_file_size`, checked while streaming) but parses every JSON body whole,
+    so an image sent inline (a `data:` URL in an API call) would be held in memory whatever its size. Uploads are
+    left to Gradio's own check; every other body is counted here, declared (Content-Length) or chunked.
+
+    Args:
+        app: the wrapped ASGI app.
+        limit: the largest body accepted, in bytes (`body_limit`).
+        upload_path: the upload route, bounded by Gradio itself.
+    """
+
+    def __init__(
+        self, app: Callable[..., Awaitable[None]], limit: int, upload_path: str = "/gradio_api/upload"
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.upload_path = upload_path
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope.get("path", "").rstrip("/") == self.upload_path:
+            await self.app(scope, receive, send)
+            return
+        refusal = f"request body over the {self.limit:,} byte limit (set by --max-file-size)".encode()
+        declared = _headers(scope).get("content-length")
+        if declared is not None:  # uvicorn holds the client to it
+            if not declared.isdigit() or int(declared) > self.limit:
+                await _refuse(send, 413, refusal)
+                return
+            await self.app(scope, receive, send)
+            return
+        body, more = bytearray(), True  # chunked: read it here, at most `limit` bytes, then hand it on
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await _refuse(send, 413, refusal)
+                return
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def check_file_size(path: str | Path, max_bytes: int, name: str = "") -> None:
+    """Refuse a file over `max_bytes` (a path can name a file no upload limit ever saw)."""
+    from mmcl.utils import UserError
+
+    try:
+        size = Path(path).stat().st_size
+    except OSError as e:
+        raise UserError(f"{name or path}: cannot read the file ({e.strerror or e})") from None
+    if size > max_bytes:
+        raise UserError(f"{name or Path(path).name}: {size:,} bytes is more than the {max_bytes:,} byte limit")
 
 
 def refuse_urls(path: str | None) -> None:
