@@ -12,10 +12,12 @@ Gradio resolves `/gradio_api/call/NAME` (and `/run/NAME`, `/api/NAME`) for any e
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -190,6 +192,78 @@ class NamedCallGuard:
         await self.app(scope, receive, send)
 
 
+def body_limit(max_bytes: int) -> int:
+    """The largest request body `BodyLimit` lets through: one image of `max_bytes` sent inline as base64, plus
+    1 MiB for the other fields (labels, prompts)."""
+    return max_bytes * 4 // 3 + 2**20
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is refused with 413 before the app reads any of it.
+
+    Gradio bounds multipart uploads (`max_file_size`, checked while streaming) but parses every JSON body whole,
+    so an image sent inline (a `data:` URL in an API call) would be held in memory whatever its size. Uploads are
+    left to Gradio's own check; every other body is counted here, declared (Content-Length) or chunked.
+
+    Args:
+        app: the wrapped ASGI app.
+        limit: the largest body accepted, in bytes (`body_limit`).
+        upload_path: the upload route, bounded by Gradio itself.
+    """
+
+    def __init__(
+        self, app: Callable[..., Awaitable[None]], limit: int, upload_path: str = "/gradio_api/upload"
+    ) -> None:
+        self.app = app
+        self.limit = limit
+        self.upload_path = upload_path
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope.get("path", "").rstrip("/") == self.upload_path:
+            await self.app(scope, receive, send)
+            return
+        refusal = f"request body over the {self.limit:,} byte limit (set by --max-file-size)".encode()
+        declared = _headers(scope).get("content-length")
+        if declared is not None:  # uvicorn holds the client to it
+            if not declared.isdigit() or int(declared) > self.limit:
+                await _refuse(send, 413, refusal)
+                return
+            await self.app(scope, receive, send)
+            return
+        body, more = bytearray(), True  # chunked: read it here, at most `limit` bytes, then hand it on
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await _refuse(send, 413, refusal)
+                return
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+def check_file_size(path: str | Path, max_bytes: int, name: str = "") -> None:
+    """Refuse a file over `max_bytes` (a path can name a file no upload limit ever saw)."""
+    from mmcl.utils import UserError
+
+    try:
+        size = Path(path).stat().st_size
+    except OSError as e:
+        raise UserError(f"{name or path}: cannot read the file ({e.strerror or e})") from None
+    if size > max_bytes:
+        raise UserError(f"{name or Path(path).name}: {size:,} bytes is more than the {max_bytes:,} byte limit")
+
+
 def refuse_urls(path: str | None) -> None:
     """Raise a UserError when an image input names a URL: the app never fetches one for a visitor.
 
@@ -200,6 +274,48 @@ def refuse_urls(path: str | None) -> None:
 
     if isinstance(path, str) and URL_PATTERN.match(path):
         raise UserError(URL_MESSAGE)
+
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}  # Gradio's (binary) units
+
+
+def parse_file_size(value: str | int) -> int:
+    """'20mb', '512 KB', '1048576' -> bytes (Gradio's units, powers of 1024); a clear error for anything else."""
+    from mmcl.utils import UserError
+
+    text = str(value).replace(" ", "").upper()
+    digits = len(text) - len(text.lstrip("0123456789"))
+    unit = text[digits:]
+    if not digits or unit not in SIZE_UNITS or int(text[:digits]) <= 0:
+        raise UserError(f"--max-file-size takes a positive size like 20mb, 512kb or 1gb, got '{value}'")
+    return int(text[:digits]) * SIZE_UNITS[unit]
+
+
+def check_listen(host: str, port: int | None) -> None:
+    """Fail in one line, before any model is loaded, when the server could not listen on host:port.
+
+    Gradio reports a taken port as "Cannot find empty port" after the model has loaded, and a port out of range
+    as an OverflowError traceback.
+    """
+    import socket
+
+    from mmcl.utils import UserError
+
+    if port is None:
+        return
+    if not isinstance(port, int) or not 1 <= port <= 65535:
+        raise UserError(f"--port must be between 1 and 65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as e:
+        raise UserError(f"cannot listen on '{host}': not an address of this machine ({e})") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a closing socket is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as e:
+            reason = "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+            raise UserError(f"cannot listen on {host}:{port}: {reason} (choose another with --port N)") from None
 
 
 def parse_auth(value: str) -> tuple[str, str]:

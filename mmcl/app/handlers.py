@@ -38,6 +38,7 @@ DEFAULT_LABELS = "red circle, blue square, green triangle, yellow star, purple c
 MAX_LABELS = 1000
 MAX_PROMPTS = 20_000  # labels x templates encoded per request
 TEXT_BATCH = 256
+MAX_BYTES = 20 * 2**20  # an image file, however it arrives (`mmcl app --max-file-size`)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class AppState:
     index: EmbeddingIndex | None = None
     index_dir: Path | None = None
     max_pixels: int = MAX_PIXELS
+    max_bytes: int = MAX_BYTES
     choices: ModelChoices | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _text_cache: OrderedDict = field(default_factory=OrderedDict, repr=False)

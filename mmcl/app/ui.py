@@ -34,15 +34,19 @@ THEME_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # local fonts: the p
 CSS = "#banner {font-size: 0.95em} footer {display: none !important}"
 
 
-def _image(label: str, sources: list[str], max_pixels: int, **kw: Any) -> gr.Image:
+def _image(label: str, sources: list[str], limits: H.AppState, **kw: Any) -> gr.Image:
     """`gr.Image` that refuses URLs, non-images and oversized images with a clear message before any fetch or decode.
 
-    Gradio's own preprocessing opens the upload with PIL; this checks the header first (pixel count, the
-    decompression-bomb guard) and hands the handler a file path, which it decodes itself. A URL in place of
-    an upload is refused where Gradio would download it. The checks wrap the instance's methods: subclassing
-    a Gradio component would make Gradio write a .pyi stub next to this file at import time.
+    Gradio's own preprocessing opens the upload with PIL; this checks the file first (its size in bytes, then
+    its pixel count from the header: the decompression-bomb guard) and hands the handler a file path, which it
+    decodes itself. Every way an image can arrive meets the same limits (`limits.max_bytes`, `limits.max_pixels`):
+    an upload (also bounded by Gradio while it streams), a path to a file already on the server (Gradio's upload
+    folder is shared by every app on the machine, whatever their limits), and an image inline in the request
+    (bounded by `guard.BodyLimit`; a `data:` URL is never decoded: the image is the file at `path`). A URL in place
+    of an upload is refused where Gradio would download it. The checks wrap the instance's methods: subclassing a
+    Gradio component would make Gradio write a .pyi stub next to this file at import time.
     """
-    from mmcl.app.guard import refuse_urls
+    from mmcl.app.guard import check_file_size, refuse_urls
 
     image = gr.Image(label=label, type="filepath", image_mode=None, sources=sources, **kw)
     gradio_preprocess = image.preprocess
@@ -64,13 +68,17 @@ def _image(label: str, sources: list[str], max_pixels: int, **kw: Any) -> gr.Ima
         return gradio_fetch_sync(url_or_path)
 
     def preprocess(payload: Any) -> Any:
-        path = getattr(payload, "path", None)
-        if path:
-            name = getattr(payload, "orig_name", None) or Path(path).name
-            try:
-                check_image(path, name=name, max_pixels=max_pixels)
-            except UserError as e:
-                raise gr.Error(str(e)) from None
+        try:
+            url = getattr(payload, "url", None)
+            if isinstance(url, str) and url[:5].lower() == "data:":  # Gradio would decode it, whatever its size
+                payload = payload.model_copy(update={"url": None})
+            path = getattr(payload, "path", None)
+            if path:
+                name = getattr(payload, "orig_name", None) or Path(path).name
+                check_file_size(path, limits.max_bytes, name=name)
+                check_image(path, name=name, max_pixels=limits.max_pixels)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
         return gradio_preprocess(payload)
 
     image.preprocess = preprocess
@@ -168,7 +176,7 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
                 with gr.Row():
                     with gr.Column():
                         zs_image = _image(
-                            "Image", ["upload", "webcam", "clipboard"], state.max_pixels, height=300, elem_id="zs_image"
+                            "Image", ["upload", "webcam", "clipboard"], state, height=300, elem_id="zs_image"
                         )
                         zs_labels = gr.Textbox(H.DEFAULT_LABELS, label="Labels (comma or newline separated)", lines=3)
                         with gr.Row():
@@ -188,7 +196,7 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
                         ret_text = gr.Textbox(label="Text query", placeholder="a red circle")
                         ret_text_btn = gr.Button("Search by text", variant="primary")
                     with gr.Column():
-                        ret_image = _image("Image query", ["upload", "clipboard"], state.max_pixels, height=200)
+                        ret_image = _image("Image query", ["upload", "clipboard"], state, height=200)
                         ret_image_btn = gr.Button("Search by image")
                 ret_k = gr.Slider(1, 50, value=12, step=1, label="Results (k)")
                 ret_gallery = gr.Gallery(label="Nearest images (score · caption)", columns=6, height="auto")
@@ -199,7 +207,7 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
             with gr.Tab("Captioning", id="captioning", visible=cap_visible) as cap_tab:
                 with gr.Row():
                     with gr.Column():
-                        cap_image = _image("Image", ["upload", "webcam", "clipboard"], state.max_pixels, height=300)
+                        cap_image = _image("Image", ["upload", "webcam", "clipboard"], state, height=300)
                         cap_prefix = gr.Textbox(label="Prefix (optional: the caption continues it)")
                         cap_mode = gr.Radio(["greedy", "beam", "sample"], value="beam", label="Decoding")
                         with gr.Row():
@@ -223,7 +231,7 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
 
                 with gr.Row():
                     with gr.Column():
-                        cmp_image = _image("Image", ["upload", "webcam", "clipboard"], state.max_pixels, height=300)
+                        cmp_image = _image("Image", ["upload", "webcam", "clipboard"], state, height=300)
                         cmp_first = gr.Textbox("a red circle", label="Caption A")
                         cmp_second = gr.Textbox("a blue circle", label="Caption B (e.g. a hard negative)")
                         cmp_btn = gr.Button("Which caption fits better?", variant="primary")
@@ -317,7 +325,8 @@ def launch(
         index: index folder (default `RUN/index` when it exists).
         host, port, share: where to listen; `share` opens a public Gradio link (off unless asked).
         open_clip, pretrained: serve an open_clip model instead of a run.
-        max_file_size: upload limit ('20mb' or bytes).
+        max_file_size: size limit of an image file however it arrives, and (as base64) of a request body
+            ('20mb' or bytes).
         max_pixels: decoded-size limit for images, checked from the header before decoding.
         concurrency: events running at once (each may use all torch threads); more requests wait in the queue.
         queue_size: requests that may wait; more are refused with a 'queue full' message.
@@ -331,13 +340,25 @@ def launch(
     import faiss
     from starlette.middleware import Middleware
 
-    from mmcl.app.guard import HostGuard, NamedCallGuard, OriginGuard
+    from mmcl.app.guard import (
+        BodyLimit,
+        HostGuard,
+        NamedCallGuard,
+        OriginGuard,
+        body_limit,
+        check_listen,
+        parse_file_size,
+    )
+
+    max_bytes = parse_file_size(max_file_size)
+    check_listen(host, port)  # before the model loads: a taken port is a one-line error at once
 
     # One query per request: faiss's OpenMP threads only add synchronisation there (measured 2.5x slower
     # single-query search at 100k vectors on 2 shared cores); concurrent requests use the cores instead.
     faiss.omp_set_num_threads(1)
     if state is None:
         state, run = make_state(run, index, open_clip, pretrained, max_pixels, allow_runs)
+    state.max_bytes = max_bytes  # every image, however it arrives (`_image`)
     demo = build_app(state, run)
     public = [fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public" and fn.api_name]
     demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
@@ -348,23 +369,27 @@ def launch(
         Middleware(HostGuard, bound=host, allowed=hosts),
         Middleware(OriginGuard, allowed=allowed_origins),
         Middleware(NamedCallGuard, public=public),
+        Middleware(BodyLimit, limit=body_limit(max_bytes)),
     ]
-    _, url, share_url = demo.launch(
-        server_name=host,
-        server_port=port,
-        share=share,
-        max_file_size=max_file_size,
-        allowed_paths=allowed,
-        prevent_thread_lock=True,  # serve below, once the share link's host is allowed
-        quiet=quiet,
-        theme=theme,
-        css=CSS,
-        footer_links=[],
-        ssr_mode=False,
-        mcp_server=False,
-        auth=auth,
-        app_kwargs={"middleware": middleware},
-    )
+    try:
+        _, url, share_url = demo.launch(
+            server_name=host,
+            server_port=port,
+            share=share,
+            max_file_size=max_bytes,
+            allowed_paths=allowed,
+            prevent_thread_lock=True,  # serve below, once the share link's host is allowed
+            quiet=quiet,
+            theme=theme,
+            css=CSS,
+            footer_links=[],
+            ssr_mode=False,
+            mcp_server=False,
+            auth=auth,
+            app_kwargs={"middleware": middleware},
+        )
+    except OSError as e:  # "Cannot find empty port ...": taken between `check_listen` and the server's start
+        raise UserError(f"cannot listen on {host}:{port}: {str(e).split('. ')[0]}") from None
     if share_url:
         hosts.add(urlsplit(share_url).hostname or "")
     if not prevent_thread_lock and not getattr(sys, "ps1", sys.flags.interactive):  # as Gradio: a notebook goes on

@@ -3,8 +3,11 @@ per browser session and only to runs named at start (no API endpoint), image URL
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,7 +17,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "app"))
-from app_helpers import FakePipeline, coloured, free_port  # noqa: E402
+from app_helpers import FakePipeline, bomb_png, coloured, free_port, png_bytes  # noqa: E402
 
 from mmcl.app import handlers as H  # noqa: E402
 from mmcl.app.guard import URL_MESSAGE  # noqa: E402
@@ -314,3 +317,185 @@ def test_image_url_in_a_raw_request_is_refused(server, no_downloads):
     events = httpx.get(f"{server}/gradio_api/call/search_image/{posted.json()['event_id']}", timeout=60).text
     assert "event: error" in events and URL_MESSAGE in events
     assert no_downloads == []
+
+
+# ---- bad command lines: one line, before any model loads --------------------------------------------------------
+
+
+@pytest.fixture
+def taken_port():
+    """A port this machine is listening on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--port", "99999"], "--port must be between 1 and 65535, got 99999"),
+        (["--port", "0"], "--port must be between 1 and 65535, got 0"),
+        (["--max-file-size", "banana"], "--max-file-size takes a positive size like 20mb, 512kb or 1gb, got 'banana'"),
+        (["--max-file-size", "20 parsecs"], "got '20 parsecs'"),
+        (["--max-file-size", "0mb"], "got '0mb'"),
+        (
+            ["--port", "{taken}"],
+            "cannot listen on 127.0.0.1:{taken}: the port is in use (choose another with --port N)",
+        ),
+        (["--host", "no-such-host.invalid"], "cannot listen on 'no-such-host.invalid'"),
+    ],
+)
+def test_bad_app_command_line_is_one_line(argv, message, taken_port, tmp_path, monkeypatch, capsys):
+    """Issue 24.16: these ended in OverflowError / ValueError / OSError tracebacks (the last after loading the model)."""
+    import gradio as gr
+
+    import mmcl.app.models as models
+
+    loaded = []
+    monkeypatch.setattr(models, "load_run", lambda path: loaded.append(path) or FakePipeline())
+    monkeypatch.setattr(gr.Blocks, "block_thread", lambda demo: demo.close() or pytest.fail("the app started serving"))
+    (tmp_path / "run").mkdir()
+    monkeypatch.chdir(tmp_path)
+    argv = [a.format(taken=taken_port) for a in argv]
+    assert main(["app", "run", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("mmcl app: error: ")
+    assert message.format(taken=taken_port) in err
+    assert loaded == []  # refused before the model was loaded
+
+
+def test_file_size_values():
+    from mmcl.app.guard import parse_file_size
+
+    assert parse_file_size("20mb") == parse_file_size("20 MB") == 20 * 2**20
+    assert parse_file_size("512kb") == 512 * 2**10 and parse_file_size("1048576") == parse_file_size(2**20) == 2**20
+
+
+# ---- one size limit for every way an image arrives --------------------------------------------------------------
+
+LIMIT = 64 * 1024  # the server below runs with --max-file-size 64kb
+
+
+@pytest.fixture(scope="module")
+def limited():
+    """An app with a 64 KiB file limit and a 1 Mpixel limit; yields its URL."""
+    from mmcl.app import launch
+
+    state = H.AppState(max_pixels=1_000_000)
+    state.set_pipeline(FakePipeline(), "fake")
+    demo, url = launch(state=state, port=free_port(), prevent_thread_lock=True, quiet=True, max_file_size="64kb")
+    yield url.rstrip("/")
+    demo.close()
+
+
+def _sized_png(size: int, colour: str = "red") -> bytes:
+    """A valid red PNG of exactly `size` bytes (decoders stop at its end marker; the rest is padding)."""
+    data = png_bytes(coloured(colour, size=64))
+    assert len(data) <= size
+    return data + b"\0" * (size - len(data))
+
+
+def _data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _uploaded(url: str, data: bytes) -> str:
+    done = httpx.post(f"{url}/gradio_api/upload", files={"files": ("q.png", data, "image/png")}, timeout=60)
+    assert done.status_code == 200, done.text
+    return done.json()[0]
+
+
+def _call_classify(url: str, image: object) -> tuple[int, str]:
+    """POST /gradio_api/call/classify as a script would; (status, the event stream's text or the refusal)."""
+    body = {"data": [image, "red, blue", "none", "", 2]}
+    posted = httpx.post(f"{url}/gradio_api/call/classify", json=body, timeout=60)
+    if posted.status_code != 200:
+        return posted.status_code, posted.text
+    return 200, httpx.get(f"{url}/gradio_api/call/classify/{posted.json()['event_id']}", timeout=60).text
+
+
+def _file_data(path: str, url: str | None = None) -> dict:
+    return {"path": path, "url": url, "orig_name": "q.png", "meta": {"_type": "gradio.FileData"}}
+
+
+def test_multipart_upload_limit(limited):
+    assert httpx.post(f"{limited}/gradio_api/upload", files={"files": ("a.png", _sized_png(LIMIT))}).status_code == 200
+    over = httpx.post(f"{limited}/gradio_api/upload", files={"files": ("a.png", _sized_png(LIMIT + 1))}, timeout=60)
+    assert over.status_code == 413
+
+
+def _top_label(events: str) -> str:
+    assert "event: complete" in events, events[:500]
+    return json.loads(events.split("event: complete\ndata: ", 1)[1].splitlines()[0])[0]["label"]
+
+
+def test_data_url_is_never_decoded(limited):
+    """Issue 24.2: a FileData whose url is a data: URL was taken whatever its size (+1 GB for a 108 MB PNG).
+
+    The body is bounded (`test_request_body_is_bounded`); within it, the data: URL is dropped and the image is the
+    file at `path`, which meets the file limits.
+    """
+    small = _uploaded(limited, _sized_png(10_000, "blue"))  # a path the server accepts: a real small upload
+    for inline in (_sized_png(LIMIT + 1), bomb_png(60_000, 60_000)):
+        status, events = _call_classify(limited, _file_data(small, _data_url(inline)))
+        assert status == 200 and _top_label(events) == "blue"
+
+
+def test_image_component_drops_a_data_url(tmp_path):
+    """`_image`'s own check, whatever Gradio does before it: the data: URL (a red image) is not what gets classified."""
+    import gradio as gr
+    from gradio.data_classes import ImageData
+
+    from mmcl.app.ui import _image
+
+    blue = tmp_path / "blue.png"
+    coloured("blue").save(blue)
+    with gr.Blocks():
+        image = _image("x", ["upload"], H.AppState(max_bytes=LIMIT))
+    inline = _data_url(_sized_png(LIMIT + 1))
+    assert image.preprocess(ImageData(path=str(blue), url=inline, orig_name="blue.png")) == str(blue)
+    big = tmp_path / "big.png"
+    big.write_bytes(_sized_png(LIMIT + 1))
+    with pytest.raises(Exception, match="65,537 bytes is more than the 65,536 byte limit"):
+        image.preprocess(ImageData(path=str(big), url=inline, orig_name="big.png"))
+
+
+def test_request_body_is_bounded(limited):
+    """A JSON body far over the limit is refused before it is parsed (any route, queue included)."""
+    huge = _file_data("x.png", _data_url(os.urandom(20 * LIMIT)))  # over 4/3 LIMIT + 1 MiB
+    status, text = _call_classify(limited, huge)
+    assert status == 413 and "limit" in text
+    body = {"data": [huge, "red", "none", "", 1], "fn_index": 0, "session_hash": "s"}
+    assert httpx.post(f"{limited}/gradio_api/queue/join", json=body, timeout=60).status_code == 413
+    raw = json.dumps(body).encode()
+    chunks = iter([raw[i : i + 50_000] for i in range(0, len(raw), 50_000)])
+    chunked = httpx.post(f"{limited}/gradio_api/queue/join", content=chunks, timeout=60)  # no Content-Length
+    assert chunked.status_code == 413
+
+
+@pytest.mark.parametrize("where", ["path", "bare"])
+def test_base64_in_the_path_is_refused(limited, where):
+    image = _data_url(_sized_png(LIMIT + 1))
+    status, events = _call_classify(limited, _file_data(image) if where == "path" else image)
+    assert status != 200 or ("event: error" in events and "event: complete" not in events)
+
+
+def test_a_cached_file_over_the_limit_is_refused(limited):
+    """A path into Gradio's upload folder (shared by every server on the machine) is held to this server's limit."""
+    from gradio.utils import get_upload_folder
+
+    folder = Path(get_upload_folder()) / "mmcl-test-oversized"
+    folder.mkdir(parents=True, exist_ok=True)
+    big = folder / "big.png"
+    big.write_bytes(_sized_png(LIMIT + 1))
+    try:
+        status, events = _call_classify(limited, _file_data(str(big)))
+        assert "event: error" in events and "65,537 bytes is more than the 65,536 byte limit" in events
+        big.write_bytes(_sized_png(LIMIT))
+        status, events = _call_classify(limited, _file_data(str(big)))
+        assert _top_label(events) == "red"
+    finally:
+        shutil.rmtree(folder)
