@@ -1,6 +1,6 @@
 """The one encoder protocol (`Encoder`) and its implementations: a trained mmcl model and an open_clip model.
 
-pipe = load_pipeline("runs/demo")          # a run folder, its final/ or a checkpoints/step_*/ folder
+pipe = load_pipeline("runs/demo")          # a run, final/ or checkpoint folder; a transformers or open_clip folder
 img = pipe.encode_images([PIL.Image...])   # (N, D), L2-normalised
 txt = pipe.encode_texts(["a red circle"])  # (N, D)
 pipe.caption([image], prefix="a small")    # PrefixLM / joint models
@@ -26,9 +26,11 @@ from mmcl.utils import UserError
 
 def find_weights(path: str | Path) -> tuple[Path, Path]:
     """(model.safetensors, config.yaml) for a run folder, a final/ folder or a checkpoint folder."""
-    path = Path(path)
+    from mmcl.models.pretrained import hub_hint
+
+    text, path = str(path), Path(path)
     if not path.exists():
-        raise UserError(f"{path}: no such run or checkpoint folder")
+        raise UserError(f"{path}: no such run or checkpoint folder{hub_hint(text)}")
     if path.is_file():
         raise UserError(f"{path}: give the run or checkpoint folder, not a file")
     candidates = [path, path / "final"]
@@ -153,10 +155,20 @@ class Pipeline:
 
 
 def load_pipeline(path: str | Path, device: str | torch.device | None = None) -> Pipeline:
-    """Load the model saved at `path` (see `find_weights`) in eval mode."""
+    """Load any model mmcl can read, in eval mode: an mmcl run, `final/` or checkpoint folder (`find_weights`),
+    a transformers CLIPModel / SiglipModel folder, an open_clip folder (`open_clip_config.json` + weights), or
+    `hf:ORG/NAME` / `hf-hub:ORG/NAME` on a machine with the hub (`mmcl.models.pretrained`)."""
     from mmcl.engine.checkpoint import load_model_weights
     from mmcl.models import build_model
+    from mmcl.models.pretrained import is_foreign
 
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if is_foreign(path):
+        from mmcl.models.pretrained import pretrained_model_config
+
+        model_cfg = pretrained_model_config(path)  # init_from = the folder: build_model loads its weights
+        model = build_model(model_cfg)
+        return Pipeline(model.to(device).eval(), ExperimentConfig(model=model_cfg), device)
     weights, cfg_path = find_weights(path)
     try:
         cfg = from_dict(ExperimentConfig, load_yaml(cfg_path))
@@ -169,7 +181,6 @@ def load_pipeline(path: str | Path, device: str | torch.device | None = None) ->
         load_model_weights(model, weights)
     except ValueError as e:
         raise UserError(str(e)) from None
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return Pipeline(model.to(device).eval(), cfg, device)
 
 
