@@ -153,6 +153,50 @@ class Pipeline:
         scale, bias = self.model.scale_and_bias()  # clamped at the model's own max_logit_scale
         return float(scale.detach()), (float(bias.detach()) if bias is not None else None)
 
+    def classify(
+        self,
+        images: Image.Image | str | Path | list[Image.Image | str | Path],
+        labels: list[str],
+        templates: str | list[str] | None = None,
+    ) -> torch.Tensor:
+        """Zero-shot probabilities of `labels` for each image, as the model was trained to score them.
+
+        Args:
+            images: a PIL image or an image file, or a list of them.
+            labels: the candidate class names.
+            templates: prompts holding `{}` (a string or a list; the class embedding is the mean over them),
+                or a built-in set name ('openai', 'short', ...: `mmcl.eval.templates`); default 'a photo of a {}.'.
+
+        Returns:
+            (N, L) float32: softmax over the labels (CLIP), or a sigmoid per label (models with a SigLIP bias,
+            as transformers' zero-shot pipeline does).
+        """
+        from mmcl.eval.templates import load_templates
+        from mmcl.eval.zeroshot import build_classifier, class_probabilities
+
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if isinstance(labels, str) or not labels:
+            raise UserError("classify needs a non-empty list of labels")
+        if templates is None:
+            templates = ["a photo of a {}."]
+        elif isinstance(templates, str):
+            templates = [templates] if "{}" in templates else load_templates(templates)
+        pil = [_open_image(im) for im in images]
+        classifier = build_classifier(self.encode_texts, list(labels), list(templates))
+        scale, bias = self.logit_scale_and_bias()
+        return class_probabilities(self.encode_images(pil), classifier, scale, bias)
+
+
+def _open_image(image: Image.Image | str | Path) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{image}: not a readable image ({type(e).__name__})") from None
+
 
 def load_pipeline(path: str | Path, device: str | torch.device | None = None) -> Pipeline:
     """Load any model mmcl can read, in eval mode: an mmcl run, `final/` or checkpoint folder (`find_weights`),
