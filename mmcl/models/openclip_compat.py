@@ -382,8 +382,9 @@ def export_open_clip(model: nn.Module, out_dir: str | Path, name: str | None = N
 def export_checkpoint(run_or_ckpt: str | Path, out_dir: str | Path, name: str | None = None) -> tuple[Path, Path]:
     """Export the model of an mmcl run or checkpoint folder (see `mmcl.inference.find_weights`) to open_clip,
     with a model card (README.md)."""
-    from mmcl.inference import load_pipeline
+    from mmcl.inference import check_export_target, load_pipeline
 
+    check_export_target(out_dir)  # before loading anything: a run folder's own weights must stay its own
     pipe = load_pipeline(run_or_ckpt, device="cpu")
     paths = export_open_clip(pipe.model, out_dir, name)
     from mmcl.inference import find_weights
