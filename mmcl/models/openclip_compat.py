@@ -164,15 +164,9 @@ def model_config_from_open_clip(cfg_json: dict[str, Any] | str | Path) -> ModelC
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from mmcl.models.weights_file import read_weights
 
-        return load_file(str(path))
-    from mmcl.engine.checkpoint import safe_torch_load
-
-    return safe_torch_load(path)  # one line for a hostile or broken file, never "try weights_only=False"
+    return read_weights(path)  # one line for a hostile or broken file, never "try weights_only=False"
 
 
 def open_clip_to_mmcl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

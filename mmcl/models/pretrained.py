@@ -144,9 +144,9 @@ def read_pretrained(source: str | Path) -> dict[str, torch.Tensor]:
 
         file = src.path if src.path.is_file() else _open_clip_weights(src.path)
         return open_clip_to_mmcl(_read_state_dict(file))
-    from safetensors.torch import load_file
+    from mmcl.models.weights_file import read_weights
 
-    return load_file(str(src.path / "model.safetensors"))
+    return read_weights(src.path / "model.safetensors")
 
 
 def load_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
