@@ -1,6 +1,6 @@
 """The one encoder protocol (`Encoder`) and its implementations: a trained mmcl model and an open_clip model.
 
-pipe = load_pipeline("runs/demo")          # a run folder, its final/ or a checkpoints/step_*/ folder
+pipe = load_pipeline("runs/demo")          # a run, final/ or checkpoint folder; a transformers or open_clip folder
 img = pipe.encode_images([PIL.Image...])   # (N, D), L2-normalised
 txt = pipe.encode_texts(["a red circle"])  # (N, D)
 pipe.caption([image], prefix="a small")    # PrefixLM / joint models
@@ -24,19 +24,41 @@ from mmcl.data.transforms import transform_from_preprocess
 from mmcl.utils import UserError
 
 
-def find_weights(path: str | Path) -> tuple[Path, Path]:
-    """(model.safetensors, config.yaml) for a run folder, a final/ folder or a checkpoint folder."""
+def is_run_folder(path: str | Path) -> bool:
+    """A training run's folder: `config.yaml` with `final/` or `checkpoints/` (its weights live there)."""
     path = Path(path)
+    return (path / "config.yaml").is_file() and ((path / "final").is_dir() or (path / "checkpoints").is_dir())
+
+
+def check_export_target(out_dir: str | Path) -> None:
+    """Refuse to write an export into a run folder or anywhere inside one (its files would mix with the run's)."""
+    out = Path(out_dir).expanduser().resolve()
+    for folder in (out, *out.parents):
+        if is_run_folder(folder):
+            where = "is" if folder == out else f"is inside {folder}, which is"
+            raise UserError(f"{out_dir}: {where} a training run folder; export to a folder of its own")
+
+
+def find_weights(path: str | Path) -> tuple[Path, Path]:
+    """(model.safetensors, config.yaml) for a run folder, a final/ folder or a checkpoint folder.
+
+    A run folder's weights come from its `final/` (else its newest checkpoint), never from a stray
+    `model.safetensors` beside its config."""
+    from mmcl.models.pretrained import hub_hint
+
+    text, path = str(path), Path(path)
     if not path.exists():
-        raise UserError(f"{path}: no such run or checkpoint folder")
+        raise UserError(f"{path}: no such run or checkpoint folder{hub_hint(text)}")
     if path.is_file():
         raise UserError(f"{path}: give the run or checkpoint folder, not a file")
-    candidates = [path, path / "final"]
     from mmcl.engine.checkpoint import latest_checkpoint
 
-    latest = latest_checkpoint(path / "checkpoints")
-    if latest is not None:
-        candidates.append(latest)
+    candidates = [path]
+    if is_run_folder(path):
+        candidates = [path / "final"]
+        latest = latest_checkpoint(path / "checkpoints")
+        if latest is not None:
+            candidates.append(latest)
     for folder in candidates:
         weights = folder / "model.safetensors"
         if weights.is_file():
@@ -151,12 +173,66 @@ class Pipeline:
         scale, bias = self.model.scale_and_bias()  # clamped at the model's own max_logit_scale
         return float(scale.detach()), (float(bias.detach()) if bias is not None else None)
 
+    def classify(
+        self,
+        images: Image.Image | str | Path | list[Image.Image | str | Path],
+        labels: list[str],
+        templates: str | list[str] | None = None,
+    ) -> torch.Tensor:
+        """Zero-shot probabilities of `labels` for each image, as the model was trained to score them.
+
+        Args:
+            images: a PIL image or an image file, or a list of them.
+            labels: the candidate class names.
+            templates: prompts holding `{}` (a string or a list; the class embedding is the mean over them),
+                or a built-in set name ('openai', 'short', ...: `mmcl.eval.templates`); default 'a photo of a {}.'.
+
+        Returns:
+            (N, L) float32: softmax over the labels (CLIP), or a sigmoid per label (models with a SigLIP bias,
+            as transformers' zero-shot pipeline does).
+        """
+        from mmcl.eval.templates import load_templates
+        from mmcl.eval.zeroshot import build_classifier, class_probabilities
+
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if isinstance(labels, str) or not labels:
+            raise UserError("classify needs a non-empty list of labels")
+        if templates is None:
+            templates = ["a photo of a {}."]
+        elif isinstance(templates, str):
+            templates = [templates] if "{}" in templates else load_templates(templates)
+        pil = [_open_image(im) for im in images]
+        classifier = build_classifier(self.encode_texts, list(labels), list(templates))
+        scale, bias = self.logit_scale_and_bias()
+        return class_probabilities(self.encode_images(pil), classifier, scale, bias)
+
+
+def _open_image(image: Image.Image | str | Path) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{image}: not a readable image ({type(e).__name__})") from None
+
 
 def load_pipeline(path: str | Path, device: str | torch.device | None = None) -> Pipeline:
-    """Load the model saved at `path` (see `find_weights`) in eval mode."""
+    """Load any model mmcl can read, in eval mode: an mmcl run, `final/` or checkpoint folder (`find_weights`),
+    a transformers CLIPModel / SiglipModel folder, an open_clip folder (`open_clip_config.json` + weights), or
+    `hf:ORG/NAME` / `hf-hub:ORG/NAME` on a machine with the hub (`mmcl.models.pretrained`)."""
     from mmcl.engine.checkpoint import load_model_weights
     from mmcl.models import build_model
+    from mmcl.models.pretrained import is_foreign
 
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if is_foreign(path):
+        from mmcl.models.pretrained import pretrained_model_config
+
+        model_cfg = pretrained_model_config(path)  # init_from = the folder: build_model loads its weights
+        model = build_model(model_cfg)
+        return Pipeline(model.to(device).eval(), ExperimentConfig(model=model_cfg), device)
     weights, cfg_path = find_weights(path)
     try:
         cfg = from_dict(ExperimentConfig, load_yaml(cfg_path))
@@ -169,7 +245,6 @@ def load_pipeline(path: str | Path, device: str | torch.device | None = None) ->
         load_model_weights(model, weights)
     except ValueError as e:
         raise UserError(str(e)) from None
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return Pipeline(model.to(device).eval(), cfg, device)
 
 

@@ -105,3 +105,65 @@ def test_app_probabilities_equal_eval_zero_shot(tmp_path):
     expected = (150.0 * cos).softmax(0)
     for label, p in zip(labels, expected.tolist()):
         assert math.isclose(app[label], p, rel_tol=1e-4, abs_tol=1e-6)
+
+
+# ---- transformers and open_clip folders load like runs (issue 19: "evaluate and serve any model mmcl can load")
+
+
+def _tiny_hf(tmp_path, family="clip"):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "models"))
+    from hf_helpers import write_tiny_hf
+
+    return write_tiny_hf(tmp_path / family, family)
+
+
+def test_transformers_folder_loads_as_a_pipeline(tmp_path):
+    import transformers
+
+    folder = _tiny_hf(tmp_path)
+    pipe = load_pipeline(folder, device="cpu")
+    assert pipe.can_encode and pipe.config.model.image.kind == "hf_clip"
+    hf = transformers.CLIPModel.from_pretrained(folder).eval()
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = F.normalize(hf.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+    torch.testing.assert_close(pipe.encode_images(pixels), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_open_clip_folder_loads_as_a_pipeline(tmp_path, run):
+    from mmcl.models.openclip_compat import export_open_clip
+
+    _, model = run
+    export_open_clip(model.eval(), tmp_path / "oc")
+    pipe = load_pipeline(tmp_path / "oc", device="cpu")
+    torch.manual_seed(0)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.encode_images(pixels), model.encode_image(pixels), atol=1e-5, rtol=1e-4)
+
+
+def test_eval_and_app_take_a_transformers_folder(tmp_path, demo_shards, capsys):
+    from mmcl.app.models import load_run
+    from mmcl.cli import main
+
+    folder = _tiny_hf(tmp_path)
+    capsys.readouterr()
+    rc = main(["eval", "zeroshot", str(folder), "--shards", str(demo_shards / "val"), "--quiet",
+               "--out", str(tmp_path / "report")])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "report" / "eval.md").is_file()
+    assert load_run(folder).can_encode
+
+
+def test_a_hub_name_without_prefix_gets_the_hint(tmp_path, monkeypatch):
+    from mmcl.models.pretrained import resolve_source
+
+    monkeypatch.chdir(tmp_path)
+    for fn in (load_pipeline, resolve_source):
+        with pytest.raises(UserError) as e:
+            fn("openai/clip-vit-base-patch32")
+        assert "hf:openai/clip-vit-base-patch32" in str(e.value) and "\n" not in str(e.value)

@@ -18,7 +18,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Write OUT/open_clip_model.safetensors, OUT/open_clip_config.json (load with "
             "open_clip.create_model_and_transforms('local-dir:OUT')) and OUT/NAME.json (for "
-            "open_clip.add_model_config). Needs a CLIP with a ViT image tower, CLIP's text transformer and BPE."
+            "open_clip.add_model_config). Needs a CLIP with a ViT image tower, CLIP's text transformer and BPE, or "
+            "towers imported from a transformers CLIPModel."
         ),
     )
     oc.add_argument("run", help="run folder (runs/NAME), its final/ folder or a checkpoints/step_* folder")

@@ -115,6 +115,13 @@ def read_hf_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     cls = getattr(transformers, family.model_cls)
     try:
         model = cls.from_pretrained(str(path), dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise UserError(f"'{path}': cannot load the {family.model_cls} weights ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001  (a bad weights file surfaces as any of many types, by version)
+        if Path(path).is_dir():  # name the file that cannot be read safely, in words of our own
+            from mmcl.models.weights_file import check_weights_files
+
+            check_weights_files(path)
+        # torch's text for a refused pickle advises weights_only=False (it would run the file's code): never shown
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = type(e).__name__ if "weights_only" in str(e) else first[:200]
+        raise UserError(f"'{path}': cannot load the {family.model_cls} weights ({reason})") from None
     return {k: v.detach() for k, v in model.state_dict().items()}

@@ -230,9 +230,10 @@ def export_hf(model: nn.Module, out_dir: str | Path) -> Path:
 
 def export_checkpoint_hf(run_or_ckpt: str | Path, out_dir: str | Path, license: str = "other") -> Path:
     """Export the model of an mmcl run or checkpoint folder to transformers, with a model card."""
-    from mmcl.inference import find_weights, load_pipeline
+    from mmcl.inference import check_export_target, find_weights, load_pipeline
     from mmcl.model_card import write_model_card
 
+    check_export_target(out_dir)  # before loading anything: a run folder's own weights must stay its own
     pipe = load_pipeline(run_or_ckpt, device="cpu")
     out = export_hf(pipe.model, out_dir)
     usage = f"""```python

@@ -17,7 +17,8 @@ renaming of the vision keys (as timm's `_convert_openai_clip`) and a transpose o
     logit_scale, logit_bias                    logit_scale, logit_bias
 
 Supported: native open_clip ViT configs with GELU (not `quick_gelu`), standard pooling, no layer scale
-/ attentional pooler / HF or timm towers; anything else is refused with the reason.
+/ attentional pooler / HF or timm towers; anything else is refused with the reason. Runs whose towers came
+from a transformers CLIPModel export through `mmcl.models.hf_openclip`.
 """
 
 from __future__ import annotations
@@ -163,15 +164,9 @@ def model_config_from_open_clip(cfg_json: dict[str, Any] | str | Path) -> ModelC
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise UserError(f"{path}: no such checkpoint file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from mmcl.models.weights_file import read_weights
 
-        return load_file(str(path))
-    from mmcl.engine.checkpoint import safe_torch_load
-
-    return safe_torch_load(path)  # one line for a hostile or broken file, never "try weights_only=False"
+    return read_weights(path)  # one line for a hostile or broken file, never "try weights_only=False"
 
 
 def open_clip_to_mmcl(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -271,7 +266,14 @@ def _check_exportable(model: nn.Module) -> None:
 
     if not isinstance(model, CLIP):
         raise UserError(f"only CLIP models export to open_clip, not {type(model).__name__}")
-    trunk = model.image.trunk
+    if hasattr(model, "lm"):
+        raise UserError(
+            "this model cannot be exported to open_clip: its captioning decoder (lm.*, a joint model) has no "
+            "open_clip CLIP equivalent"
+        )
+    trunk = getattr(model.image, "trunk", None)
+    if trunk is None:
+        raise UserError(f"this model cannot be exported to open_clip: the image tower is {type(model.image).__name__}")
     reasons = []
     if not isinstance(trunk, VisionTransformer):
         reasons.append(f"the image tower is {type(trunk).__name__}, not a ViT")
@@ -338,14 +340,22 @@ def export_open_clip(model: nn.Module, out_dir: str | Path, name: str | None = N
     from open_clip.model import CLIP as OpenClipCLIP
     from safetensors.torch import save
 
+    from mmcl.models.hf_towers import HFVisionTower
+
     out_dir = Path(out_dir)
     name = name or re.sub(r"[^A-Za-z0-9_.-]+", "-", out_dir.resolve().name) or "mmcl-clip"
-    model_cfg = open_clip_model_config(model)
-    weights = mmcl_to_open_clip({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    if isinstance(model.image, HFVisionTower) and not hasattr(model, "lm"):  # towers from a transformers CLIPModel
+        from mmcl.models.hf_openclip import hf_tower_open_clip_weights
+
+        model_cfg, weights = hf_tower_open_clip_weights(model)
+    else:
+        model_cfg = open_clip_model_config(model)
+        weights = mmcl_to_open_clip({k: v.detach().cpu() for k, v in model.state_dict().items()})
     try:
         OpenClipCLIP(**model_cfg).load_state_dict(weights, strict=True)
-    except RuntimeError as e:
-        raise UserError(f"the converted weights do not load into open_clip: {str(e).splitlines()[0]}") from None
+    except RuntimeError as e:  # torch's message spans lines: keep all of it on one
+        detail = " ".join(str(e).split())
+        raise UserError(f"the converted weights do not load into open_clip: {detail}") from None
     pre = model.preprocess_cfg()
     if pre["resize_size"] and pre["resize_size"] != pre["image_size"]:
         raise UserError(
@@ -366,8 +376,9 @@ def export_open_clip(model: nn.Module, out_dir: str | Path, name: str | None = N
 def export_checkpoint(run_or_ckpt: str | Path, out_dir: str | Path, name: str | None = None) -> tuple[Path, Path]:
     """Export the model of an mmcl run or checkpoint folder (see `mmcl.inference.find_weights`) to open_clip,
     with a model card (README.md)."""
-    from mmcl.inference import load_pipeline
+    from mmcl.inference import check_export_target, load_pipeline
 
+    check_export_target(out_dir)  # before loading anything: a run folder's own weights must stay its own
     pipe = load_pipeline(run_or_ckpt, device="cpu")
     paths = export_open_clip(pipe.model, out_dir, name)
     from mmcl.inference import find_weights

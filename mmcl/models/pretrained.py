@@ -15,6 +15,7 @@ one-line error naming it (and both shapes).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,26 @@ def resolve_source(source: str | Path) -> Source:
         from mmcl.inference import find_weights
 
         return Source("mmcl", find_weights(path)[0].parent)
-    raise UserError(f"model.init_from '{text}': no such file or folder")
+    raise UserError(f"model.init_from '{text}': no such file or folder{hub_hint(text)}")
+
+
+def hub_hint(text: str) -> str:
+    """A hint when a missing path reads like a Hugging Face hub name (ORG/NAME): the prefixes that fetch it."""
+    parts = str(text).split("/")
+    if len(parts) == 2 and all(re.fullmatch(r"[A-Za-z0-9][\w.-]*", p) for p in parts):
+        return f" (a Hugging Face hub name? write hf:{text} for a transformers model, hf-hub:{text} for open_clip)"
+    return ""
+
+
+def is_foreign(source: str | Path) -> bool:
+    """Whether `source` names a transformers or open_clip model (hub prefix or folder), not an mmcl run."""
+    from mmcl.models.hf_compat import is_hf_folder
+
+    text = str(source)
+    if text.startswith(("hf:", "hf-hub:")):
+        return True
+    path = Path(text).expanduser()
+    return path.is_dir() and ((path / OPEN_CLIP_CONFIG).is_file() or is_hf_folder(path))
 
 
 def _open_clip_weights(folder: Path) -> Path:
@@ -124,9 +144,9 @@ def read_pretrained(source: str | Path) -> dict[str, torch.Tensor]:
 
         file = src.path if src.path.is_file() else _open_clip_weights(src.path)
         return open_clip_to_mmcl(_read_state_dict(file))
-    from safetensors.torch import load_file
+    from mmcl.models.weights_file import read_weights
 
-    return load_file(str(src.path / "model.safetensors"))
+    return read_weights(src.path / "model.safetensors")
 
 
 def load_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
