@@ -187,7 +187,7 @@ def read_samples(
         counter: receives one skip per shard that cannot be opened or read to its end: `unreadable_tar`
             (0 bytes, not a tar, truncated, a damaged member header: every tar must end in its two end-of-archive
             blocks) or, for http(s) shards after the retries of `options`,
-            `http_<status>`, `http_timeout`, `http_dropped`, `http_unreachable` (each such URL is also logged).
+            `http_<status>`, `http_timeout`, `http_dropped`, `http_unreachable` (each such shard is logged by URL).
             The complete samples read before the damage are kept, the one being read when it broke off is dropped.
         select: which members to read (by file name); must never admit pickles (see `wanted_member`).
         options: timeouts and retries for http(s) shards.
@@ -210,11 +210,10 @@ def read_samples(
         if errors:
             first = next((e for e in errors if isinstance(e, ShardUnreadable)), errors[0])
             if isinstance(first, ShardUnreadable):
-                log.warning("shard not read to its end: %s (%s)", url, first.detail)
-                counter.add(first.reason, where=url, detail=first.detail)
+                counter.add(first.reason, where=url, detail=first.detail, unit="shard")
             else:
                 detail = f"{type(first).__name__}: {first.args[0] if first.args else first}"
-                counter.add("unreadable_tar", where=url, detail=detail)
+                counter.add("unreadable_tar", where=url, detail=detail, unit="shard")
 
 
 def read_sample_at(

@@ -186,7 +186,7 @@ def test_every_fault_is_retried_and_a_dead_shard_is_counted_by_url(served, caplo
     assert all(s["jpg"][:2] == b"\xff\xd8" and s["txt"] for s in samples)
     assert counter.counts == {"http_503": 1}  # only the shard that never came back
     dead = server.url("00005.tar")
-    assert any(dead in r.getMessage() and "shard not read" in r.getMessage() for r in caplog.records)
+    assert any(r.getMessage().startswith(f"skipped shard {dead} (http_503") for r in caplog.records)
     requests = {name: [(f, rng) for n, f, rng in server.requests if n == name] for name in keys}
     assert [f for f, _ in requests["00001.tar"]] == ["stall", "ok"]
     assert requests["00002.tar"][0][0] == "drop" and requests["00002.tar"][1][1].startswith("bytes=")
@@ -259,3 +259,14 @@ def test_a_206_answer_from_byte_0_is_not_spliced_into_the_stream(served):
     assert faults == ["drop", "range_ignored", "drop", "range_unlabelled", "ok"]
     resumed = [r for _, f, r in server.requests if f != "drop"]
     assert all(r.startswith("bytes=") and r != "bytes=0-" for r in resumed)
+
+
+def test_a_dead_shard_is_reported_as_a_skipped_shard(served, tmp_path, caplog):
+    server, keys = served(1, 4, {})
+    counter = SkipCounter()
+    with caplog.at_level(logging.WARNING, logger="mmcl.data"):
+        samples = list(read_samples([server.url("00001.tar"), server.url("00000.tar")], counter, options=FAST))
+    assert len(samples) == 4 and counter.counts == {"http_404": 1}
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith(f"skipped shard {server.url('00001.tar')} (http_404") for line in lines), lines
+    assert not any("skipped sample" in line for line in lines), lines
