@@ -38,12 +38,17 @@ class FetchOptions:
         retries: further attempts after a failed open or read of one shard (0 = give up at once).
         backoff: seconds before the first retry; doubled for each further one, capped at `max_backoff`.
         max_backoff: the longest wait between two attempts.
+        min_speed: bytes/s a shard must arrive at, measured over the time spent waiting for it in windows of
+            `timeout` seconds (as curl's low-speed limit): a server that trickles a byte now and then never
+            stalls a read for `timeout`, yet would take days. A slower window counts as a failed read (retried
+            from where it stopped, then `<scheme>_slow`); time the reader spends elsewhere never counts. 0 = off.
     """
 
     timeout: float = 30.0
     retries: int = 5
     backoff: float = 1.0
     max_backoff: float = 30.0
+    min_speed: float = 1024.0
 
     def wait(self, attempt: int) -> float:
         return min(self.max_backoff, self.backoff * 2**attempt)
@@ -55,6 +60,39 @@ class ShardUnreadable(OSError):
     def __init__(self, url: str, reason: str, detail: str) -> None:
         super().__init__(f"{url}: {detail}")
         self.url, self.reason, self.detail = url, reason, detail
+
+
+class TooSlow(OSError):
+    """A window of waiting in which a shard arrived slower than `FetchOptions.min_speed`."""
+
+
+class SpeedCheck:
+    """The rate a shard arrives at while its reader waits for it, checked once per window of `options.timeout`
+    seconds of waiting (see `FetchOptions.min_speed`). `strikes` counts slow windows in a row."""
+
+    def __init__(self, options: FetchOptions) -> None:
+        self.options = options
+        self.waited, self.got, self.strikes = 0.0, 0, 0
+
+    def restart(self) -> None:
+        """A new connection: a new window (the strikes stay until a window passes)."""
+        self.waited, self.got = 0.0, 0
+
+    def record(self, n: int, seconds: float) -> None:
+        """`n` bytes arrived after `seconds` of waiting; raises TooSlow when a window closes too slow."""
+        if self.options.min_speed <= 0:
+            return
+        self.waited += seconds
+        self.got += n
+        if self.waited < self.options.timeout:
+            return
+        rate, slow = self.got / self.waited, self.got < self.options.min_speed * self.waited
+        self.restart()
+        if not slow:
+            self.strikes = 0
+            return
+        self.strikes += 1
+        raise TooSlow(f"{rate:.0f} bytes/s, below the minimum of {self.options.min_speed:g} bytes/s")
 
 
 class BadRange(http.client.HTTPException):
@@ -75,6 +113,8 @@ def _failure(exn: BaseException) -> tuple[str, bool]:
         return f"http_{exn.code}", exn.code in _RETRY_STATUS
     if isinstance(exn, BadRange):
         return "http_bad_range", True
+    if isinstance(exn, TooSlow):
+        return "http_slow", True
     if isinstance(exn, TimeoutError) or "timed out" in str(exn):
         return "http_timeout", True
     if isinstance(exn, (http.client.IncompleteRead, ConnectionError, http.client.HTTPException, EOFError)):
@@ -101,6 +141,7 @@ class HttpStream(io.RawIOBase):
         self.url, self.pos, self.options = url, offset, options or FetchOptions()
         self.end: int | None = None  # total size once a response has told it
         self.retried = 0
+        self.speed = SpeedCheck(self.options)
         self._response: http.client.HTTPResponse | None = None
         self._connect()
 
@@ -130,6 +171,7 @@ class HttpStream(io.RawIOBase):
                 raise http.client.IncompleteRead(b"", skip)
             skip -= len(chunk)
         self._response = response
+        self.speed.restart()
 
     def _connect(self) -> None:
         """Open (or re-open at `pos`), retrying with backoff; raises ShardUnreadable when it keeps failing."""
@@ -161,9 +203,13 @@ class HttpStream(io.RawIOBase):
             if self._response is None:
                 self._connect()
             try:
-                n = self._response.readinto(buffer)  # type: ignore[union-attr]
+                t0 = time.monotonic()
+                data = self._response.read1(len(buffer))  # type: ignore[union-attr] (one read: the rate is seen)
+                self.speed.record(len(data), time.monotonic() - t0)
+                n = len(data)
                 if n == 0 and self.end is not None and self.pos < self.end:
                     raise http.client.IncompleteRead(b"", self.end - self.pos)
+                buffer[:n] = data
                 self.pos += n
                 return n
             except ShardUnreadable:
@@ -171,11 +217,12 @@ class HttpStream(io.RawIOBase):
             except Exception as exn:  # noqa: BLE001
                 reason, retry = _failure(exn)
                 self._close_response()
-                if not retry or attempt == self.options.retries:
+                tries = max(attempt, self.speed.strikes - 1)  # slow windows in a row count across reads
+                if not retry or tries >= self.options.retries:
                     raise ShardUnreadable(self.url, reason, f"{type(exn).__name__} at byte {self.pos}: {exn}") from None
                 self.retried += 1
-                wait = self.options.wait(attempt)
-                log.warning("%s: %s at byte %d; retry %d in %.1fs", self.url, reason, self.pos, attempt + 1, wait)
+                wait = self.options.wait(tries)
+                log.warning("%s: %s at byte %d; retry %d in %.1fs", self.url, reason, self.pos, tries + 1, wait)
                 time.sleep(wait)
         raise AssertionError("unreachable")
 
