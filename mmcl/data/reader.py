@@ -36,6 +36,7 @@ from mmcl.utils import UserError
 
 log = logging.getLogger("mmcl.data")
 
+MAX_EXPANSIONS = 10_000_000  # shard names one pattern may expand to (a typo in a brace range: 10^8 names, 8 GB)
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://")
 WANTED_SUFFIXES = {*IMAGE_EXTS, "txt", "json", "cls"}  # never pkl/pth/npy/pyd
 
@@ -57,6 +58,76 @@ def is_image_file(path: Path) -> bool:
 # ----------------------------------------------------------------------------- listing
 
 
+def count_expansions(pattern: str) -> int:
+    """How many names `braceexpand.braceexpand(pattern)` yields, counted without making them.
+
+    Mirrors braceexpand's grammar (bash's): a pattern is a product of literals and `{...}` groups; a group is
+    an integer or letter range (`{a..b}`, `{a..b..step}`), a comma sequence of patterns (summed), or else
+    literal braces around a pattern. Backslash escapes a character.
+    """
+    from braceexpand import alphabet, char_range_re, int_range_re
+
+    def group(expr: str) -> int:
+        if m := int_range_re.match(expr):
+            start, end, step = int(m[1]), int(m[2]), (int(m[3]) or 1) if m[3] else 1
+            return len(range(start, end + 1, step) if start < end else range(start, end - 1, -step))
+        if m := char_range_re.match(expr):
+            step = (int(m[3]) or 1) if m[3] else 1
+            start, end = alphabet.index(m[1]), alphabet.index(m[2])
+            if start < end:
+                return len(alphabet[start : end + 1 : step])
+            return len(alphabet[start : (end or -len(alphabet)) - 1 : -step])
+        parts = _split_top(expr, ",")
+        return sum(count(p) for p in parts) if len(parts) > 1 else count(expr)
+
+    def count(pat: str) -> int:
+        total, depth, start, pos = 1, 0, 0, 0
+        while pos < len(pat):
+            if pat[pos] == "\\":
+                pos += 2
+                continue
+            if pat[pos] == "{":
+                depth, start = depth + 1, pos if depth == 0 else start
+            elif pat[pos] == "}":
+                depth -= 1
+                if depth == 0:
+                    total *= group(pat[start + 1 : pos])
+            pos += 1
+        if depth != 0:
+            raise UserError(f"shard pattern '{pattern}': unbalanced braces")
+        return total
+
+    return count(pattern)
+
+
+def _split_top(expr: str, sep: str) -> list[str]:
+    """`expr` split at the `sep` characters outside braces (and not escaped)."""
+    parts, depth, start, pos = [], 0, 0, 0
+    while pos < len(expr):
+        c = expr[pos]
+        if c == "\\":
+            pos += 2
+            continue
+        depth += (c == "{") - (c == "}")
+        if c == sep and depth == 0:
+            parts.append(expr[start:pos])
+            start = pos + 1
+        pos += 1
+    if depth != 0:
+        return [expr]  # braceexpand reads an unbalanced sequence as no sequence
+    return [*parts, expr[start:]]
+
+
+def _brace_expand(pattern: str) -> list[str]:
+    """braceexpand's names for `pattern`, refused in one line when there would be more than MAX_EXPANSIONS."""
+    n = count_expansions(pattern)
+    if n > MAX_EXPANSIONS:
+        raise UserError(
+            f"shard pattern '{pattern}' expands to {n:,} names, more than {MAX_EXPANSIONS:,}: check its brace ranges"
+        )
+    return list(braceexpand.braceexpand(pattern))
+
+
 def expand_shards(pattern: str) -> list[str]:
     """A directory (all its .tar), a glob, a brace pattern or `builtin:NAME` -> sorted shard list.
 
@@ -67,13 +138,13 @@ def expand_shards(pattern: str) -> list[str]:
     if is_builtin(pattern):
         pattern = str(builtin_dir(pattern))
     if is_remote(pattern):
-        return list(braceexpand.braceexpand(pattern))
+        return _brace_expand(pattern)
     path = Path(pattern)
     if path.is_dir():
         found = sorted(str(p) for p in path.glob("*.tar"))
     else:
         found = []
-        for expanded in braceexpand.braceexpand(pattern):
+        for expanded in _brace_expand(pattern):
             found.extend(sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded])
         missing = [p for p in found if not os.path.exists(p)]
         if missing:
