@@ -3,12 +3,13 @@
 Training (`mmcl.data.shards`), evaluation (`mmcl.eval.datasets`), the retrieval index (`mmcl.index`) and the
 tokenizer trainer (`mmcl.data.tokenizer_train`) all list their inputs and read tars here:
 
-* listing: `expand_shards` (one pattern: a folder of tars, a glob, a brace pattern, a URL, `builtin:NAME`),
+* listing: `expand_shards` (one pattern: a folder of tars, a glob, a brace pattern, a URL, a store's URL with
+  braces or a glob (s3://bucket/train/*.tar), `builtin:NAME`),
   `list_shards` (several specs in order, plus CLIP_benchmark's `ROOT/<split>/nshards.txt` layout) and
   `list_inputs` (shards and loose image files, for the index);
 * reading: `read_samples` streams raw samples (`{'__key__', '__url__', '__offset__', ext: bytes}`) with
-  Python's tarfile in stream mode (grouped by key as webdataset does; http(s) through `mmcl.data.remote`,
-  which retries), only ever reading the members `wanted_member` allows (images, `.txt`, `.json`, `.cls`: webdataset's
+  Python's tarfile in stream mode (grouped by key as webdataset does; http(s) and fsspec stores through
+  `mmcl.data.remote`, which retries), only ever reading the members `wanted_member` allows (images, `.txt`, `.json`, `.cls`: webdataset's
   default decoders would unpickle `.pyd` and `torch.load` `.pth`). An unreadable shard (0 bytes, not a tar,
   truncated, a damaged member header) is counted once as `unreadable_tar` and skipped, never raised;
 * `file_sample` makes the same raw sample from a loose image file and its sidecar `.txt`.
@@ -31,13 +32,13 @@ from typing import IO, Any
 import braceexpand
 
 from mmcl.data.decode import IMAGE_EXTS, SkipCounter
-from mmcl.data.remote import FetchOptions, ShardUnreadable, open_at
+from mmcl.data.remote import FetchOptions, ShardUnreadable, is_store, open_at
 from mmcl.utils import UserError
 
 log = logging.getLogger("mmcl.data")
 
 MAX_EXPANSIONS = 10_000_000  # shard names one pattern may expand to (a typo in a brace range: 10^8 names, 8 GB)
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://")
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "ais://")  # and every fsspec store (`remote.is_store`)
 WANTED_SUFFIXES = {*IMAGE_EXTS, "txt", "json", "cls"}  # never pkl/pth/npy/pyd
 
 
@@ -47,8 +48,8 @@ def wanted_member(name: str) -> bool:
 
 
 def is_remote(url: str) -> bool:
-    """Whether `url` is read through webdataset's openers (pipe:, http(s), s3, ...) rather than from disk."""
-    return url.startswith(REMOTE_PREFIXES)
+    """Whether `url` is read from elsewhere (pipe:, http(s), s3://, gs://, any fsspec store) rather than from disk."""
+    return url.startswith(REMOTE_PREFIXES) or is_store(url)
 
 
 def is_image_file(path: Path) -> bool:
@@ -137,6 +138,17 @@ def expand_shards(pattern: str) -> list[str]:
 
     if is_builtin(pattern):
         pattern = str(builtin_dir(pattern))
+    if is_store(pattern):  # a bucket: checked now (fsspec and the store's package), globbed there
+        from mmcl.data import store
+
+        store.filesystem(pattern)
+        names = _brace_expand(pattern)
+        if not any(c in pattern for c in "*?["):
+            return names
+        found = [url for name in names for url in store.glob(name)]
+        if not found:
+            raise UserError(f"shard pattern '{pattern}' matches no file in its store")
+        return found
     if is_remote(pattern):
         return _brace_expand(pattern)
     path = Path(pattern)
@@ -258,10 +270,12 @@ def read_samples(
         counter: receives one skip per shard that cannot be opened or read to its end: `unreadable_tar`
             (0 bytes, not a tar, truncated, a damaged member header: every tar must end in its two end-of-archive
             blocks) or, for http(s) shards after the retries of `options`,
-            `http_<status>`, `http_timeout`, `http_dropped`, `http_unreachable` (each such shard is logged by URL).
+            `http_<status>`, `http_timeout`, `http_dropped`, `http_unreachable`, `http_slow`, `http_bad_range`, and
+            for fsspec stores `store_not_found`, `store_denied`, `store_timeout`, `store_slow`, `store_error`
+            (each such shard is logged by URL).
             The complete samples read before the damage are kept, the one being read when it broke off is dropped.
         select: which members to read (by file name); must never admit pickles (see `wanted_member`).
-        options: timeouts and retries for http(s) shards.
+        options: timeouts, retries and minimum speed for http(s) and store shards.
         start_offset: byte offset to start the first shard at (a sample boundary recorded in `__offset__`).
     """
     for i, url in enumerate(urls):  # one shard at a time, so damage is counted once per shard
@@ -274,6 +288,8 @@ def read_samples(
                     if last is not None:
                         yield last
                     last = sample
+        except UserError:  # not the shard's fault (a store's package missing): the user's to fix
+            raise
         except Exception as exn:  # noqa: BLE001 (any failure to read a shard is counted, never fatal)
             errors.append(exn)
         if last is not None and not errors:  # the sample being read when the shard broke off is incomplete
