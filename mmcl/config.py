@@ -309,6 +309,9 @@ class DataConfig:
     http_retries: int = 5
     http_backoff: float = 1.0
     http_max_backoff: float = 30.0
+    # remote shards arriving slower than this (bytes/s, over windows of http_timeout s of waiting) are retried, then
+    # skipped: a trickling server never stalls a read, yet never delivers (0 = no minimum)
+    http_min_speed: float = 1024.0
 
     def validate(self) -> None:
         if self.train_weights and len(self.train_weights) != len(self.train_shards):
@@ -325,6 +328,7 @@ class DataConfig:
                     f"two area fractions 0 < low <= high <= 1 (got {list(self.crop_scale)})",
                 ),
                 "http_timeout": (0 < self.http_timeout <= 3600, f"in (0, 3600] seconds (got {self.http_timeout})"),
+                "http_min_speed": (self.http_min_speed >= 0, f">= 0 bytes/s (got {self.http_min_speed})"),
                 "http_retries": (0 <= self.http_retries <= 100, f"in [0, 100] (got {self.http_retries})"),
                 "http_backoff": (0 <= self.http_backoff <= 600, f"in [0, 600] seconds (got {self.http_backoff})"),
                 "http_max_backoff": (

@@ -44,12 +44,14 @@ class SkipCounter:
         self.counts: dict[str, int] = {}
         self.log = logger or log
 
-    def add(self, reason: str, where: str = "", detail: str = "") -> None:
+    def add(self, reason: str, where: str = "", detail: str = "", unit: str = "sample") -> None:
+        """Count one skip; `unit` is "shard" for a whole shard (`where` its URL): those are rare, each is logged."""
         n = self.counts.get(reason, 0) + 1
         self.counts[reason] = n
-        if n <= 3 or (n & (n - 1)) == 0 and n >= 16:  # first few, then powers of two
+        if unit == "shard" or n <= 3 or (n & (n - 1)) == 0 and n >= 16:  # first few, then powers of two
             self.log.warning(
-                "skipped sample %s (%s%s); %d skipped for this reason so far",
+                "skipped %s %s (%s%s); %d skipped for this reason so far",
+                unit,
                 where,
                 reason,
                 f": {detail}" if detail else "",

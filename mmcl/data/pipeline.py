@@ -68,8 +68,13 @@ def build_stream(
         rank=rank if train else 0,
         world_size=world_size if train else 1,
         drop_last=train,
-        fetch=FetchOptions(cfg.http_timeout, cfg.http_retries, cfg.http_backoff, cfg.http_max_backoff),
+        fetch=fetch_options(cfg),
     )
+
+
+def fetch_options(cfg: DataConfig) -> FetchOptions:
+    """How hard to try reading remote shards, from `data.http_*`."""
+    return FetchOptions(cfg.http_timeout, cfg.http_retries, cfg.http_backoff, cfg.http_max_backoff, cfg.http_min_speed)
 
 
 def device_decoder(cfg: DataConfig, model, device: torch.device | str, train: bool = True) -> DeviceDecoder:

@@ -3,12 +3,13 @@
 Training (`mmcl.data.shards`), evaluation (`mmcl.eval.datasets`), the retrieval index (`mmcl.index`) and the
 tokenizer trainer (`mmcl.data.tokenizer_train`) all list their inputs and read tars here:
 
-* listing: `expand_shards` (one pattern: a folder of tars, a glob, a brace pattern, a URL, `builtin:NAME`),
+* listing: `expand_shards` (one pattern: a folder of tars, a glob, a brace pattern, a URL, a store's URL with
+  braces or a glob (s3://bucket/train/*.tar), `builtin:NAME`),
   `list_shards` (several specs in order, plus CLIP_benchmark's `ROOT/<split>/nshards.txt` layout) and
   `list_inputs` (shards and loose image files, for the index);
 * reading: `read_samples` streams raw samples (`{'__key__', '__url__', '__offset__', ext: bytes}`) with
-  Python's tarfile in stream mode (grouped by key as webdataset does; http(s) through `mmcl.data.remote`,
-  which retries), only ever reading the members `wanted_member` allows (images, `.txt`, `.json`, `.cls`: webdataset's
+  Python's tarfile in stream mode (grouped by key as webdataset does; http(s) and fsspec stores through
+  `mmcl.data.remote`, which retries), only ever reading the members `wanted_member` allows (images, `.txt`, `.json`, `.cls`: webdataset's
   default decoders would unpickle `.pyd` and `torch.load` `.pth`). An unreadable shard (0 bytes, not a tar,
   truncated, a damaged member header) is counted once as `unreadable_tar` and skipped, never raised;
 * `file_sample` makes the same raw sample from a loose image file and its sidecar `.txt`.
@@ -31,12 +32,13 @@ from typing import IO, Any
 import braceexpand
 
 from mmcl.data.decode import IMAGE_EXTS, SkipCounter
-from mmcl.data.remote import FetchOptions, ShardUnreadable, open_at
+from mmcl.data.remote import FetchOptions, ShardUnreadable, is_store, open_at
 from mmcl.utils import UserError
 
 log = logging.getLogger("mmcl.data")
 
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://", "ais://", "hf://")
+MAX_EXPANSIONS = 10_000_000  # shard names one pattern may expand to (a typo in a brace range: 10^8 names, 8 GB)
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "ais://")  # and every fsspec store (`remote.is_store`)
 WANTED_SUFFIXES = {*IMAGE_EXTS, "txt", "json", "cls"}  # never pkl/pth/npy/pyd
 
 
@@ -46,8 +48,8 @@ def wanted_member(name: str) -> bool:
 
 
 def is_remote(url: str) -> bool:
-    """Whether `url` is read through webdataset's openers (pipe:, http(s), s3, ...) rather than from disk."""
-    return url.startswith(REMOTE_PREFIXES)
+    """Whether `url` is read from elsewhere (pipe:, http(s), s3://, gs://, any fsspec store) rather than from disk."""
+    return url.startswith(REMOTE_PREFIXES) or is_store(url)
 
 
 def is_image_file(path: Path) -> bool:
@@ -55,6 +57,76 @@ def is_image_file(path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- listing
+
+
+def count_expansions(pattern: str) -> int:
+    """How many names `braceexpand.braceexpand(pattern)` yields, counted without making them.
+
+    Mirrors braceexpand's grammar (bash's): a pattern is a product of literals and `{...}` groups; a group is
+    an integer or letter range (`{a..b}`, `{a..b..step}`), a comma sequence of patterns (summed), or else
+    literal braces around a pattern. Backslash escapes a character.
+    """
+    from braceexpand import alphabet, char_range_re, int_range_re
+
+    def group(expr: str) -> int:
+        if m := int_range_re.match(expr):
+            start, end, step = int(m[1]), int(m[2]), (int(m[3]) or 1) if m[3] else 1
+            return len(range(start, end + 1, step) if start < end else range(start, end - 1, -step))
+        if m := char_range_re.match(expr):
+            step = (int(m[3]) or 1) if m[3] else 1
+            start, end = alphabet.index(m[1]), alphabet.index(m[2])
+            if start < end:
+                return len(alphabet[start : end + 1 : step])
+            return len(alphabet[start : (end or -len(alphabet)) - 1 : -step])
+        parts = _split_top(expr, ",")
+        return sum(count(p) for p in parts) if len(parts) > 1 else count(expr)
+
+    def count(pat: str) -> int:
+        total, depth, start, pos = 1, 0, 0, 0
+        while pos < len(pat):
+            if pat[pos] == "\\":
+                pos += 2
+                continue
+            if pat[pos] == "{":
+                depth, start = depth + 1, pos if depth == 0 else start
+            elif pat[pos] == "}":
+                depth -= 1
+                if depth == 0:
+                    total *= group(pat[start + 1 : pos])
+            pos += 1
+        if depth != 0:
+            raise UserError(f"shard pattern '{pattern}': unbalanced braces")
+        return total
+
+    return count(pattern)
+
+
+def _split_top(expr: str, sep: str) -> list[str]:
+    """`expr` split at the `sep` characters outside braces (and not escaped)."""
+    parts, depth, start, pos = [], 0, 0, 0
+    while pos < len(expr):
+        c = expr[pos]
+        if c == "\\":
+            pos += 2
+            continue
+        depth += (c == "{") - (c == "}")
+        if c == sep and depth == 0:
+            parts.append(expr[start:pos])
+            start = pos + 1
+        pos += 1
+    if depth != 0:
+        return [expr]  # braceexpand reads an unbalanced sequence as no sequence
+    return [*parts, expr[start:]]
+
+
+def _brace_expand(pattern: str) -> list[str]:
+    """braceexpand's names for `pattern`, refused in one line when there would be more than MAX_EXPANSIONS."""
+    n = count_expansions(pattern)
+    if n > MAX_EXPANSIONS:
+        raise UserError(
+            f"shard pattern '{pattern}' expands to {n:,} names, more than {MAX_EXPANSIONS:,}: check its brace ranges"
+        )
+    return list(braceexpand.braceexpand(pattern))
 
 
 def expand_shards(pattern: str) -> list[str]:
@@ -66,14 +138,25 @@ def expand_shards(pattern: str) -> list[str]:
 
     if is_builtin(pattern):
         pattern = str(builtin_dir(pattern))
+    if is_store(pattern):  # a bucket: checked now (fsspec and the store's package), globbed there
+        from mmcl.data import store
+
+        store.filesystem(pattern)
+        names = _brace_expand(pattern)
+        if not any(c in pattern for c in "*?["):
+            return names
+        found = [url for name in names for url in store.glob(name)]
+        if not found:
+            raise UserError(f"shard pattern '{pattern}' matches no file in its store")
+        return found
     if is_remote(pattern):
-        return list(braceexpand.braceexpand(pattern))
+        return _brace_expand(pattern)
     path = Path(pattern)
     if path.is_dir():
         found = sorted(str(p) for p in path.glob("*.tar"))
     else:
         found = []
-        for expanded in braceexpand.braceexpand(pattern):
+        for expanded in _brace_expand(pattern):
             found.extend(sorted(glob.glob(expanded)) if any(c in expanded for c in "*?[") else [expanded])
         missing = [p for p in found if not os.path.exists(p)]
         if missing:
@@ -187,10 +270,12 @@ def read_samples(
         counter: receives one skip per shard that cannot be opened or read to its end: `unreadable_tar`
             (0 bytes, not a tar, truncated, a damaged member header: every tar must end in its two end-of-archive
             blocks) or, for http(s) shards after the retries of `options`,
-            `http_<status>`, `http_timeout`, `http_dropped`, `http_unreachable` (each such URL is also logged).
+            `http_<status>`, `http_timeout`, `http_dropped`, `http_unreachable`, `http_slow`, `http_bad_range`, and
+            for fsspec stores `store_not_found`, `store_denied`, `store_timeout`, `store_slow`, `store_error`
+            (each such shard is logged by URL).
             The complete samples read before the damage are kept, the one being read when it broke off is dropped.
         select: which members to read (by file name); must never admit pickles (see `wanted_member`).
-        options: timeouts and retries for http(s) shards.
+        options: timeouts, retries and minimum speed for http(s) and store shards.
         start_offset: byte offset to start the first shard at (a sample boundary recorded in `__offset__`).
     """
     for i, url in enumerate(urls):  # one shard at a time, so damage is counted once per shard
@@ -203,6 +288,8 @@ def read_samples(
                     if last is not None:
                         yield last
                     last = sample
+        except UserError:  # not the shard's fault (a store's package missing): the user's to fix
+            raise
         except Exception as exn:  # noqa: BLE001 (any failure to read a shard is counted, never fatal)
             errors.append(exn)
         if last is not None and not errors:  # the sample being read when the shard broke off is incomplete
@@ -210,11 +297,10 @@ def read_samples(
         if errors:
             first = next((e for e in errors if isinstance(e, ShardUnreadable)), errors[0])
             if isinstance(first, ShardUnreadable):
-                log.warning("shard not read to its end: %s (%s)", url, first.detail)
-                counter.add(first.reason, where=url, detail=first.detail)
+                counter.add(first.reason, where=url, detail=first.detail, unit="shard")
             else:
                 detail = f"{type(first).__name__}: {first.args[0] if first.args else first}"
-                counter.add("unreadable_tar", where=url, detail=detail)
+                counter.add("unreadable_tar", where=url, detail=detail, unit="shard")
 
 
 def read_sample_at(

@@ -1,4 +1,4 @@
-"""Opening shards as byte streams: local files, http(s) with retries and backoff, other webdataset sources.
+"""Opening shards as byte streams: local files, http(s) and fsspec stores with retries and backoff, `pipe:`.
 
 An http(s) shard is read with `urllib` as one `GET`; a stalled read (no byte for `timeout` seconds), a
 connection dropped before `Content-Length`, a 5xx/429 answer or a refused connection is retried up to
@@ -38,12 +38,17 @@ class FetchOptions:
         retries: further attempts after a failed open or read of one shard (0 = give up at once).
         backoff: seconds before the first retry; doubled for each further one, capped at `max_backoff`.
         max_backoff: the longest wait between two attempts.
+        min_speed: bytes/s a shard must arrive at, measured over the time spent waiting for it in windows of
+            `timeout` seconds (as curl's low-speed limit): a server that trickles a byte now and then never
+            stalls a read for `timeout`, yet would take days. A slower window counts as a failed read (retried
+            from where it stopped, then `<scheme>_slow`); time the reader spends elsewhere never counts. 0 = off.
     """
 
     timeout: float = 30.0
     retries: int = 5
     backoff: float = 1.0
     max_backoff: float = 30.0
+    min_speed: float = 1024.0
 
     def wait(self, attempt: int) -> float:
         return min(self.max_backoff, self.backoff * 2**attempt)
@@ -55,6 +60,39 @@ class ShardUnreadable(OSError):
     def __init__(self, url: str, reason: str, detail: str) -> None:
         super().__init__(f"{url}: {detail}")
         self.url, self.reason, self.detail = url, reason, detail
+
+
+class TooSlow(OSError):
+    """A window of waiting in which a shard arrived slower than `FetchOptions.min_speed`."""
+
+
+class SpeedCheck:
+    """The rate a shard arrives at while its reader waits for it, checked once per window of `options.timeout`
+    seconds of waiting (see `FetchOptions.min_speed`). `strikes` counts slow windows in a row."""
+
+    def __init__(self, options: FetchOptions) -> None:
+        self.options = options
+        self.waited, self.got, self.strikes = 0.0, 0, 0
+
+    def restart(self) -> None:
+        """A new connection: a new window (the strikes stay until a window passes)."""
+        self.waited, self.got = 0.0, 0
+
+    def record(self, n: int, seconds: float) -> None:
+        """`n` bytes arrived after `seconds` of waiting; raises TooSlow when a window closes too slow."""
+        if self.options.min_speed <= 0:
+            return
+        self.waited += seconds
+        self.got += n
+        if self.waited < self.options.timeout:
+            return
+        rate, slow = self.got / self.waited, self.got < self.options.min_speed * self.waited
+        self.restart()
+        if not slow:
+            self.strikes = 0
+            return
+        self.strikes += 1
+        raise TooSlow(f"{rate:.0f} bytes/s, below the minimum of {self.options.min_speed:g} bytes/s")
 
 
 class BadRange(http.client.HTTPException):
@@ -75,6 +113,8 @@ def _failure(exn: BaseException) -> tuple[str, bool]:
         return f"http_{exn.code}", exn.code in _RETRY_STATUS
     if isinstance(exn, BadRange):
         return "http_bad_range", True
+    if isinstance(exn, TooSlow):
+        return "http_slow", True
     if isinstance(exn, TimeoutError) or "timed out" in str(exn):
         return "http_timeout", True
     if isinstance(exn, (http.client.IncompleteRead, ConnectionError, http.client.HTTPException, EOFError)):
@@ -87,8 +127,13 @@ def _failure(exn: BaseException) -> tuple[str, bool]:
     return "http_error", True
 
 
-class HttpStream(io.RawIOBase):
-    """A read-only stream of one http(s) URL from byte `offset`, reconnecting where a read fails.
+class RetryingStream(io.RawIOBase):
+    """A read-only stream of one remote shard from byte `offset`, re-opened at the byte it stopped at where an
+    open or a read fails, with backoff, until `options.retries` failures in a row; then `ShardUnreadable`.
+
+    Subclasses open the source at `pos` (`_open_once`), read once from it (`_read_once`), close it
+    (`_close_source`) and name a failure (`_failure`: skip reason, worth retrying). Each read is timed for
+    `FetchOptions.min_speed`.
 
     Args:
         url: the shard's URL.
@@ -99,13 +144,87 @@ class HttpStream(io.RawIOBase):
     def __init__(self, url: str, offset: int = 0, options: FetchOptions | None = None) -> None:
         super().__init__()
         self.url, self.pos, self.options = url, offset, options or FetchOptions()
-        self.end: int | None = None  # total size once a response has told it
+        self.end: int | None = None  # total size once the source has told it
         self.retried = 0
-        self._response: http.client.HTTPResponse | None = None
+        self.speed = SpeedCheck(self.options)
         self._connect()
 
     def readable(self) -> bool:
         return True
+
+    def _open_once(self) -> None:
+        raise NotImplementedError
+
+    def _read_once(self, n: int) -> bytes:
+        raise NotImplementedError
+
+    def _close_source(self) -> None:
+        raise NotImplementedError
+
+    def _failure(self, exn: BaseException) -> tuple[str, bool]:
+        raise NotImplementedError
+
+    def _connect(self) -> None:
+        """Open (or re-open at `pos`), retrying with backoff; raises ShardUnreadable when it keeps failing."""
+        self._close_source()
+        for attempt in range(self.options.retries + 1):
+            try:
+                self._open_once()
+                self.speed.restart()
+                return
+            except Exception as exn:  # noqa: BLE001 (classified below; anything else is a bug worth retrying)
+                self._close_source()
+                reason, retry = self._failure(exn)
+                if not retry or attempt == self.options.retries:
+                    raise ShardUnreadable(self.url, reason, f"{type(exn).__name__}: {exn}") from None
+                self.retried += 1
+                wait = self.options.wait(attempt)
+                log.warning("%s: %s (%s); retry %d in %.1fs", self.url, reason, exn, attempt + 1, wait)
+                time.sleep(wait)
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        if not len(buffer):
+            return 0
+        for attempt in range(self.options.retries + 1):
+            if self.closed_source:
+                self._connect()
+            try:
+                t0 = time.monotonic()
+                data = self._read_once(len(buffer))
+                self.speed.record(len(data), time.monotonic() - t0)
+                n = len(data)
+                if n == 0 and self.end is not None and self.pos < self.end:
+                    raise http.client.IncompleteRead(b"", self.end - self.pos)
+                buffer[:n] = data
+                self.pos += n
+                return n
+            except ShardUnreadable:
+                raise
+            except Exception as exn:  # noqa: BLE001
+                reason, retry = self._failure(exn)
+                self._close_source()
+                tries = max(attempt, self.speed.strikes - 1)  # slow windows in a row count across reads
+                if not retry or tries >= self.options.retries:
+                    raise ShardUnreadable(self.url, reason, f"{type(exn).__name__} at byte {self.pos}: {exn}") from None
+                self.retried += 1
+                wait = self.options.wait(tries)
+                log.warning("%s: %s at byte %d; retry %d in %.1fs", self.url, reason, self.pos, tries + 1, wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
+
+    @property
+    def closed_source(self) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._close_source()
+        super().close()
+
+
+class HttpStream(RetryingStream):
+    """An http(s) shard: one `GET` with a `Range` header from `pos`, its `Content-Range` checked."""
+
+    _response: http.client.HTTPResponse | None = None
 
     def _open_once(self) -> None:
         headers = {"User-Agent": "mmcl", "Accept-Encoding": "identity"}
@@ -114,6 +233,7 @@ class HttpStream(io.RawIOBase):
         response = urllib.request.urlopen(
             urllib.request.Request(self.url, headers=headers), timeout=self.options.timeout
         )
+        self._response = response
         length = response.headers.get("Content-Length")
         if response.status == 206:  # where the body starts is what Content-Range says, not what was asked
             first, total = _content_range(response.headers.get("Content-Range"), self.url)
@@ -129,73 +249,52 @@ class HttpStream(io.RawIOBase):
             if not chunk:
                 raise http.client.IncompleteRead(b"", skip)
             skip -= len(chunk)
-        self._response = response
 
-    def _connect(self) -> None:
-        """Open (or re-open at `pos`), retrying with backoff; raises ShardUnreadable when it keeps failing."""
-        self._close_response()
-        for attempt in range(self.options.retries + 1):
-            try:
-                self._open_once()
-                return
-            except Exception as exn:  # noqa: BLE001 (classified below; anything else is a bug worth retrying)
-                self._close_response()
-                reason, retry = _failure(exn)
-                if not retry or attempt == self.options.retries:
-                    raise ShardUnreadable(self.url, reason, f"{type(exn).__name__}: {exn}") from None
-                self.retried += 1
-                wait = self.options.wait(attempt)
-                log.warning("%s: %s (%s); retry %d in %.1fs", self.url, reason, exn, attempt + 1, wait)
-                time.sleep(wait)
+    def _read_once(self, n: int) -> bytes:
+        return self._response.read1(n)  # type: ignore[union-attr] (one socket read: the rate is seen as it is)
 
-    def _close_response(self) -> None:
+    @property
+    def closed_source(self) -> bool:
+        return self._response is None
+
+    def _close_source(self) -> None:
         if self._response is not None:
             with contextlib.suppress(Exception):  # a broken connection may fail to close; it is dropped anyway
                 self._response.close()
             self._response = None
 
-    def readinto(self, buffer) -> int:  # type: ignore[override]
-        if not len(buffer):
-            return 0
-        for attempt in range(self.options.retries + 1):
-            if self._response is None:
-                self._connect()
-            try:
-                n = self._response.readinto(buffer)  # type: ignore[union-attr]
-                if n == 0 and self.end is not None and self.pos < self.end:
-                    raise http.client.IncompleteRead(b"", self.end - self.pos)
-                self.pos += n
-                return n
-            except ShardUnreadable:
-                raise
-            except Exception as exn:  # noqa: BLE001
-                reason, retry = _failure(exn)
-                self._close_response()
-                if not retry or attempt == self.options.retries:
-                    raise ShardUnreadable(self.url, reason, f"{type(exn).__name__} at byte {self.pos}: {exn}") from None
-                self.retried += 1
-                wait = self.options.wait(attempt)
-                log.warning("%s: %s at byte %d; retry %d in %.1fs", self.url, reason, self.pos, attempt + 1, wait)
-                time.sleep(wait)
-        raise AssertionError("unreachable")
+    def _failure(self, exn: BaseException) -> tuple[str, bool]:
+        return _failure(exn)
 
-    def close(self) -> None:
-        self._close_response()
-        super().close()
+
+_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
+WEBDATASET_SCHEMES = ("ais",)  # read through webdataset's command-line openers, as `pipe:` is
+
+
+def is_store(url: str) -> bool:
+    """Whether `url` names a shard in an fsspec store: any `scheme://` but http(s), file and webdataset's own."""
+    match = _SCHEME.match(url)
+    return match is not None and match[1].lower() not in ("http", "https", "file", *WEBDATASET_SCHEMES)
 
 
 def open_at(url: str, offset: int = 0, options: FetchOptions | None = None) -> IO[bytes]:
     """A binary stream of shard `url` from byte `offset`.
 
-    Local files are opened and seeked; http(s) URLs read through `HttpStream`; other webdataset sources
-    (`pipe:`, s3, ...) through `webdataset.gopen`, the first `offset` bytes discarded.
+    Local files are opened and seeked; http(s) URLs read through `HttpStream`; fsspec stores (s3://, gs://,
+    hf://, memory://, ...) through `mmcl.data.store`, with range reads from `offset`; `pipe:` and ais:// through
+    `webdataset.gopen`, the first `offset` bytes discarded.
 
     Raises:
-        ShardUnreadable: an http(s) shard that could not be opened after the retries.
+        ShardUnreadable: a remote shard that could not be opened after the retries.
+        UserError: a store whose fsspec package is not installed.
         OSError: a local file that cannot be opened.
     """
     if url.startswith(HTTP_PREFIXES):
         return io.BufferedReader(HttpStream(url, offset, options), buffer_size=1 << 16)
+    if is_store(url):
+        from mmcl.data.store import open_store
+
+        return io.BufferedReader(open_store(url, offset, options), buffer_size=1 << 20)
     from mmcl.data.reader import is_remote
 
     if not is_remote(url):

@@ -18,9 +18,11 @@ and as the mean over subsets. Two sources of pairs:
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from mmcl.data.decode import MAX_PIXELS, load_image
+from mmcl.data.decode import MAX_PIXELS, SkipCounter, SkipSample, decode_image, load_image
 from mmcl.eval.compositional_shapes import VOCABULARIES, vocabulary_for
 from mmcl.eval.datasets import EvalSample
 from mmcl.eval.runner import EncodeImages, EncodeTexts, describe_skips, encode_all_texts, iterate_batches
@@ -36,6 +38,8 @@ from mmcl.utils import UserError
 
 if TYPE_CHECKING:
     from mmcl.inference import Encoder
+
+log = logging.getLogger("mmcl.eval")
 
 SUGARCREPE_SUBSETS = ("replace_obj", "replace_att", "replace_rel", "swap_obj", "swap_att", "add_obj", "add_att")
 CHANCE = 0.5
@@ -97,6 +101,8 @@ def sugarcrepe_pairs(
             entries = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise UserError(f"{path}: not JSON ({e})") from None
+        except RecursionError:
+            raise UserError(f"{path}: not a SugarCrepe file (JSON nested too deeply to read)") from None
         if not isinstance(entries, dict):
             raise UserError(f"{path}: expected an object of entries keyed by id, as SugarCrepe's files are")
         for n, (key, entry) in enumerate(entries.items()):
@@ -105,10 +111,18 @@ def sugarcrepe_pairs(
             fields = ("filename", "caption", "negative_caption")
             if not isinstance(entry, dict) or not all(isinstance(entry.get(f), str) for f in fields):
                 raise UserError(f"{path}: entry {key!r} needs the strings {', '.join(fields)}")
-            image = (base / entry["filename"]).resolve()
+            if "\0" in entry["filename"]:  # the OS refuses such a path with a ValueError
+                raise UserError(f"{path}: entry {key!r} names an image with a NUL byte: {entry['filename']!r}")
+            try:
+                image = (base / entry["filename"]).resolve()
+                found = image.is_file()
+            except (OSError, ValueError) as e:
+                raise UserError(
+                    f"{path}: entry {key!r}: image {entry['filename']!r} ({type(e).__name__}: {e})"
+                ) from None
             if not image.is_relative_to(base):
                 raise UserError(f"{path}: entry {key!r} names an image outside {images_dir}: {entry['filename']!r}")
-            if not image.is_file():
+            if not found:
                 raise UserError(f"{path}: entry {key!r}: image {entry['filename']} not found in {images_dir}")
             out.images.setdefault(entry["filename"], image)
             out.pairs.append((subset, entry["filename"], entry["caption"], entry["negative_caption"]))
@@ -188,6 +202,29 @@ def synthetic_samples(n: int, split: str = "test", seed: int = 0, image_size: in
         )
 
 
+def _readable(
+    images: dict[str, Image.Image | Path],
+    ids: Iterable[str],
+    max_pixels: int,
+    skips: SkipCounter,
+    read: list[str],
+) -> Iterator[EvalSample]:
+    """The images `ids` as samples, opened one at a time; one that cannot be read or decoded is skipped and
+    counted by reason (a SugarCrepe image folder may hold a damaged file), the others appended to `read`."""
+    for i in ids:
+        image = images[i]
+        try:
+            opened = image if isinstance(image, Image.Image) else decode_image(Path(image).read_bytes(), max_pixels)
+        except SkipSample as e:
+            skips.add(e.reason, str(image), e.detail, unit="image")
+            continue
+        except OSError as e:
+            skips.add("unreadable_file", str(image), f"{type(e).__name__}: {e.strerror or e}", unit="image")
+            continue
+        read.append(i)
+        yield EvalSample(key=i, image=opened)
+
+
 def _open(image: Image.Image | Path, max_pixels: int) -> Image.Image:
     return image if isinstance(image, Image.Image) else load_image(image, max_pixels=max_pixels)
 
@@ -211,7 +248,8 @@ def run_compositional(
 ) -> dict:
     """Score every pair: right when cos(image, caption) > cos(image, negative).
 
-    Each image and each distinct text is encoded once, however many pairs share it.
+    Each image and each distinct text is encoded once, however many pairs share it. An image that cannot be
+    read or decoded is skipped with its pairs and counted by reason in `skipped`.
 
     Returns:
         `task`='compositional', `metrics` (accuracy per subset, `mean` over subsets, `n_pairs`), `subsets`
@@ -220,15 +258,21 @@ def run_compositional(
     """
     if not pairs.pairs:
         raise UserError("no compositional pairs to score")
-    ids = list(dict.fromkeys(image for _, image, _, _ in pairs.pairs))
-    samples = (EvalSample(key=i, image=_open(pairs.images[i], max_pixels)) for i in ids)
+    skips = SkipCounter(log)
+    skips.counts.update(pairs.skipped)
+    ids: list[str] = []  # the images that could be read, in reading order
+    samples = _readable(pairs.images, dict.fromkeys(image for _, image, _, _ in pairs.pairs), max_pixels, skips, ids)
     feats = []
     for batch in iterate_batches(samples, batch_size, progress=progress, desc="compositional"):
         out = encode_images([s.image for s in batch])
         if out.shape[0] != len(batch):
             raise ValueError(f"encode_images returned {out.shape[0]} rows for {len(batch)} images")
         feats.append(out.detach().float().cpu())
+    if not feats:
+        raise UserError(f"no image of the compositional pairs could be read{describe_skips(skips.counts)}")
     image_feats = torch.nn.functional.normalize(torch.cat(feats), dim=-1)  # (I, D)
+    readable = set(ids)
+    pairs = dataclasses.replace(pairs, pairs=[p for p in pairs.pairs if p[1] in readable], skipped=dict(skips.counts))
     texts = list(dict.fromkeys(t for _, _, c, n in pairs.pairs for t in (c, n)))
     text_feats = torch.nn.functional.normalize(encode_all_texts(encode_texts, texts, text_batch_size), dim=-1)
     row, col = {i: k for k, i in enumerate(ids)}, {t: k for k, t in enumerate(texts)}

@@ -18,6 +18,7 @@ from PIL import Image
 
 from mmcl.config import ConfigError, DataConfig, load_experiment
 from mmcl.data.decode import SkipCounter
+from mmcl.data.pipeline import fetch_options as build_fetch
 from mmcl.data.reader import expand_shards, read_samples
 from mmcl.data.remote import FetchOptions
 from mmcl.engine.metrics import read_metrics
@@ -186,7 +187,7 @@ def test_every_fault_is_retried_and_a_dead_shard_is_counted_by_url(served, caplo
     assert all(s["jpg"][:2] == b"\xff\xd8" and s["txt"] for s in samples)
     assert counter.counts == {"http_503": 1}  # only the shard that never came back
     dead = server.url("00005.tar")
-    assert any(dead in r.getMessage() and "shard not read" in r.getMessage() for r in caplog.records)
+    assert any(r.getMessage().startswith(f"skipped shard {dead} (http_503") for r in caplog.records)
     requests = {name: [(f, rng) for n, f, rng in server.requests if n == name] for name in keys}
     assert [f for f, _ in requests["00001.tar"]] == ["stall", "ok"]
     assert requests["00002.tar"][0][0] == "drop" and requests["00002.tar"][1][1].startswith("bytes=")
@@ -200,6 +201,9 @@ def test_retry_options_are_validated():
         DataConfig(http_retries=-1).validate()
     with pytest.raises(ConfigError, match="http_timeout"):
         DataConfig(http_timeout=0).validate()
+    with pytest.raises(ConfigError, match="http_min_speed"):
+        DataConfig(http_min_speed=-1).validate()
+    assert build_fetch(DataConfig(http_min_speed=7)).min_speed == 7
 
 
 def test_training_over_http_survives_the_faults_and_reports_them(served, tmp_path):
@@ -259,3 +263,43 @@ def test_a_206_answer_from_byte_0_is_not_spliced_into_the_stream(served):
     assert faults == ["drop", "range_ignored", "drop", "range_unlabelled", "ok"]
     resumed = [r for _, f, r in server.requests if f != "drop"]
     assert all(r.startswith("bytes=") and r != "bytes=0-" for r in resumed)
+
+
+def test_a_dead_shard_is_reported_as_a_skipped_shard(served, tmp_path, caplog):
+    server, keys = served(1, 4, {})
+    counter = SkipCounter()
+    with caplog.at_level(logging.WARNING, logger="mmcl.data"):
+        samples = list(read_samples([server.url("00001.tar"), server.url("00000.tar")], counter, options=FAST))
+    assert len(samples) == 4 and counter.counts == {"http_404": 1}
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith(f"skipped shard {server.url('00001.tar')} (http_404") for line in lines), lines
+    assert not any("skipped sample" in line for line in lines), lines
+
+
+@pytest.mark.timeout(60)
+def test_a_trickling_server_is_given_up_on_and_counted(served, caplog):
+    """One byte every TRICKLE_S: no read ever waits `timeout`, yet a shard would take hours. Bounded, counted."""
+    server, keys = served(2, 6, {"00000.tar": ["trickle"] * (FAST.retries + 1)})
+    counter = SkipCounter()
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="mmcl.data"):
+        samples = list(read_samples(expand_shards(server.url("{00000..00001}.tar")), counter, options=FAST))
+    elapsed = time.monotonic() - t0
+    assert counter.counts == {"http_slow": 1}
+    assert [s["__key__"] for s in samples] == keys["00001.tar"]
+    assert [f for n, f, _ in server.requests if n == "00000.tar"] == ["trickle"] * (FAST.retries + 1)  # retried
+    assert any(r.getMessage().startswith(f"skipped shard {server.url('00000.tar')} (http_slow") for r in caplog.records)
+    assert elapsed < 15
+
+
+def test_a_slow_consumer_is_not_taken_for_a_slow_server(served):
+    """The rate is the server's while the reader waits for it: time the reader spends elsewhere never counts."""
+    picky = FetchOptions(timeout=0.2, retries=0, min_speed=1e6)  # localhost delivers far faster than 1 MB/s
+    server, keys = served(1, 60, {})  # ~200 kB: several 64 kB reads, each after a pause longer than the timeout
+    counter = SkipCounter()
+    got = []
+    for sample in read_samples([server.url("00000.tar")], counter, options=picky):
+        got.append(sample["__key__"])
+        if len(got) % 15 == 0:
+            time.sleep(0.3)
+    assert got == keys["00000.tar"] and counter.counts == {}

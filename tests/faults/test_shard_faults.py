@@ -203,3 +203,48 @@ def test_eval_counts_a_damaged_header_instead_of_failing_on_a_label(tmp_path):
     samples = [s for batch in iterate_batches(dataset, 64, num_workers=2, skipped=skipped) for s in batch]
     assert len(samples) == 500 and all(s.label is not None for s in samples)
     assert skipped == {"unreadable_tar": 1}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("prefix", ["", "http://127.0.0.1:9/"])
+def test_a_brace_range_typo_is_refused_in_one_line_before_it_is_expanded(tmp_path, prefix):
+    import tracemalloc
+
+    from mmcl.data.reader import expand_shards
+
+    pattern = f"{prefix or str(tmp_path) + '/'}{{0..100000000}}.tar"
+    tracemalloc.start()
+    with pytest.raises(UserError) as e:
+        expand_shards(pattern)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert pattern in str(e.value) and "100,000,001" in str(e.value) and "\n" not in str(e.value)
+    assert peak < 50_000_000  # counted, never materialised (it grew to 8 GB)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "a{0..9}.tar",
+        "{a,b{1..3},c}-{x..z}.tar",
+        "{00..20..3}/{1,2}.tar",
+        "plain.tar",
+        r"a\{1,2\}{3,4}",
+        "{a}{}",
+        "x{a,{1..4}}y",
+        "{{1..3}}",
+    ],
+)
+def test_the_expansion_count_matches_braceexpand(pattern):
+    import braceexpand
+
+    from mmcl.data.reader import count_expansions
+
+    assert count_expansions(pattern) == len(list(braceexpand.braceexpand(pattern)))
+
+
+def test_unbalanced_braces_are_one_line():
+    from mmcl.data.reader import expand_shards
+
+    with pytest.raises(UserError, match="unbalanced braces"):
+        expand_shards("data/{0..3.tar")
