@@ -2,13 +2,18 @@
 
 An index folder holds:
 
-    manifest.json          written last: names the current index and metadata files, count, dim, kind
+    manifest.json          written last: names the current index and metadata files (with the size and
+                           SHA-256 of each), count, dim, kind, and the fingerprint of the model that built it
     index.<gen>.faiss      `faiss.serialize_index` bytes
     meta.<gen>.jsonl       one JSON object per vector, in id order: id, key, caption, image, source
     images/<id>.jpg        thumbnails: the only files the app serves
 
 Each save writes a new generation of files under temporary names, renames them, and then replaces the
-manifest, so a crash leaves the previous index intact and readers never see half of a new one.
+manifest, so a crash leaves the previous index intact and readers never see half of a new one. A save holds a
+lock on the folder, so the temporaries a killed save left behind can be removed safely by the next one.
+Every load checks the files' sizes against the manifest, and their SHA-256 too when they are small enough to
+read at once (`HASH_ON_LOAD_MAX`); `verify_index` (`mmcl index verify`) hashes an index of any size.
+`check_model` tells whether an index was built by a given model (same weights, not only the same width).
 
 Vectors are compared by inner product (cosine for the L2-normalised embeddings of `mmcl.inference`).
 Structure (`mmcl.index_plan`): exact for small collections (a single query scans one block of rows per
@@ -20,12 +25,15 @@ Added one batch at a time (the app, `--append`), IVF is re-trained whenever the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
 import logging
+import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -46,6 +54,11 @@ IVF_RETRAIN_GROWTH = 4  # re-train the coarse quantizer when the collection has 
 MANIFEST = "manifest.json"
 THUMBS = "images"
 FORMAT = "mmcl-index"
+# Hash the index files at every load up to this total size (about a second); past it only sizes are compared at
+# load (hashing a memory-mapped 10M index would read gigabytes before the first query) and `verify_index` hashes.
+HASH_ON_LOAD_MAX = 256 * 2**20
+# what a killed save leaves: `.index.N.faiss.tmp`, `.meta.N.jsonl.XXXX.tmp` (atomic_open), `.manifest.json.XXXX.tmp`
+_SAVE_TEMPORARY = re.compile(r"\.(index\.\d+\.faiss|meta\.\d+\.jsonl|manifest\.json)\..*tmp")
 # saved in the manifest (with their defaults for manifests written before they existed)
 PARAMS = {
     "kind": "auto",
@@ -357,27 +370,42 @@ class EmbeddingIndex:
         return index
 
     def save(self, directory: str | Path) -> Path:
-        """Write the index atomically to `directory` (a new generation, then the manifest); returns it."""
-        import faiss
+        """Write the index atomically to `directory` (a new generation, then the manifest); returns it.
 
+        Waits for another save into the same folder to finish (see `folder_lock`)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        with folder_lock(out, wait=True):
+            return self.save_locked(out)
+
+    def save_locked(self, out: Path) -> Path:
+        """`save` for a caller that holds `folder_lock(out)` (a build holds it from start to end)."""
+        import faiss
+
+        for stale in out.iterdir():  # a killed save's: no live writer can own them while we hold the lock
+            if _SAVE_TEMPORARY.fullmatch(stale.name):
+                stale.unlink(missing_ok=True)
         previous = read_manifest(out) if (out / MANIFEST).is_file() else {}
         gen = int(previous.get("generation", 0)) + 1
         index_file, meta_file = f"index.{gen:06d}.faiss", f"meta.{gen:06d}.jsonl"
         if self._index is not None:
             tmp = out / f".{index_file}.tmp"
-            faiss.write_index(self._index, str(tmp))  # straight to disk: no second copy in memory
-            tmp.replace(out / index_file)
+            try:
+                faiss.write_index(self._index, str(tmp))  # straight to disk: no second copy in memory
+                tmp.replace(out / index_file)
+            finally:
+                tmp.unlink(missing_ok=True)
         with atomic_open(out / meta_file, "w") as f:
             for meta in self.metas:
                 f.write(json.dumps(meta, ensure_ascii=False) + "\n")
+        written = [index_file, meta_file] if self._index is not None else [meta_file]
         manifest = {
             "format": FORMAT,
             "version": 1,
             "generation": gen,
             "index_file": index_file if self._index is not None else None,
             "meta_file": meta_file,
+            "files": {name: {"size": (out / name).stat().st_size, "sha256": _sha256(out / name)} for name in written},
             "count": len(self.metas),
             "dim": self.dim,
             "structure": self.structure,
@@ -397,8 +425,14 @@ class EmbeddingIndex:
         return out
 
     @classmethod
-    def load(cls, directory: str | Path, mmap: bool | None = None) -> EmbeddingIndex:
+    def load(cls, directory: str | Path, mmap: bool | None = None, verify: bool | None = None) -> EmbeddingIndex:
         """Load an index written by `save`; `mmap` (default: as saved) maps the inverted lists from disk.
+
+        Args:
+            directory: the index folder.
+            mmap: memory-map the inverted lists (default: as saved).
+            verify: compare the files' SHA-256 with the manifest (default: when they total at most
+                `HASH_ON_LOAD_MAX` bytes); their sizes are always compared.
 
         Raises:
             UserError: no index there, or its files disagree with the manifest.
@@ -408,6 +442,9 @@ class EmbeddingIndex:
         for attempt in range(2):  # a concurrent save may delete the files of the manifest we just read
             manifest = read_manifest(root)
             try:
+                problem = _check_files(root, manifest, verify)
+                if problem:
+                    raise UserError(f"{root}: {problem}; rebuild it (`mmcl index verify` checks an index)")
                 metas = MetaRows(root / manifest["meta_file"])
                 raw_index = (
                     _read_faiss(root / manifest["index_file"], manifest, mmap) if manifest["index_file"] else None
@@ -527,6 +564,124 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT:
         raise UserError(f"{path}: not an mmcl index manifest")
     return manifest
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_files(root: Path, manifest: dict[str, Any], verify: bool | None) -> str | None:
+    """What is wrong with the files `manifest` lists (sizes; SHA-256 when `verify`, or when None and the files
+    are small), or None. Raises FileNotFoundError for a missing one (a concurrent save: the caller retries).
+    Manifests written before checksums existed list no files: nothing to compare."""
+    files = manifest.get("files") or {}
+    try:
+        wanted = {name: (int(f["size"]), str(f["sha256"])) for name, f in files.items()}
+    except (KeyError, TypeError, ValueError):
+        return "the manifest's file list is unreadable"
+    for name, (size, _) in wanted.items():
+        path = root / name
+        if not path.is_file():
+            raise FileNotFoundError(2, "missing", str(path))
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, the manifest says {size}"
+    if verify is None:
+        verify = sum(size for size, _ in wanted.values()) <= HASH_ON_LOAD_MAX
+    for name, (_, sha) in wanted.items() if verify else ():
+        if _sha256(root / name) != sha:
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def verify_index(directory: str | Path) -> str | None:
+    """None if every file of the index in `directory` matches its size and SHA-256 in the manifest, else what
+    is wrong, in a few words (any size: this reads every byte once)."""
+    root = Path(directory)
+    manifest = read_manifest(root)
+    if not manifest.get("files"):
+        return "the manifest lists no checksums (written by an older mmcl); rebuild the index to add them"
+    try:
+        return _check_files(root, manifest, verify=True)
+    except FileNotFoundError as e:
+        return f"{Path(e.filename).name} is missing"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, wait: bool) -> Iterator[None]:
+    """An exclusive lock on an index folder (flock on the folder itself: no lock file to leave behind).
+
+    Saves wait for each other; a build (`wait=False`) refuses to start beside another one. Where flock does
+    not exist (Windows) nothing is locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise UserError(f"{folder}: another index build or save is writing this folder; wait for it") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def model_fingerprint(encoder: Any) -> str | None:
+    """SHA-256 over an encoder's weights (its `model`'s state dict: names, shapes, values rounded to float16, so
+    the same weights loaded in float32 or float16, on any device, agree); None without a torch `model`."""
+    model = getattr(encoder, "model", None)
+    if model is None or not hasattr(model, "state_dict"):
+        return None
+    import torch
+
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu")
+        t = t.to(torch.float16) if t.is_floating_point() else t
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        digest.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def check_model(index: EmbeddingIndex | str | Path, encoder: Any, name: str | None = None) -> bool:
+    """Whether `encoder` is the model that built `index` (compared by `model_fingerprint`, not only width).
+
+    Args:
+        index: a loaded index, or an index folder (only its manifest is read).
+        encoder: an `mmcl.inference.Encoder` (anything with a torch `model`), or a run / checkpoint folder,
+            which is loaded.
+        name: what to call the encoder in the error (default: the folder given, else 'this model').
+
+    Returns:
+        True when the fingerprints match; False when it cannot be told (the index records no fingerprint,
+        being older, or the encoder has no weights to hash).
+
+    Raises:
+        UserError: the index was built by another model, in one line naming both.
+    """
+    where = str(index) if isinstance(index, (str, Path)) else "the index"
+    info = read_manifest(index).get("info", {}) if isinstance(index, (str, Path)) else index.info
+    if isinstance(encoder, (str, Path)):
+        from mmcl.inference import load_pipeline
+
+        name, encoder = name or str(encoder), load_pipeline(encoder)
+    want, got = info.get("model_fingerprint"), model_fingerprint(encoder)
+    if not want or not got:
+        return False
+    if want != got:
+        raise UserError(
+            f"{where}: this index was built by another model ({info.get('model') or 'unnamed'}, weights "
+            f"{want[:12]}) than {name or 'this model'} (weights {got[:12]}): its embeddings would not match the "
+            f"queries; rebuild it with this model (`mmcl index build ... --overwrite`)"
+        )
+    return True
 
 
 def thumbs_dir(index_dir: str | Path) -> Path:

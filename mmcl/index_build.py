@@ -5,6 +5,12 @@ atomically, then `state.json`, which counts the inputs they cover). A build kill
 again with the same sources, model and options skips the inputs already embedded (read, never decoded) and
 goes on from the last chunk; the finished index is planned for the total size at once
 (`EmbeddingIndex.from_chunks`, over the chunks memory-mapped), saved, and `.build/` removed.
+
+A build holds the folder's lock throughout (a second build into it is refused in one line). A build that fails
+on bad input (no readable images, vectors of another width: rerunning it would fail the same way) removes
+`.build/` and the thumbnails it wrote, leaving the folder as it found it; a crash, a full disk or Ctrl-C keeps
+`.build/` for the rerun to resume. The index records its model's fingerprint (`check_model`); appending with
+another model is refused before any work.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import io
 import json
 import logging
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +29,18 @@ from PIL import Image
 from mmcl.data import decode
 from mmcl.data.decode import MAX_PIXELS, SkipCounter, SkipSample
 from mmcl.data.reader import file_sample, list_inputs, read_samples
-from mmcl.index import DEFAULT_IVF_THRESHOLD, IVF_MIN_TRAIN, MANIFEST, THUMBS, TUNE_QUERIES, EmbeddingIndex, _as_matrix
+from mmcl.index import (
+    DEFAULT_IVF_THRESHOLD,
+    IVF_MIN_TRAIN,
+    MANIFEST,
+    THUMBS,
+    TUNE_QUERIES,
+    EmbeddingIndex,
+    _as_matrix,
+    check_model,
+    folder_lock,
+    model_fingerprint,
+)
 from mmcl.utils import UserError, atomic_open, atomic_write_text
 
 if TYPE_CHECKING:
@@ -113,6 +130,8 @@ class _Progress:
         state_file = work / "state.json"
         if state_file.is_file():
             state = json.loads(state_file.read_text())
+            for stale in work.glob(".*.tmp"):  # a chunk write that was killed: never counted in state.json
+                stale.unlink(missing_ok=True)
             if state.get("identity") == identity:
                 progress.inputs, progress.images = state["inputs"], state["images"]
                 progress.chunks, progress.skipped = state["chunks"], state["skipped"]
@@ -190,26 +209,143 @@ def build_index(
         progress: show a tqdm bar.
         chunk_size: images per saved chunk (the most a kill can cost).
     """
-    from tqdm import tqdm
-
     out = Path(out_dir)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out, wait=False):
+        had_index, had_thumbs = (out / MANIFEST).is_file(), (out / THUMBS).is_dir()
+        try:
+            return _build_locked(
+                encoder,
+                sources,
+                out,
+                dict(kind=kind, ivf_threshold=ivf_threshold, storage=storage, memory_budget=memory_budget),
+                target_recall=target_recall,
+                batch_size=batch_size,
+                thumb_size=thumb_size,
+                max_samples=max_samples,
+                max_pixels=max_pixels,
+                append=append,
+                overwrite=overwrite,
+                info=info,
+                progress=progress,
+                chunk_size=chunk_size,
+                discard=lambda: _discard_build(out, had_index, had_thumbs, created),
+            )
+        except BaseException:
+            if (out / WORK / "state.json").is_file():
+                log.warning("index: build interrupted; run the same command again to resume it")
+            raise
+
+
+def _discard_build(out: Path, had_index: bool, had_thumbs: bool, created: bool) -> None:
+    """Remove what a failed build wrote: `.build/`, the thumbnails past the saved index, folders it created."""
+    shutil.rmtree(out / WORK, ignore_errors=True)
+    keep = 0
+    if (out / MANIFEST).is_file():
+        try:
+            keep = int(json.loads((out / MANIFEST).read_text())["count"])
+        except (ValueError, KeyError, TypeError, OSError):
+            return  # an unreadable manifest: leave the thumbnails to a build that can tell
+    thumbs = out / THUMBS
+    for thumb in thumbs.glob("*.jpg") if thumbs.is_dir() else ():
+        if thumb.stem.isdigit() and int(thumb.stem) >= keep:
+            thumb.unlink(missing_ok=True)
+    if not had_thumbs and thumbs.is_dir() and not any(thumbs.iterdir()):
+        thumbs.rmdir()
+    if created and not had_index and not any(out.iterdir()):
+        out.rmdir()
+
+
+def _build_locked(
+    encoder: Encoder,
+    sources: Sequence[str],
+    out: Path,
+    params: dict[str, Any],
+    *,
+    target_recall: float,
+    batch_size: int,
+    thumb_size: int,
+    max_samples: int,
+    max_pixels: int,
+    append: bool,
+    overwrite: bool,
+    info: dict[str, Any] | None,
+    progress: bool,
+    chunk_size: int,
+    discard: Callable[[], None],
+) -> EmbeddingIndex:
+    """`build_index` inside the folder's lock; `discard` undoes the work once it has begun (on bad input)."""
     exists = (out / MANIFEST).is_file()
     if exists and not (append or overwrite) and not (out / WORK).is_dir():
         raise UserError(f"{out} already holds an index: pass --append to add to it or --overwrite to replace it")
     base = EmbeddingIndex.load(out, mmap=False) if exists and append else None
-    params = {"kind": kind, "ivf_threshold": ivf_threshold, "storage": storage}
-    params.update(memory_budget=memory_budget, target_recall=target_recall)
+    fingerprint = model_fingerprint(encoder)
+    if base is not None:
+        check_model(base, encoder, (info or {}).get("model"))  # before any work: vectors of two models never mix
+    params = {**params, "target_recall": target_recall}
     identity = {
         "sources": list(map(str, sources)),
         "model": (info or {}).get("model"),
+        "model_fingerprint": fingerprint,
         "append_to": len(base) if base is not None else None,
         **params,
         "max_samples": max_samples,
         "max_pixels": max_pixels,
         "thumb_size": thumb_size,
     }
-    (out / THUMBS).mkdir(parents=True, exist_ok=True)
     state = _Progress.open(out, identity, overwrite)
+    (out / THUMBS).mkdir(parents=True, exist_ok=True)
+    try:
+        index = _embed_and_save(
+            encoder,
+            sources,
+            out,
+            state,
+            base,
+            params,
+            batch_size=batch_size,
+            thumb_size=thumb_size,
+            max_samples=max_samples,
+            max_pixels=max_pixels,
+            progress=progress,
+            chunk_size=chunk_size,
+        )
+    except UserError:  # bad input (nothing readable, another width): a rerun would fail alike, keep nothing
+        discard()
+        raise
+    index.info.update(base.info if base is not None else {})
+    index.info.update(info or {}, skipped=index.info.get("skipped", {}))
+    if fingerprint:
+        index.info["model_fingerprint"] = fingerprint
+    index.info["sources"] = list(dict.fromkeys([*index.info.get("sources", []), *map(str, sources)]))
+    index.save_locked(out)
+    shutil.rmtree(out / WORK, ignore_errors=True)
+    for thumb in (out / THUMBS).glob("*.jpg"):  # left over from a replaced, larger index
+        if thumb.stem.isdigit() and int(thumb.stem) >= len(index):
+            thumb.unlink(missing_ok=True)
+    log.info("index: %d images (%s, dim %d) saved to %s", len(index), index.structure, index.dim, out)
+    return index
+
+
+def _embed_and_save(
+    encoder: Encoder,
+    sources: Sequence[str],
+    out: Path,
+    state: _Progress,
+    base: EmbeddingIndex | None,
+    params: dict[str, Any],
+    *,
+    batch_size: int,
+    thumb_size: int,
+    max_samples: int,
+    max_pixels: int,
+    progress: bool,
+    chunk_size: int,
+) -> EmbeddingIndex:
+    """Embed what `state` has not covered yet (committing chunks), then plan the index over every chunk."""
+    from tqdm import tqdm
+
     first_id = len(base) if base is not None else 0
     skipped = SkipCounter(log)
     skipped.counts.update(state.skipped)
@@ -251,15 +387,7 @@ def build_index(
     base_params = {k: getattr(base, k) for k in ("nlist", "nprobe", "hnsw_m", "ef_search")} if base else {}
     queries = _caption_queries(encoder, metas)
     index = EmbeddingIndex.from_chunks(chunks[0].shape[1], chunks, metas, queries, **params, **base_params)
-    index.info.update(base.info if base is not None else {})
-    index.info.update(info or {}, skipped=dict(skipped.counts))
-    index.info["sources"] = list(dict.fromkeys([*index.info.get("sources", []), *map(str, sources)]))
-    index.save(out)
-    shutil.rmtree(out / WORK, ignore_errors=True)
-    for thumb in (out / THUMBS).glob("*.jpg"):  # left over from a replaced, larger index
-        if thumb.stem.isdigit() and int(thumb.stem) >= len(index):
-            thumb.unlink(missing_ok=True)
-    log.info("index: %d images (%s, dim %d) saved to %s", len(index), index.structure, index.dim, out)
+    index.info["skipped"] = dict(skipped.counts)
     return index
 
 
