@@ -15,9 +15,12 @@ another model is refused before any work.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -210,32 +213,64 @@ def build_index(
         chunk_size: images per saved chunk (the most a kill can cost).
     """
     out = Path(out_dir)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    with folder_lock(out, wait=False):
-        had_index, had_thumbs = (out / MANIFEST).is_file(), (out / THUMBS).is_dir()
-        try:
-            return _build_locked(
-                encoder,
-                sources,
-                out,
-                dict(kind=kind, ivf_threshold=ivf_threshold, storage=storage, memory_budget=memory_budget),
-                target_recall=target_recall,
-                batch_size=batch_size,
-                thumb_size=thumb_size,
-                max_samples=max_samples,
-                max_pixels=max_pixels,
-                append=append,
-                overwrite=overwrite,
-                info=info,
-                progress=progress,
-                chunk_size=chunk_size,
-                discard=lambda: _discard_build(out, had_index, had_thumbs, created),
-            )
-        except BaseException:
-            if (out / WORK / "state.json").is_file():
-                log.warning("index: build interrupted; run the same command again to resume it")
+    try:
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        with folder_lock(out, wait=False):
+            had_index, had_thumbs = (out / MANIFEST).is_file(), (out / THUMBS).is_dir()
+            try:
+                return _build_locked(
+                    encoder,
+                    sources,
+                    out,
+                    dict(kind=kind, ivf_threshold=ivf_threshold, storage=storage, memory_budget=memory_budget),
+                    target_recall=target_recall,
+                    batch_size=batch_size,
+                    thumb_size=thumb_size,
+                    max_samples=max_samples,
+                    max_pixels=max_pixels,
+                    append=append,
+                    overwrite=overwrite,
+                    info=info,
+                    progress=progress,
+                    chunk_size=chunk_size,
+                    discard=lambda: _discard_build(out, had_index, had_thumbs, created),
+                )
+            except (KeyboardInterrupt, Exception) as e:
+                if (out / WORK / "state.json").is_file() and _disk_problem(e, out) is None:
+                    log.warning("index: build interrupted; run the same command again to resume it")
+                raise
+    except (OSError, RuntimeError) as e:
+        problem = _disk_problem(e, out)
+        if problem is None:
             raise
+        raise UserError(problem) from None
+
+
+# write failures another try will not cure until the user acts: said in one line, the chunks kept for the resume
+_DISK_ERRNOS = {errno.ENOSPC: "full", errno.EDQUOT: "full", errno.EROFS: "read-only"}
+
+
+def _disk_problem(e: BaseException, out: Path) -> str | None:
+    """The one-line message for a full or read-only disk under `out`, or None for any other error. faiss reports
+    a failed write as a RuntimeError ("write error"): counted as full when less space is free than needed."""
+    work = out / WORK
+    needed = sum(p.stat().st_size for p in work.iterdir() if p.is_file()) if work.is_dir() else 0
+    kind = _DISK_ERRNOS.get(getattr(e, "errno", None) or 0) if isinstance(e, OSError) else None
+    if isinstance(e, RuntimeError) and "write error" in str(e):
+        with contextlib.suppress(OSError):
+            kind = "full" if shutil.disk_usage(out if out.exists() else out.parent).free < needed else None
+    if kind is None:
+        return None
+    mount = out.resolve()
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    if kind == "read-only":
+        return f"read-only file system at {mount}: cannot write the index in {out}"
+    return (
+        f"no space left on {mount} (needed ~{max(needed, 2**20) / 1e6:.0f} MB) while writing the index in {out}; "
+        "free some space and run the same command again to resume"
+    )
 
 
 def _discard_build(out: Path, had_index: bool, had_thumbs: bool, created: bool) -> None:

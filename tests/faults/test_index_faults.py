@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -154,6 +155,29 @@ def test_a_second_build_into_the_same_folder_is_refused_while_one_runs(tmp_path)
     out.mkdir()
     with folder_lock(out, wait=False), pytest.raises(UserError, match="another index build"):
         _build(out, [_images(tmp_path / "a", 3)])
+
+
+@pytest.mark.parametrize(("err", "says"), [(errno.ENOSPC, "no space left on "), (errno.EROFS, "read-only file system")])
+def test_a_full_disk_during_a_build_is_one_line_and_resumable(tmp_path, monkeypatch, capsys, err, says):
+    src, out = _images(tmp_path / "src", 10), tmp_path / "index"
+    real_save, saves = np.save, []
+
+    def save(f, arr, *args, **kwargs):  # the second chunk reaches the disk half-way, then the device refuses
+        saves.append(1)
+        if len(saves) == 2:
+            f.write(b"\x93NUMPY" + bytes(64))
+            raise OSError(err, os.strerror(err))
+        return real_save(f, arr, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", save)
+    with pytest.raises(UserError) as e:
+        _build(out, [src], chunk_size=4)
+    assert says in str(e.value) and "\n" not in str(e.value) and str(out) in str(e.value)
+    assert [p for p in out.rglob("*.tmp")] == []  # no half-written file anywhere
+    assert json.loads((out / ".build" / "state.json").read_text())["images"] == 4  # the first chunk is kept
+    monkeypatch.setattr(np, "save", real_save)
+    assert len(_build(out, [src], chunk_size=4)) == 10  # space freed: the same command resumes
+    assert _hidden(out) == []
 
 
 # ---------------------------------------------------------------- checksums
