@@ -37,7 +37,7 @@ def _recall(text: str) -> float:
 
 
 def _size(text: str) -> str:
-    from mmcl.index_plan import parse_bytes
+    from mmcl.index.plan import parse_bytes
     from mmcl.utils import UserError
 
     try:
@@ -137,7 +137,7 @@ def run_build(args: argparse.Namespace) -> int:
 
     require("faiss", "mmcl index build")
     from mmcl.index import build_index
-    from mmcl.index_plan import parse_bytes
+    from mmcl.index.plan import parse_bytes
 
     budget = parse_bytes(args.memory_budget)
     encoder, model = _load_model(args)

@@ -69,10 +69,10 @@ def _hidden(folder: Path) -> list[str]:
 KILL_DURING_SAVE = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-import mmcl.index
+import mmcl.index.store
 from test_index_faults import TinyEncoder, _build
 from pathlib import Path
-real = mmcl.index.atomic_open
+real = mmcl.index.store.atomic_open
 def atomic_open(path, *a, **k):
     if Path(path).name.startswith("meta."):  # the final metadata file: die half-way through writing it
         cm = real(path, *a, **k)
@@ -81,7 +81,7 @@ def atomic_open(path, *a, **k):
         f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     return real(path, *a, **k)
-mmcl.index.atomic_open = atomic_open
+mmcl.index.store.atomic_open = atomic_open
 _build(Path({out!r}), [Path({src!r})])
 """
 
@@ -209,12 +209,12 @@ def test_a_flipped_byte_is_caught(tmp_path, capsys, which):
 
 
 def test_a_large_index_is_size_checked_at_load_and_hashed_on_verify(tmp_path, monkeypatch, capsys):
-    import mmcl.index
+    import mmcl.index.files
 
     out = tmp_path / "index"
     _build(out, [_images(tmp_path / "a", 6)])
     manifest = read_manifest(out)
-    monkeypatch.setattr(mmcl.index, "HASH_ON_LOAD_MAX", 10)  # as if the files were gigabytes
+    monkeypatch.setattr(mmcl.index.files, "HASH_ON_LOAD_MAX", 10)  # as if the files were gigabytes
     _flip(out / manifest["meta_file"])
     assert len(EmbeddingIndex.load(out)) == 6  # sizes agree: not hashed at this size
     assert main(["index", "verify", str(out)]) == 2

@@ -1,46 +1,42 @@
-"""A faiss retrieval index over image embeddings, plus the builder that fills it from shards or a folder.
-
-An index folder holds:
-
-    manifest.json          written last: names the current index and metadata files (with the size and
-                           SHA-256 of each), count, dim, kind, and the fingerprint of the model that built it
-    index.<gen>.faiss      `faiss.serialize_index` bytes
-    meta.<gen>.jsonl       one JSON object per vector, in id order: id, key, caption, image, source
-    images/<id>.jpg        thumbnails: the only files the app serves
-
-Each save writes a new generation of files under temporary names, renames them, and then replaces the
-manifest, so a crash leaves the previous index intact and readers never see half of a new one. A save holds a
-lock on the folder, so the temporaries a killed save left behind can be removed safely by the next one.
-Every load checks the files' sizes against the manifest, and their SHA-256 too when they are small enough to
-read at once (`HASH_ON_LOAD_MAX`); `verify_index` (`mmcl index verify`) hashes an index of any size.
-`check_model` tells whether an index was built by a given model (same weights, not only the same width).
+"""`EmbeddingIndex`: a faiss index over image embeddings with one metadata row per vector, saved atomically.
 
 Vectors are compared by inner product (cosine for the L2-normalised embeddings of `mmcl.inference`).
-Structure (`mmcl.index_plan`): exact for small collections (a single query scans one block of rows per
+Structure (`mmcl.index.plan`): exact for small collections (a single query scans one block of rows per
 thread with faiss's kernel: about one read of the stored vectors); past `ivf_threshold` vectors IVF with float32,
 float16, 8-bit or PQ codes, whichever fits the memory budget, its `nprobe` tuned to `target_recall`, the
 inverted lists memory-mapped from the index file (`on_disk`) when they do not fit; or HNSW on request.
 Added one batch at a time (the app, `--append`), IVF is re-trained whenever the collection has grown 4x.
+
+Each save writes a new generation of files under temporary names, renames them, and then replaces the
+manifest (`mmcl.index.files`), so a crash leaves the previous index intact and readers never see half of a new
+one. A save holds the folder's lock, so the temporaries a killed save left behind are removed by the next one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import json
 import logging
-import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mmcl.index_plan import exact_topk, plan_index, set_nprobe, tune_search
+from mmcl.index.files import (
+    FORMAT,
+    MANIFEST,
+    SAVE_TEMPORARY,
+    MetaRows,
+    check_files,
+    folder_lock,
+    read_manifest,
+    sha256_file,
+)
+from mmcl.index.plan import exact_topk, plan_index, set_nprobe, tune_search
 from mmcl.utils import UserError, atomic_open, atomic_write_text
 
 log = logging.getLogger("mmcl")
@@ -51,14 +47,6 @@ KINDS = ("auto", "flat", "ivf", "hnsw")
 DEFAULT_IVF_THRESHOLD = 100_000
 IVF_MIN_TRAIN = 1_000  # kind='ivf' stays exact below this many vectors (k-means needs data)
 IVF_RETRAIN_GROWTH = 4  # re-train the coarse quantizer when the collection has grown this much
-MANIFEST = "manifest.json"
-THUMBS = "images"
-FORMAT = "mmcl-index"
-# Hash the index files at every load up to this total size (about a second); past it only sizes are compared at
-# load (hashing a memory-mapped 10M index would read gigabytes before the first query) and `verify_index` hashes.
-HASH_ON_LOAD_MAX = 256 * 2**20
-# what a killed save leaves: `.index.N.faiss.tmp`, `.meta.N.jsonl.XXXX.tmp` (atomic_open), `.manifest.json.XXXX.tmp`
-_SAVE_TEMPORARY = re.compile(r"\.(index\.\d+\.faiss|meta\.\d+\.jsonl|manifest\.json)\..*tmp")
 # saved in the manifest (with their defaults for manifests written before they existed)
 PARAMS = {
     "kind": "auto",
@@ -82,7 +70,7 @@ class EmptyIndexError(UserError):
     """A search on an index that holds no vectors."""
 
 
-def _as_matrix(vectors: Any, dim: int | None) -> np.ndarray:
+def as_matrix(vectors: Any, dim: int | None) -> np.ndarray:
     """(N, D) contiguous float32 from a torch tensor, numpy array or nested list."""
     if hasattr(vectors, "detach"):
         vectors = vectors.detach().cpu().float().numpy()
@@ -159,7 +147,7 @@ class EmbeddingIndex:
 
     def add(self, vectors: Any, metas: Sequence[dict[str, Any]] | None = None) -> list[int]:
         """Append (N, D) vectors with their metadata; returns the new ids (consecutive)."""
-        x = _as_matrix(vectors, self.dim)
+        x = as_matrix(vectors, self.dim)
         metas = list(metas) if metas is not None else [{} for _ in range(len(x))]
         if len(metas) != len(x):
             raise UserError(f"got {len(x)} vectors but {len(metas)} metadata entries")
@@ -190,7 +178,7 @@ class EmbeddingIndex:
         """
         if not self.metas:
             raise EmptyIndexError("the index is empty: add images with `mmcl index build SOURCES --out DIR`")
-        q = _as_matrix(queries, self.dim)
+        q = as_matrix(queries, self.dim)
         k = max(1, min(int(k), len(self.metas)))
         scores, ids = (
             self._exact_search(q, k) if type(self._index).__name__ == "IndexFlatIP" else self._index.search(q, k)
@@ -326,7 +314,7 @@ class EmbeddingIndex:
             self.tuning = {"param": "nprobe", "value": ivf.nprobe, "fixed": True}
             return
         if queries is not None and len(queries):
-            queries = _as_matrix(queries, self.dim)
+            queries = as_matrix(queries, self.dim)
             _, truth = exact_topk(queries, chunks, 10)
             self.tuning = tune_search(index, queries, truth, None, self.target_recall, k=10)
             self.tuning["on"] = f"{len(queries)} given queries"
@@ -362,7 +350,7 @@ class EmbeddingIndex:
             kind = "flat"
         faiss_index = index._new_exact() if kind == "flat" else index._trained(chunks, n, kind)
         for chunk in chunks:
-            faiss_index.add(_as_matrix(chunk, dim))
+            faiss_index.add(as_matrix(chunk, dim))
         if kind != "flat":
             index._tune(faiss_index, chunks, tune_queries)
         index._index, index._trained_at = faiss_index, (n if kind == "ivf" else 0)
@@ -383,7 +371,7 @@ class EmbeddingIndex:
         import faiss
 
         for stale in out.iterdir():  # a killed save's: no live writer can own them while we hold the lock
-            if _SAVE_TEMPORARY.fullmatch(stale.name):
+            if SAVE_TEMPORARY.fullmatch(stale.name):
                 stale.unlink(missing_ok=True)
         previous = read_manifest(out) if (out / MANIFEST).is_file() else {}
         gen = int(previous.get("generation", 0)) + 1
@@ -405,7 +393,9 @@ class EmbeddingIndex:
             "generation": gen,
             "index_file": index_file if self._index is not None else None,
             "meta_file": meta_file,
-            "files": {name: {"size": (out / name).stat().st_size, "sha256": _sha256(out / name)} for name in written},
+            "files": {
+                name: {"size": (out / name).stat().st_size, "sha256": sha256_file(out / name)} for name in written
+            },
             "count": len(self.metas),
             "dim": self.dim,
             "structure": self.structure,
@@ -442,7 +432,7 @@ class EmbeddingIndex:
         for attempt in range(2):  # a concurrent save may delete the files of the manifest we just read
             manifest = read_manifest(root)
             try:
-                problem = _check_files(root, manifest, verify)
+                problem = check_files(root, manifest, verify)
                 if problem:
                     raise UserError(f"{root}: {problem}; rebuild it (`mmcl index verify` checks an index)")
                 metas = MetaRows(root / manifest["meta_file"])
@@ -484,37 +474,6 @@ def _apply_tuning(index: Any, tuning: dict[str, Any]) -> None:
         index.hnsw.efSearch = int(tuning["value"])
 
 
-class MetaRows(Sequence):
-    """The metadata rows of a saved index, each parsed from the memory-mapped JSONL file when it is read.
-
-    A list of 10M small dicts takes gigabytes; this holds one end offset per row (8 bytes) and the file's
-    pages, which the kernel can drop. Rows are immutable here: an index that grows copies them into a list.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        size = path.stat().st_size
-        self._buf = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
-        self._ends = np.flatnonzero(self._buf == ord("\n"))  # `save` writes one row per line, no blank lines
-        if size and self._buf[-1] != ord("\n"):
-            raise UserError(f"{path}: metadata file ends in the middle of a row; rebuild the index")
-
-    def __len__(self) -> int:
-        return len(self._ends)
-
-    def __getitem__(self, i: int | slice) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = range(len(self))[i]  # negative indices and bounds, as a list
-        start = int(self._ends[i - 1]) + 1 if i else 0
-        return json.loads(self._buf[start : int(self._ends[i])].tobytes())
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sequence) and len(other) == len(self) and list(self) == list(other)
-
-    __hash__ = None  # type: ignore[assignment]  # mutable-looking sequence semantics, like list
-
-
 @functools.cache
 def _scan_pool(threads: int) -> ThreadPoolExecutor:
     """Threads that scan blocks of an exact index (kept: starting threads per query costs more than a scan)."""
@@ -549,157 +508,3 @@ def _rows(chunks: Sequence[np.ndarray], ids: np.ndarray) -> np.ndarray:
             out.append(np.asarray(chunk[mine], dtype=np.float32))
         start += len(chunk)
     return np.ascontiguousarray(np.concatenate(out)) if out else np.zeros((0, chunks[0].shape[1]), np.float32)
-
-
-def read_manifest(root: str | Path) -> dict[str, Any]:
-    """The manifest of index folder `root`; a clear error if there is no index."""
-    root = Path(root)
-    path = root / MANIFEST
-    if not path.is_file():
-        raise UserError(f"{root}: no index here (missing {MANIFEST}); build one with `mmcl index build`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{path}: not an mmcl index manifest")
-    return manifest
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _check_files(root: Path, manifest: dict[str, Any], verify: bool | None) -> str | None:
-    """What is wrong with the files `manifest` lists (sizes; SHA-256 when `verify`, or when None and the files
-    are small), or None. Raises FileNotFoundError for a missing one (a concurrent save: the caller retries).
-    Manifests written before checksums existed list no files: nothing to compare."""
-    files = manifest.get("files") or {}
-    try:
-        wanted = {name: (int(f["size"]), str(f["sha256"])) for name, f in files.items()}
-    except (KeyError, TypeError, ValueError):
-        return "the manifest's file list is unreadable"
-    for name, (size, _) in wanted.items():
-        path = root / name
-        if not path.is_file():
-            raise FileNotFoundError(2, "missing", str(path))
-        if path.stat().st_size != size:
-            return f"{name} is {path.stat().st_size} bytes, the manifest says {size}"
-    if verify is None:
-        verify = sum(size for size, _ in wanted.values()) <= HASH_ON_LOAD_MAX
-    for name, (_, sha) in wanted.items() if verify else ():
-        if _sha256(root / name) != sha:
-            return f"{name} does not match its SHA-256 in the manifest"
-    return None
-
-
-def verify_index(directory: str | Path) -> str | None:
-    """None if every file of the index in `directory` matches its size and SHA-256 in the manifest, else what
-    is wrong, in a few words (any size: this reads every byte once)."""
-    root = Path(directory)
-    manifest = read_manifest(root)
-    if not manifest.get("files"):
-        return "the manifest lists no checksums (written by an older mmcl); rebuild the index to add them"
-    try:
-        return _check_files(root, manifest, verify=True)
-    except FileNotFoundError as e:
-        return f"{Path(e.filename).name} is missing"
-
-
-@contextlib.contextmanager
-def folder_lock(folder: Path, wait: bool) -> Iterator[None]:
-    """An exclusive lock on an index folder (flock on the folder itself: no lock file to leave behind).
-
-    Saves wait for each other; a build (`wait=False`) refuses to start beside another one. Where flock does
-    not exist (Windows) nothing is locked.
-    """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not on POSIX
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            raise UserError(f"{folder}: another index build or save is writing this folder; wait for it") from None
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def model_fingerprint(encoder: Any) -> str | None:
-    """SHA-256 over an encoder's weights (its `model`'s state dict: names, shapes, values rounded to float16, so
-    the same weights loaded in float32 or float16, on any device, agree); None without a torch `model`."""
-    model = getattr(encoder, "model", None)
-    if model is None or not hasattr(model, "state_dict"):
-        return None
-    import torch
-
-    digest = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().to("cpu")
-        t = t.to(torch.float16) if t.is_floating_point() else t
-        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        digest.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-def check_model(index: EmbeddingIndex | str | Path, encoder: Any, name: str | None = None) -> bool:
-    """Whether `encoder` is the model that built `index` (compared by `model_fingerprint`, not only width).
-
-    Args:
-        index: a loaded index, or an index folder (only its manifest is read).
-        encoder: an `mmcl.inference.Encoder` (anything with a torch `model`), or a run / checkpoint folder,
-            which is loaded.
-        name: what to call the encoder in the error (default: the folder given, else 'this model').
-
-    Returns:
-        True when the fingerprints match; False when it cannot be told (the index records no fingerprint,
-        being older, or the encoder has no weights to hash).
-
-    Raises:
-        UserError: the index was built by another model, in one line naming both.
-    """
-    where = str(index) if isinstance(index, (str, Path)) else "the index"
-    info = read_manifest(index).get("info", {}) if isinstance(index, (str, Path)) else index.info
-    if isinstance(encoder, (str, Path)):
-        from mmcl.inference import load_pipeline
-
-        name, encoder = name or str(encoder), load_pipeline(encoder)
-    want, got = info.get("model_fingerprint"), model_fingerprint(encoder)
-    if not want or not got:
-        return False
-    if want != got:
-        raise UserError(
-            f"{where}: this index was built by another model ({info.get('model') or 'unnamed'}, weights "
-            f"{want[:12]}) than {name or 'this model'} (weights {got[:12]}): its embeddings would not match the "
-            f"queries; rebuild it with this model (`mmcl index build ... --overwrite`)"
-        )
-    return True
-
-
-def thumbs_dir(index_dir: str | Path) -> Path:
-    """The folder of thumbnails inside an index folder (what the app may serve)."""
-    return Path(index_dir) / THUMBS
-
-
-def build_index(*args: Any, **kwargs: Any) -> EmbeddingIndex:
-    """Embed images into an index folder, resumable after a kill: see `mmcl.index_build.build_index`."""
-    from mmcl.index_build import build_index as build
-
-    return build(*args, **kwargs)
-
-
-def __getattr__(name: str) -> Any:
-    """`iter_samples` lives in `mmcl.index_build` (imported lazily: it imports this module)."""
-    if name == "iter_samples":
-        from mmcl.index_build import iter_samples
-
-        return iter_samples
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,18 +32,9 @@ from PIL import Image
 from mmcl.data import decode
 from mmcl.data.decode import MAX_PIXELS, SkipCounter, SkipSample
 from mmcl.data.reader import file_sample, list_inputs, read_samples
-from mmcl.index import (
-    DEFAULT_IVF_THRESHOLD,
-    IVF_MIN_TRAIN,
-    MANIFEST,
-    THUMBS,
-    TUNE_QUERIES,
-    EmbeddingIndex,
-    _as_matrix,
-    check_model,
-    folder_lock,
-    model_fingerprint,
-)
+from mmcl.index.files import MANIFEST, THUMBS, folder_lock
+from mmcl.index.model import check_model, model_fingerprint
+from mmcl.index.store import DEFAULT_IVF_THRESHOLD, IVF_MIN_TRAIN, TUNE_QUERIES, EmbeddingIndex, as_matrix
 from mmcl.utils import UserError, atomic_open, atomic_write_text
 
 if TYPE_CHECKING:
@@ -398,7 +389,7 @@ def _embed_and_save(
                     if len(batch) == min(batch_size, room):
                         break
             if batch:
-                emb = _as_matrix(encoder.encode_images([image for _, image in batch]), None)
+                emb = as_matrix(encoder.encode_images([image for _, image in batch]), None)
                 for i, (meta, image) in enumerate(batch, start=first_id + state.images + sum(map(len, vectors))):
                     rel = f"{THUMBS}/{i:08d}.jpg"
                     _write_thumb(image, out / rel, thumb_size)
@@ -443,9 +434,6 @@ def _caption_queries(encoder: Encoder, metas: Sequence[dict[str, Any]]) -> np.nd
     if len(captions) < TUNE_QUERIES // 4:
         return None
     try:
-        return _as_matrix(encoder.encode_texts(captions), None)
+        return as_matrix(encoder.encode_texts(captions), None)
     except NotImplementedError:  # an image-only encoder
         return None
-
-
-__all__ = ["build_index", "iter_samples"]
