@@ -295,11 +295,12 @@ class EmbeddingIndex:
         """Write only the search breadth to the manifest of the saved index in `directory` (after `tune` on a
         loaded index: rewriting a memory-mapped 10M index to change one number would copy gigabytes)."""
         root = Path(directory)
-        manifest = read_manifest(root)
-        if manifest["count"] != len(self):
-            raise UserError(f"{root}: holds {manifest['count']} vectors, this index {len(self)}; save it instead")
-        manifest.update(tuning=self.tuning, target_recall=self.target_recall)
-        atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        with folder_lock(root, wait=True):  # a save in between would have its manifest overwritten
+            manifest = read_manifest(root)
+            if manifest["count"] != len(self):
+                raise UserError(f"{root}: holds {manifest['count']} vectors, this index {len(self)}; save it instead")
+            manifest.update(tuning=self.tuning, target_recall=self.target_recall)  # the file checksums stay valid
+            atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
     def _tune(self, index: Any, chunks: Sequence[np.ndarray], queries: np.ndarray | None = None) -> None:
         """Tune nprobe / efSearch to `target_recall` (unless nprobe is fixed) on `queries`, else on held-out
