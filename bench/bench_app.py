@@ -160,7 +160,7 @@ def query_images(folder: Path, n: int) -> list[str]:
 def build_index_folder(args: argparse.Namespace, n: int, dim: int, folder: Path, model: str) -> dict[str, Any]:
     """An index of `n` clustered vectors in `folder`, saved as `mmcl index build` saves one; what was built."""
     from mmcl.index import EmbeddingIndex
-    from mmcl.index_plan import parse_bytes
+    from mmcl.index.plan import parse_bytes
 
     captions = write_thumbnails(folder, args.thumbs, args.thumb_size)
     chunks = clustered_vectors(args.data_dir, n, dim)

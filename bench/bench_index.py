@@ -194,7 +194,7 @@ def build_once(
     their exact top-10 (kept: a 10M build takes most of an hour here; `--rebuild` makes it anew). A kept
     index tuned to another target recall is re-tuned (`EmbeddingIndex.tune`, manifest only)."""
     from mmcl.index import EmbeddingIndex, read_manifest
-    from mmcl.index_plan import exact_topk, parse_bytes
+    from mmcl.index.plan import exact_topk, parse_bytes
 
     n, dim = sum(len(c) for c in chunks), chunks[0].shape[1]
     folder = args.data_dir / f"index_{data}_{n}x{dim}_{budget}"
@@ -235,7 +235,7 @@ def measure_index(folder: Path) -> dict[str, Any]:
     """Load a saved index as the app does and time single queries (run in a fresh process: its RSS is the
     index's, not the builder's)."""
     from mmcl.index import EmbeddingIndex
-    from mmcl.index_plan import recall_at_k
+    from mmcl.index.plan import recall_at_k
 
     queries, truth = np.load(folder / "queries.npy"), np.load(folder / "truth.npy")
     rss_before = rss()
@@ -417,7 +417,7 @@ def to_markdown(res: dict[str, Any]) -> str:
 *demo model*: `mmcl demo`'s model's image embeddings of {s["demo_size"]:,} generated images, queried with its
 text embeddings of {s["queries"]} held-out captions (text -> image, as in the app). *synthetic*: {s["dim"]}-d
 clustered unit vectors (4096 centres), {s["queries"]} single queries from the same distribution (never
-stored). The index is what `mmcl index build` chooses for the size and memory budget (`mmcl.index_plan`), its
+stored). The index is what `mmcl index build` chooses for the size and memory budget (`mmcl.index.plan`), its
 search breadth tuned to the target recall@10 (column *target*) on held-out stored vectors (synthetic) or on
 the text embeddings of other held-out captions (demo model, as `mmcl index build` tunes on captions); saved, then loaded as the
 app loads it (memory-mapped lists when on disk). Recall@10 is measured on the queries against exact search.

@@ -119,6 +119,10 @@ def test_load_detects_inconsistent_files(tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     meta = tmp_path / manifest["meta_file"]
     meta.write_text("".join(meta.read_text().splitlines(keepends=True)[:3]))
+    with pytest.raises(UserError, match=rf"{manifest['meta_file']} is \d+ bytes, the manifest says"):
+        EmbeddingIndex.load(tmp_path)  # the manifest's sizes catch it first
+    # a manifest from before checksums: the row count still catches it, and faiss's own reader a garbled file
+    (tmp_path / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "files"}))
     with pytest.raises(UserError, match="3 metadata rows"):
         EmbeddingIndex.load(tmp_path)
     (tmp_path / manifest["index_file"]).write_bytes(b"garbage")

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from mmcl.index import EmbeddingIndex, build_index
-from mmcl.index_plan import exact_topk, parse_bytes, plan_index, recall_at_k
+from mmcl.index.plan import exact_topk, parse_bytes, plan_index, recall_at_k
 from mmcl.utils import UserError
 
 GIB = 2**30
@@ -64,9 +64,9 @@ def test_exact_search_split_over_threads_equals_one_scan(monkeypatch, threads):
     """A few queries are scanned one block of rows per thread; the merged top-k is the whole scan's."""
     import faiss
 
-    import mmcl.index
+    import mmcl.index.store
 
-    monkeypatch.setattr(mmcl.index, "SPLIT_SCAN_MIN", 100)
+    monkeypatch.setattr(mmcl.index.store, "SPLIT_SCAN_MIN", 100)
     x = clustered(5003, dim=16, clusters=20)
     index = EmbeddingIndex(16, kind="flat")
     index.add(x)
@@ -104,9 +104,9 @@ def test_hnsw_coarse_quantizer_is_tuned_saved_and_loaded(monkeypatch, tmp_path):
     """Past HNSW_COARSE_FROM lists the centroids are found by a graph; tuning widens it with nprobe."""
     import faiss
 
-    import mmcl.index_plan
+    import mmcl.index.plan
 
-    monkeypatch.setattr(mmcl.index_plan, "HNSW_COARSE_FROM", 32)
+    monkeypatch.setattr(mmcl.index.plan, "HNSW_COARSE_FROM", 32)
     both = clustered(6200)
     x, queries = both[:6000], both[6000:]
     params = {"kind": "ivf", "storage": "sq8", "nlist": 64, "target_recall": 0.9, "memory_budget": 100_000}
@@ -230,14 +230,14 @@ def test_loaded_metadata_rows_are_read_on_demand_and_equal_the_saved(tmp_path):
 def test_tuning_stops_where_recall_levels_off_and_the_manifest_tuning_is_applied_on_load(tmp_path):
     import faiss
 
-    import mmcl.index_plan
+    import mmcl.index.plan
 
     both = clustered(20200, clusters=5)  # few, wide clusters: 4-byte PQ codes rank close neighbours wrongly
     x, queries = both[:20000], both[20000:]
     params = {"kind": "ivf", "storage": "pq", "nlist": 256, "target_recall": 0.9999, "memory_budget": GIB}
     index = EmbeddingIndex.from_chunks(32, [x], [{} for _ in range(20000)], **params)
     tried = index.tuning["tried"]
-    assert tried[-1][1] - tried[-5][1] < mmcl.index_plan.PLATEAU  # four doublings added nothing: stop there
+    assert tried[-1][1] - tried[-5][1] < mmcl.index.plan.PLATEAU  # four doublings added nothing: stop there
     assert index.tuning["value"] == tried[-5][0] < 256  # the plateau's start, not a scan of every list
     assert faiss.extract_index_ivf(index._index).nprobe == index.tuning["value"]
     index.save(tmp_path / "idx")

@@ -10,19 +10,25 @@ Layout of `checkpoints/step_0000200/`:
 A directory is first written as `.step_0000200.tmp`, every file and the directory
 are fsynced, and only then is it renamed into place (and the parent fsynced), so
 neither a crash nor a power loss leaves a half checkpoint that looks whole. On
-resume the newest checkpoint is checked against its manifest; a damaged one is
-passed over for the previous complete one, with a warning naming the problem.
+resume the newest checkpoint is checked against its manifest (none: incomplete) and what it holds is parsed
+and range-checked (the step matches the folder name); a damaged one is passed over for the previous complete
+one, with a warning naming the problem. A full or read-only disk while writing one removes the temporary
+folder and says so in one line.
 Nothing is unpickled beyond tensors and numbers (`torch.load(weights_only=True)`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
+import os
 import pickle
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +74,13 @@ def save_model(model: nn.Module, path: Path) -> None:
         state[name] = t.clone() if key in seen else t.contiguous()
         seen.setdefault(key, name)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata={"format": "pt", "producer": "mmcl"})
-    fsync_path(tmp)
-    tmp.replace(path)
+    try:
+        save_file(state, str(tmp), metadata={"format": "pt", "producer": "mmcl"})
+        fsync_path(tmp)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
@@ -145,9 +155,11 @@ def set_rng_state(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> No
 
 
 def write_rank_state(tmp_dir: Path, rank: int, data_state: dict[str, Any]) -> None:
+    """This process's data position and RNG states (a full or read-only disk: `tmp_dir` removed, one line)."""
     plain, tensors = rng_state()
-    torch.save(tensors, tmp_dir / f"rank{rank}_rng.pt")
-    atomic_write_text(tmp_dir / f"rank{rank}.json", json.dumps({"data": data_state, "rng": plain}))
+    with disk_errors(tmp_dir, _tensor_bytes(tensors)):
+        torch.save(tensors, tmp_dir / f"rank{rank}_rng.pt")
+        atomic_write_text(tmp_dir / f"rank{rank}.json", json.dumps({"data": data_state, "rng": plain}))
 
 
 def read_rank_state(ckpt: Path, rank: int) -> dict[str, Any]:
@@ -172,13 +184,74 @@ def write_main_state(
     trainer_state: dict[str, Any],
     task_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Weights, optimizer and trainer state; then the manifest of every file in `tmp_dir` (rank files included)."""
-    save_model(model, tmp_dir / "model.safetensors")
-    if task_state:  # the loss terms' heads, queues, momentum encoders, counters
-        save_file({k: v.detach().cpu().contiguous() for k, v in task_state.items()}, str(tmp_dir / TASK_STATE))
-    torch.save(optimizer.state_dict(), tmp_dir / "optimizer.pt")
-    atomic_write_text(tmp_dir / "trainer.json", json.dumps(trainer_state, indent=1))
-    write_manifest(tmp_dir)  # last: marks complete
+    """Weights, optimizer and trainer state; then the manifest of every file in `tmp_dir` (rank files included).
+
+    Raises:
+        UserError: the disk is full or read-only; `tmp_dir` is removed first (a half checkpoint is only waste).
+    """
+    needed = _tensor_bytes(model.state_dict()) + _tensor_bytes(optimizer.state_dict()["state"])
+    needed += _tensor_bytes(task_state or {})
+    with disk_errors(tmp_dir, needed):
+        save_model(model, tmp_dir / "model.safetensors")
+        if task_state:  # the loss terms' heads, queues, momentum encoders, counters
+            save_file({k: v.detach().cpu().contiguous() for k, v in task_state.items()}, str(tmp_dir / TASK_STATE))
+        torch.save(optimizer.state_dict(), tmp_dir / "optimizer.pt")
+        atomic_write_text(tmp_dir / "trainer.json", json.dumps(trainer_state, indent=1))
+        write_manifest(tmp_dir)  # last: marks complete
+
+
+def _tensor_bytes(state: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: what writing it needs on disk, give or take headers."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_tensor_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in state)
+    return 0
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
+
+
+# write failures that another try will not cure: the message says what the user must change
+_DISK_ERRNOS = {errno.ENOSPC: "full", errno.EDQUOT: "full", errno.EROFS: "read-only"}
+
+
+@contextlib.contextmanager
+def disk_errors(tmp_dir: Path, needed: int = 0) -> Iterator[None]:
+    """Turn a full or read-only disk while writing the checkpoint folder `tmp_dir` into one line, after removing
+    `tmp_dir`. torch's zip writer reports a full disk as a RuntimeError ("file write failed"): counted as full
+    when the disk has less free space than the checkpoint needs."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        kind = _DISK_ERRNOS.get(getattr(e, "errno", None) or 0) if isinstance(e, OSError) else None
+        root = tmp_dir.parent
+        published = list_checkpoints(root)
+        needed = max(needed, _folder_bytes(tmp_dir), _folder_bytes(published[-1]) if published else 0)
+        if isinstance(e, RuntimeError) and "write failed" in str(e):
+            with contextlib.suppress(OSError):
+                kind = "full" if shutil.disk_usage(root).free < needed else None
+        if kind is None:
+            raise
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        if kind == "read-only":
+            raise UserError(
+                f"read-only file system at {_mount_point(root)}: cannot write the checkpoint in {root}"
+            ) from None
+        raise UserError(
+            f"no space left on {_mount_point(root)} (needed ~{max(needed, 1) / 1e6:.0f} MB) while writing a "
+            f"checkpoint in {root}; free some space (or lower train.keep_checkpoints) and rerun to resume"
+        ) from None
 
 
 def _sha256(path: Path) -> str:

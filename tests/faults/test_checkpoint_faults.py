@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -244,3 +245,38 @@ def test_a_checkpoint_past_the_configured_steps_is_one_line(run, demo_shards, ca
     assert rc == 2 and "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert line.startswith("mmcl train: error: ") and "step_0000004" in line and "train.steps=3" in line
+
+
+# ---------------------------------------------------------------- a full or read-only disk during a checkpoint
+
+
+@pytest.mark.parametrize(
+    ("err", "fails", "says"),
+    [(errno.ENOSPC, "optimizer.pt", "no space left on "), (errno.EROFS, "rank0_rng.pt", "read-only file system")],
+)
+def test_disk_full_during_a_checkpoint_is_one_line_and_leaves_no_tmp(
+    run, demo_shards, capsys, monkeypatch, err, fails, says
+):
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith(fails):  # half the file reaches the disk, then the device refuses the rest
+            real_save(obj, f, *args, **kwargs)
+            with open(f, "r+b") as fh:
+                fh.truncate(Path(f).stat().st_size // 2)
+            raise OSError(err, os.strerror(err), str(f))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    rc, err_text = _resume(run, demo_shards, capsys)
+    assert rc == 2 and "Traceback" not in err_text
+    line = err_text.strip().splitlines()[-1]
+    assert line.startswith("mmcl train: error: ") and says in line, line
+    if err == errno.ENOSPC:
+        needed = sum(p.stat().st_size for p in (run / "checkpoints" / "step_0000004").iterdir()) / 1e6
+        mb = float(line.split("needed ~")[1].split(" MB")[0])
+        assert 0.5 * needed <= mb <= 2 * needed, line
+    leftovers = [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert leftovers == [], leftovers
+    assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")][-1] == "step_0000004"
+    assert ckpt.verify_checkpoint(run / "checkpoints" / "step_0000004") is None

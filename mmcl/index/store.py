@@ -1,21 +1,15 @@
-"""A faiss retrieval index over image embeddings, plus the builder that fills it from shards or a folder.
-
-An index folder holds:
-
-    manifest.json          written last: names the current index and metadata files, count, dim, kind
-    index.<gen>.faiss      `faiss.serialize_index` bytes
-    meta.<gen>.jsonl       one JSON object per vector, in id order: id, key, caption, image, source
-    images/<id>.jpg        thumbnails: the only files the app serves
-
-Each save writes a new generation of files under temporary names, renames them, and then replaces the
-manifest, so a crash leaves the previous index intact and readers never see half of a new one.
+"""`EmbeddingIndex`: a faiss index over image embeddings with one metadata row per vector, saved atomically.
 
 Vectors are compared by inner product (cosine for the L2-normalised embeddings of `mmcl.inference`).
-Structure (`mmcl.index_plan`): exact for small collections (a single query scans one block of rows per
+Structure (`mmcl.index.plan`): exact for small collections (a single query scans one block of rows per
 thread with faiss's kernel: about one read of the stored vectors); past `ivf_threshold` vectors IVF with float32,
 float16, 8-bit or PQ codes, whichever fits the memory budget, its `nprobe` tuned to `target_recall`, the
 inverted lists memory-mapped from the index file (`on_disk`) when they do not fit; or HNSW on request.
 Added one batch at a time (the app, `--append`), IVF is re-trained whenever the collection has grown 4x.
+
+Each save writes a new generation of files under temporary names, renames them, and then replaces the
+manifest (`mmcl.index.files`), so a crash leaves the previous index intact and readers never see half of a new
+one. A save holds the folder's lock, so the temporaries a killed save left behind are removed by the next one.
 """
 
 from __future__ import annotations
@@ -32,7 +26,17 @@ from typing import Any
 
 import numpy as np
 
-from mmcl.index_plan import exact_topk, plan_index, set_nprobe, tune_search
+from mmcl.index.files import (
+    FORMAT,
+    MANIFEST,
+    SAVE_TEMPORARY,
+    MetaRows,
+    check_files,
+    folder_lock,
+    read_manifest,
+    sha256_file,
+)
+from mmcl.index.plan import exact_topk, plan_index, set_nprobe, tune_search
 from mmcl.utils import UserError, atomic_open, atomic_write_text
 
 log = logging.getLogger("mmcl")
@@ -43,9 +47,6 @@ KINDS = ("auto", "flat", "ivf", "hnsw")
 DEFAULT_IVF_THRESHOLD = 100_000
 IVF_MIN_TRAIN = 1_000  # kind='ivf' stays exact below this many vectors (k-means needs data)
 IVF_RETRAIN_GROWTH = 4  # re-train the coarse quantizer when the collection has grown this much
-MANIFEST = "manifest.json"
-THUMBS = "images"
-FORMAT = "mmcl-index"
 # saved in the manifest (with their defaults for manifests written before they existed)
 PARAMS = {
     "kind": "auto",
@@ -69,7 +70,7 @@ class EmptyIndexError(UserError):
     """A search on an index that holds no vectors."""
 
 
-def _as_matrix(vectors: Any, dim: int | None) -> np.ndarray:
+def as_matrix(vectors: Any, dim: int | None) -> np.ndarray:
     """(N, D) contiguous float32 from a torch tensor, numpy array or nested list."""
     if hasattr(vectors, "detach"):
         vectors = vectors.detach().cpu().float().numpy()
@@ -146,7 +147,7 @@ class EmbeddingIndex:
 
     def add(self, vectors: Any, metas: Sequence[dict[str, Any]] | None = None) -> list[int]:
         """Append (N, D) vectors with their metadata; returns the new ids (consecutive)."""
-        x = _as_matrix(vectors, self.dim)
+        x = as_matrix(vectors, self.dim)
         metas = list(metas) if metas is not None else [{} for _ in range(len(x))]
         if len(metas) != len(x):
             raise UserError(f"got {len(x)} vectors but {len(metas)} metadata entries")
@@ -177,7 +178,7 @@ class EmbeddingIndex:
         """
         if not self.metas:
             raise EmptyIndexError("the index is empty: add images with `mmcl index build SOURCES --out DIR`")
-        q = _as_matrix(queries, self.dim)
+        q = as_matrix(queries, self.dim)
         k = max(1, min(int(k), len(self.metas)))
         scores, ids = (
             self._exact_search(q, k) if type(self._index).__name__ == "IndexFlatIP" else self._index.search(q, k)
@@ -294,11 +295,12 @@ class EmbeddingIndex:
         """Write only the search breadth to the manifest of the saved index in `directory` (after `tune` on a
         loaded index: rewriting a memory-mapped 10M index to change one number would copy gigabytes)."""
         root = Path(directory)
-        manifest = read_manifest(root)
-        if manifest["count"] != len(self):
-            raise UserError(f"{root}: holds {manifest['count']} vectors, this index {len(self)}; save it instead")
-        manifest.update(tuning=self.tuning, target_recall=self.target_recall)
-        atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        with folder_lock(root, wait=True):  # a save in between would have its manifest overwritten
+            manifest = read_manifest(root)
+            if manifest["count"] != len(self):
+                raise UserError(f"{root}: holds {manifest['count']} vectors, this index {len(self)}; save it instead")
+            manifest.update(tuning=self.tuning, target_recall=self.target_recall)  # the file checksums stay valid
+            atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
     def _tune(self, index: Any, chunks: Sequence[np.ndarray], queries: np.ndarray | None = None) -> None:
         """Tune nprobe / efSearch to `target_recall` (unless nprobe is fixed) on `queries`, else on held-out
@@ -313,7 +315,7 @@ class EmbeddingIndex:
             self.tuning = {"param": "nprobe", "value": ivf.nprobe, "fixed": True}
             return
         if queries is not None and len(queries):
-            queries = _as_matrix(queries, self.dim)
+            queries = as_matrix(queries, self.dim)
             _, truth = exact_topk(queries, chunks, 10)
             self.tuning = tune_search(index, queries, truth, None, self.target_recall, k=10)
             self.tuning["on"] = f"{len(queries)} given queries"
@@ -349,7 +351,7 @@ class EmbeddingIndex:
             kind = "flat"
         faiss_index = index._new_exact() if kind == "flat" else index._trained(chunks, n, kind)
         for chunk in chunks:
-            faiss_index.add(_as_matrix(chunk, dim))
+            faiss_index.add(as_matrix(chunk, dim))
         if kind != "flat":
             index._tune(faiss_index, chunks, tune_queries)
         index._index, index._trained_at = faiss_index, (n if kind == "ivf" else 0)
@@ -357,27 +359,44 @@ class EmbeddingIndex:
         return index
 
     def save(self, directory: str | Path) -> Path:
-        """Write the index atomically to `directory` (a new generation, then the manifest); returns it."""
-        import faiss
+        """Write the index atomically to `directory` (a new generation, then the manifest); returns it.
 
+        Waits for another save into the same folder to finish (see `folder_lock`)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
+        with folder_lock(out, wait=True):
+            return self.save_locked(out)
+
+    def save_locked(self, out: Path) -> Path:
+        """`save` for a caller that holds `folder_lock(out)` (a build holds it from start to end)."""
+        import faiss
+
+        for stale in out.iterdir():  # a killed save's: no live writer can own them while we hold the lock
+            if SAVE_TEMPORARY.fullmatch(stale.name):
+                stale.unlink(missing_ok=True)
         previous = read_manifest(out) if (out / MANIFEST).is_file() else {}
         gen = int(previous.get("generation", 0)) + 1
         index_file, meta_file = f"index.{gen:06d}.faiss", f"meta.{gen:06d}.jsonl"
         if self._index is not None:
             tmp = out / f".{index_file}.tmp"
-            faiss.write_index(self._index, str(tmp))  # straight to disk: no second copy in memory
-            tmp.replace(out / index_file)
+            try:
+                faiss.write_index(self._index, str(tmp))  # straight to disk: no second copy in memory
+                tmp.replace(out / index_file)
+            finally:
+                tmp.unlink(missing_ok=True)
         with atomic_open(out / meta_file, "w") as f:
             for meta in self.metas:
                 f.write(json.dumps(meta, ensure_ascii=False) + "\n")
+        written = [index_file, meta_file] if self._index is not None else [meta_file]
         manifest = {
             "format": FORMAT,
             "version": 1,
             "generation": gen,
             "index_file": index_file if self._index is not None else None,
             "meta_file": meta_file,
+            "files": {
+                name: {"size": (out / name).stat().st_size, "sha256": sha256_file(out / name)} for name in written
+            },
             "count": len(self.metas),
             "dim": self.dim,
             "structure": self.structure,
@@ -397,8 +416,14 @@ class EmbeddingIndex:
         return out
 
     @classmethod
-    def load(cls, directory: str | Path, mmap: bool | None = None) -> EmbeddingIndex:
+    def load(cls, directory: str | Path, mmap: bool | None = None, verify: bool | None = None) -> EmbeddingIndex:
         """Load an index written by `save`; `mmap` (default: as saved) maps the inverted lists from disk.
+
+        Args:
+            directory: the index folder.
+            mmap: memory-map the inverted lists (default: as saved).
+            verify: compare the files' SHA-256 with the manifest (default: when they total at most
+                `HASH_ON_LOAD_MAX` bytes); their sizes are always compared.
 
         Raises:
             UserError: no index there, or its files disagree with the manifest.
@@ -408,6 +433,9 @@ class EmbeddingIndex:
         for attempt in range(2):  # a concurrent save may delete the files of the manifest we just read
             manifest = read_manifest(root)
             try:
+                problem = check_files(root, manifest, verify)
+                if problem:
+                    raise UserError(f"{root}: {problem}; rebuild it (`mmcl index verify` checks an index)")
                 metas = MetaRows(root / manifest["meta_file"])
                 raw_index = (
                     _read_faiss(root / manifest["index_file"], manifest, mmap) if manifest["index_file"] else None
@@ -447,37 +475,6 @@ def _apply_tuning(index: Any, tuning: dict[str, Any]) -> None:
         index.hnsw.efSearch = int(tuning["value"])
 
 
-class MetaRows(Sequence):
-    """The metadata rows of a saved index, each parsed from the memory-mapped JSONL file when it is read.
-
-    A list of 10M small dicts takes gigabytes; this holds one end offset per row (8 bytes) and the file's
-    pages, which the kernel can drop. Rows are immutable here: an index that grows copies them into a list.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        size = path.stat().st_size
-        self._buf = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
-        self._ends = np.flatnonzero(self._buf == ord("\n"))  # `save` writes one row per line, no blank lines
-        if size and self._buf[-1] != ord("\n"):
-            raise UserError(f"{path}: metadata file ends in the middle of a row; rebuild the index")
-
-    def __len__(self) -> int:
-        return len(self._ends)
-
-    def __getitem__(self, i: int | slice) -> Any:
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        i = range(len(self))[i]  # negative indices and bounds, as a list
-        start = int(self._ends[i - 1]) + 1 if i else 0
-        return json.loads(self._buf[start : int(self._ends[i])].tobytes())
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Sequence) and len(other) == len(self) and list(self) == list(other)
-
-    __hash__ = None  # type: ignore[assignment]  # mutable-looking sequence semantics, like list
-
-
 @functools.cache
 def _scan_pool(threads: int) -> ThreadPoolExecutor:
     """Threads that scan blocks of an exact index (kept: starting threads per query costs more than a scan)."""
@@ -512,39 +509,3 @@ def _rows(chunks: Sequence[np.ndarray], ids: np.ndarray) -> np.ndarray:
             out.append(np.asarray(chunk[mine], dtype=np.float32))
         start += len(chunk)
     return np.ascontiguousarray(np.concatenate(out)) if out else np.zeros((0, chunks[0].shape[1]), np.float32)
-
-
-def read_manifest(root: str | Path) -> dict[str, Any]:
-    """The manifest of index folder `root`; a clear error if there is no index."""
-    root = Path(root)
-    path = root / MANIFEST
-    if not path.is_file():
-        raise UserError(f"{root}: no index here (missing {MANIFEST}); build one with `mmcl index build`")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{path}: not an mmcl index manifest")
-    return manifest
-
-
-def thumbs_dir(index_dir: str | Path) -> Path:
-    """The folder of thumbnails inside an index folder (what the app may serve)."""
-    return Path(index_dir) / THUMBS
-
-
-def build_index(*args: Any, **kwargs: Any) -> EmbeddingIndex:
-    """Embed images into an index folder, resumable after a kill: see `mmcl.index_build.build_index`."""
-    from mmcl.index_build import build_index as build
-
-    return build(*args, **kwargs)
-
-
-def __getattr__(name: str) -> Any:
-    """`iter_samples` lives in `mmcl.index_build` (imported lazily: it imports this module)."""
-    if name == "iter_samples":
-        from mmcl.index_build import iter_samples
-
-        return iter_samples
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -75,8 +75,8 @@ def parse_bytes(text: str | int) -> int:
         value = float(s[:-1] if scale > 1 else s)
     except ValueError:
         raise UserError(f"cannot read '{text}' as a size (e.g. 4G, 512M, 2000000000)") from None
-    if value < 0:
-        raise UserError(f"a memory budget must be >= 0, got '{text}'")
+    if not 0 <= value < math.inf:  # NaN and inf too
+        raise UserError(f"a memory budget must be a size >= 0, got '{text}'")
     return int(value * scale)
 
 

@@ -5,15 +5,24 @@ atomically, then `state.json`, which counts the inputs they cover). A build kill
 again with the same sources, model and options skips the inputs already embedded (read, never decoded) and
 goes on from the last chunk; the finished index is planned for the total size at once
 (`EmbeddingIndex.from_chunks`, over the chunks memory-mapped), saved, and `.build/` removed.
+
+A build holds the folder's lock throughout (a second build into it is refused in one line). A build that fails
+on bad input (no readable images, vectors of another width: rerunning it would fail the same way) removes
+`.build/` and the thumbnails it wrote, leaving the folder as it found it; a crash, a full disk or Ctrl-C keeps
+`.build/` for the rerun to resume. The index records its model's fingerprint (`check_model`); appending with
+another model is refused before any work.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import logging
+import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +32,9 @@ from PIL import Image
 from mmcl.data import decode
 from mmcl.data.decode import MAX_PIXELS, SkipCounter, SkipSample
 from mmcl.data.reader import file_sample, list_inputs, read_samples
-from mmcl.index import DEFAULT_IVF_THRESHOLD, IVF_MIN_TRAIN, MANIFEST, THUMBS, TUNE_QUERIES, EmbeddingIndex, _as_matrix
+from mmcl.index.files import MANIFEST, THUMBS, folder_lock
+from mmcl.index.model import check_model, model_fingerprint
+from mmcl.index.store import DEFAULT_IVF_THRESHOLD, IVF_MIN_TRAIN, TUNE_QUERIES, EmbeddingIndex, as_matrix
 from mmcl.utils import UserError, atomic_open, atomic_write_text
 
 if TYPE_CHECKING:
@@ -113,6 +124,8 @@ class _Progress:
         state_file = work / "state.json"
         if state_file.is_file():
             state = json.loads(state_file.read_text())
+            for stale in work.glob(".*.tmp"):  # a chunk write that was killed: never counted in state.json
+                stale.unlink(missing_ok=True)
             if state.get("identity") == identity:
                 progress.inputs, progress.images = state["inputs"], state["images"]
                 progress.chunks, progress.skipped = state["chunks"], state["skipped"]
@@ -190,26 +203,175 @@ def build_index(
         progress: show a tqdm bar.
         chunk_size: images per saved chunk (the most a kill can cost).
     """
-    from tqdm import tqdm
-
     out = Path(out_dir)
+    try:
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        with folder_lock(out, wait=False):
+            had_index, had_thumbs = (out / MANIFEST).is_file(), (out / THUMBS).is_dir()
+            try:
+                return _build_locked(
+                    encoder,
+                    sources,
+                    out,
+                    dict(kind=kind, ivf_threshold=ivf_threshold, storage=storage, memory_budget=memory_budget),
+                    target_recall=target_recall,
+                    batch_size=batch_size,
+                    thumb_size=thumb_size,
+                    max_samples=max_samples,
+                    max_pixels=max_pixels,
+                    append=append,
+                    overwrite=overwrite,
+                    info=info,
+                    progress=progress,
+                    chunk_size=chunk_size,
+                    discard=lambda: _discard_build(out, had_index, had_thumbs, created),
+                )
+            except (KeyboardInterrupt, Exception) as e:
+                if (out / WORK / "state.json").is_file() and _disk_problem(e, out) is None:
+                    log.warning("index: build interrupted; run the same command again to resume it")
+                raise
+    except (OSError, RuntimeError) as e:
+        problem = _disk_problem(e, out)
+        if problem is None:
+            raise
+        raise UserError(problem) from None
+
+
+# write failures another try will not cure until the user acts: said in one line, the chunks kept for the resume
+_DISK_ERRNOS = {errno.ENOSPC: "full", errno.EDQUOT: "full", errno.EROFS: "read-only"}
+
+
+def _disk_problem(e: BaseException, out: Path) -> str | None:
+    """The one-line message for a full or read-only disk under `out`, or None for any other error. faiss reports
+    a failed write as a RuntimeError ("write error"): counted as full when less space is free than needed."""
+    work = out / WORK
+    needed = sum(p.stat().st_size for p in work.iterdir() if p.is_file()) if work.is_dir() else 0
+    kind = _DISK_ERRNOS.get(getattr(e, "errno", None) or 0) if isinstance(e, OSError) else None
+    if isinstance(e, RuntimeError) and "write error" in str(e):
+        with contextlib.suppress(OSError):
+            kind = "full" if shutil.disk_usage(out if out.exists() else out.parent).free < needed else None
+    if kind is None:
+        return None
+    mount = out.resolve()
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    if kind == "read-only":
+        return f"read-only file system at {mount}: cannot write the index in {out}"
+    return (
+        f"no space left on {mount} (needed ~{max(needed, 2**20) / 1e6:.0f} MB) while writing the index in {out}; "
+        "free some space and run the same command again to resume"
+    )
+
+
+def _discard_build(out: Path, had_index: bool, had_thumbs: bool, created: bool) -> None:
+    """Remove what a failed build wrote: `.build/`, the thumbnails past the saved index, folders it created."""
+    shutil.rmtree(out / WORK, ignore_errors=True)
+    keep = 0
+    if (out / MANIFEST).is_file():
+        try:
+            keep = int(json.loads((out / MANIFEST).read_text())["count"])
+        except (ValueError, KeyError, TypeError, OSError):
+            return  # an unreadable manifest: leave the thumbnails to a build that can tell
+    thumbs = out / THUMBS
+    for thumb in thumbs.glob("*.jpg") if thumbs.is_dir() else ():
+        if thumb.stem.isdigit() and int(thumb.stem) >= keep:
+            thumb.unlink(missing_ok=True)
+    if not had_thumbs and thumbs.is_dir() and not any(thumbs.iterdir()):
+        thumbs.rmdir()
+    if created and not had_index and not any(out.iterdir()):
+        out.rmdir()
+
+
+def _build_locked(
+    encoder: Encoder,
+    sources: Sequence[str],
+    out: Path,
+    params: dict[str, Any],
+    *,
+    target_recall: float,
+    batch_size: int,
+    thumb_size: int,
+    max_samples: int,
+    max_pixels: int,
+    append: bool,
+    overwrite: bool,
+    info: dict[str, Any] | None,
+    progress: bool,
+    chunk_size: int,
+    discard: Callable[[], None],
+) -> EmbeddingIndex:
+    """`build_index` inside the folder's lock; `discard` undoes the work once it has begun (on bad input)."""
     exists = (out / MANIFEST).is_file()
     if exists and not (append or overwrite) and not (out / WORK).is_dir():
         raise UserError(f"{out} already holds an index: pass --append to add to it or --overwrite to replace it")
     base = EmbeddingIndex.load(out, mmap=False) if exists and append else None
-    params = {"kind": kind, "ivf_threshold": ivf_threshold, "storage": storage}
-    params.update(memory_budget=memory_budget, target_recall=target_recall)
+    fingerprint = model_fingerprint(encoder)
+    if base is not None:
+        check_model(base, encoder, (info or {}).get("model"))  # before any work: vectors of two models never mix
+    params = {**params, "target_recall": target_recall}
     identity = {
         "sources": list(map(str, sources)),
         "model": (info or {}).get("model"),
+        "model_fingerprint": fingerprint,
         "append_to": len(base) if base is not None else None,
         **params,
         "max_samples": max_samples,
         "max_pixels": max_pixels,
         "thumb_size": thumb_size,
     }
-    (out / THUMBS).mkdir(parents=True, exist_ok=True)
     state = _Progress.open(out, identity, overwrite)
+    (out / THUMBS).mkdir(parents=True, exist_ok=True)
+    try:
+        index = _embed_and_save(
+            encoder,
+            sources,
+            out,
+            state,
+            base,
+            params,
+            batch_size=batch_size,
+            thumb_size=thumb_size,
+            max_samples=max_samples,
+            max_pixels=max_pixels,
+            progress=progress,
+            chunk_size=chunk_size,
+        )
+    except UserError:  # bad input (nothing readable, another width): a rerun would fail alike, keep nothing
+        discard()
+        raise
+    index.info.update(base.info if base is not None else {})
+    index.info.update(info or {}, skipped=index.info.get("skipped", {}))
+    if fingerprint:
+        index.info["model_fingerprint"] = fingerprint
+    index.info["sources"] = list(dict.fromkeys([*index.info.get("sources", []), *map(str, sources)]))
+    index.save_locked(out)
+    shutil.rmtree(out / WORK, ignore_errors=True)
+    for thumb in (out / THUMBS).glob("*.jpg"):  # left over from a replaced, larger index
+        if thumb.stem.isdigit() and int(thumb.stem) >= len(index):
+            thumb.unlink(missing_ok=True)
+    log.info("index: %d images (%s, dim %d) saved to %s", len(index), index.structure, index.dim, out)
+    return index
+
+
+def _embed_and_save(
+    encoder: Encoder,
+    sources: Sequence[str],
+    out: Path,
+    state: _Progress,
+    base: EmbeddingIndex | None,
+    params: dict[str, Any],
+    *,
+    batch_size: int,
+    thumb_size: int,
+    max_samples: int,
+    max_pixels: int,
+    progress: bool,
+    chunk_size: int,
+) -> EmbeddingIndex:
+    """Embed what `state` has not covered yet (committing chunks), then plan the index over every chunk."""
+    from tqdm import tqdm
+
     first_id = len(base) if base is not None else 0
     skipped = SkipCounter(log)
     skipped.counts.update(state.skipped)
@@ -227,7 +389,7 @@ def build_index(
                     if len(batch) == min(batch_size, room):
                         break
             if batch:
-                emb = _as_matrix(encoder.encode_images([image for _, image in batch]), None)
+                emb = as_matrix(encoder.encode_images([image for _, image in batch]), None)
                 for i, (meta, image) in enumerate(batch, start=first_id + state.images + sum(map(len, vectors))):
                     rel = f"{THUMBS}/{i:08d}.jpg"
                     _write_thumb(image, out / rel, thumb_size)
@@ -251,15 +413,7 @@ def build_index(
     base_params = {k: getattr(base, k) for k in ("nlist", "nprobe", "hnsw_m", "ef_search")} if base else {}
     queries = _caption_queries(encoder, metas)
     index = EmbeddingIndex.from_chunks(chunks[0].shape[1], chunks, metas, queries, **params, **base_params)
-    index.info.update(base.info if base is not None else {})
-    index.info.update(info or {}, skipped=dict(skipped.counts))
-    index.info["sources"] = list(dict.fromkeys([*index.info.get("sources", []), *map(str, sources)]))
-    index.save(out)
-    shutil.rmtree(out / WORK, ignore_errors=True)
-    for thumb in (out / THUMBS).glob("*.jpg"):  # left over from a replaced, larger index
-        if thumb.stem.isdigit() and int(thumb.stem) >= len(index):
-            thumb.unlink(missing_ok=True)
-    log.info("index: %d images (%s, dim %d) saved to %s", len(index), index.structure, index.dim, out)
+    index.info["skipped"] = dict(skipped.counts)
     return index
 
 
@@ -280,9 +434,6 @@ def _caption_queries(encoder: Encoder, metas: Sequence[dict[str, Any]]) -> np.nd
     if len(captions) < TUNE_QUERIES // 4:
         return None
     try:
-        return _as_matrix(encoder.encode_texts(captions), None)
+        return as_matrix(encoder.encode_texts(captions), None)
     except NotImplementedError:  # an image-only encoder
         return None
-
-
-__all__ = ["build_index", "iter_samples"]
