@@ -76,6 +76,7 @@ class SigLipTerm(LossTerm):
     (`model.init_logit_bias`, e.g. -10). Returns {'loss', 'acc_i2t', 'acc_t2i', 'logit_scale', 'logit_bias'}."""
 
     Options = SigLipOptions
+    test_setup = {"preset": "siglip-tiny"}  # the registry-driven tests' toy model (it has a logit bias)
     inputs = ("images", "text", "text_mask")
     batch_features = ("image_features", "text_features")
 
