@@ -104,3 +104,23 @@ def test_mocov3_on_two_processes_equals_the_full_batch() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.start_processes(_gloo_worker, args=(port,), nprocs=WORLD, join=True, start_method="fork")
+
+
+# ---------------------------------------------------------------- InvaSpread, as options of the simclr term
+
+
+def test_invaspread_is_the_simclr_term_with_a_linear_embedding() -> None:
+    """Ye et al. 2019 ("Unsupervised Embedding Learning via Invariant and Spreading Instance Feature"):
+    in-batch instance discrimination, a linear 128-d L2-normalised embedding, t = 0.1, every other instance's
+    views (both) as negatives. The simclr term's options express it: `head_layers: 1, head_out: 128`."""
+    task = _task("[{name: simclr, head_layers: 1, head_out: 128, temperature: 0.1}]")
+    term = task.terms["simclr"]
+    assert [type(m).__name__ for m in term.head] == ["Linear"] and term.head[0].out_features == 128
+    a, b = _unit(4, 128, seed=5), _unit(4, 128, seed=6)
+    views = {(i, v): (a if v == 0 else b)[i] for i in range(4) for v in (0, 1)}
+    total = 0.0
+    for (i, v), z in views.items():  # each view: its other view positive, both views of the others negative
+        positive = views[(i, 1 - v)].dot(z) / 0.1
+        others = [w.dot(z) / 0.1 for (j, u), w in views.items() if (j, u) != (i, v)]
+        total = total - (positive - lse(others))
+    assert term({"z1": a, "z2": b}, None)["loss"].item() == pytest.approx(float(total / 8), rel=1e-9)
