@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from mmcl.registry import LOSSES
 from mmcl.utils import UserError, atomic_write_text
 
 T = TypeVar("T")
@@ -488,11 +489,12 @@ class TermConfig:
             raise ConfigError(
                 f"{where}: a loss term is a name or a mapping with a 'name' (e.g. {{name: clip}}), got {value!r}"
             )
-        from mmcl.losses import term_class  # registers the built-in terms
-
-        term = term_class(value["name"], where)
+        try:  # the registry reads the term's options without importing its module (no torch here)
+            options_cls = LOSSES.options(value["name"])
+        except KeyError as e:
+            raise ConfigError(f"{where}: {e.args[0]}") from None
         weight = _coerce(value.get("weight", 1.0), float, f"{where}.weight")
-        options = from_dict(term.Options, {k: v for k, v in value.items() if k not in ("name", "weight")}, where)
+        options = from_dict(options_cls, {k: v for k, v in value.items() if k not in ("name", "weight")}, where)
         return cls(value["name"], weight, options)
 
     def to_config(self) -> dict[str, Any]:
@@ -509,6 +511,19 @@ class LossConfig:
     """
 
     terms: list[TermConfig] = field(default_factory=list)
+    plugins: list[str] = field(default_factory=list)  # modules holding more terms: [my_package.my_term]
+
+    @classmethod
+    def from_config(cls, value: Any, where: str) -> LossConfig:
+        """Plug-ins are read first, so `terms` may name the terms they register."""
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for LossConfig, got {value!r}")
+        plugins = _coerce(value.get("plugins", []), list[str], f"{where}.plugins")
+        try:
+            LOSSES.load_plugins(plugins, f"{where}.plugins")
+        except KeyError as e:
+            raise ConfigError(e.args[0]) from None
+        return from_dict(cls, value, where)
 
     def validate(self) -> None:
         names = [t.name for t in self.terms]

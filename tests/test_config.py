@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from mmcl.config import (
@@ -85,3 +90,52 @@ def test_round_trip_through_yaml(tmp_path):
 
 def test_parse_overrides_nesting():
     assert parse_overrides(["a.b.c=1", "a.b.d=x", "e=[1, 2]"]) == {"a": {"b": {"c": 1, "d": "x"}}, "e": [1, 2]}
+
+
+def test_loading_a_config_with_loss_terms_does_not_import_torch(tmp_path):
+    """Options are typed through the registry, which reads the term files without importing them."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        "model:\n  preset: clip-tiny\nloss:\n  terms: [clip, {name: simclr, temperature: 0.2, augment: {flip_p: 0}},"
+        " {name: negclip, count: 2}, byol]\n"
+    )
+    code = (
+        "import sys\n"
+        "from mmcl.config import load_experiment\n"
+        "from mmcl.registry import LOSSES\n"
+        f"cfg = load_experiment({str(path)!r})\n"
+        "for name in LOSSES.names():\n"
+        "    LOSSES.options(name)\n"
+        "t = cfg.loss.terms\n"
+        "assert t[1].options.temperature == 0.2 and t[1].options.augment.flip_p == 0 and t[2].options.count == 2\n"
+        "heavy = sorted(m for m in ('torch', 'PIL', 'numpy', 'mmcl.losses.base') if m in sys.modules)\n"
+        "print(heavy)\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_config_imports_only_the_registry_of_the_losses():
+    source = (Path(__file__).resolve().parents[1] / "mmcl" / "config.py").read_text()
+    assert "mmcl.losses" not in source and "from mmcl.registry import LOSSES" in source
+
+
+def test_unknown_plugin_and_term_are_one_line_config_errors():
+    with pytest.raises(ConfigError, match=r"loss.plugins\[0\]: no module 'not_a_package.term'"):
+        load_experiment(None, ["loss.plugins=[not_a_package.term]", "loss.terms=[clip]"])
+    with pytest.raises(ConfigError, match=r"loss.terms\[0\]: unknown loss term 'clipp' \(did you mean 'clip'"):
+        load_experiment(None, ["loss.terms=[clipp]"])
+
+
+def test_readme_table_of_terms_is_the_registry():
+    """Every registered term has a row in README's table of terms, and every row a registered term."""
+    from mmcl.registry import LOSSES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("Registered terms", 1)[1].split("\n\n", 2)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    listed = [name for row in rows for name in re.findall(r"`([a-z0-9_]+)`", row.split("|")[1])]
+    shipped = [n for n in LOSSES.names() if not n.startswith("test_")]
+    assert sorted(listed) == sorted(shipped)

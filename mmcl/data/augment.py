@@ -15,12 +15,14 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-import torchvision.transforms.functional as TF
-from PIL import Image, ImageFilter
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
 
-from mmcl.data.transforms import BICUBIC, OPENAI_MEAN, OPENAI_STD, random_resized_crop_box
+# torch, torchvision and PIL are imported where used: the loss terms' options name `AugmentConfig`, and
+# reading a config (`mmcl.registry`) must not import torch
 
 
 @dataclass
@@ -43,14 +45,24 @@ class StrongAugment:
         self,
         image_size: int,
         cfg: AugmentConfig | None = None,
-        mean: Sequence[float] = OPENAI_MEAN,
-        std: Sequence[float] = OPENAI_STD,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
+        import torch
+
+        from mmcl.data.transforms import OPENAI_MEAN, OPENAI_STD
+
+        mean, std = mean if mean is not None else OPENAI_MEAN, std if std is not None else OPENAI_STD
         self.size, self.cfg = image_size, cfg or AugmentConfig()
         self.mean = torch.tensor(mean).view(3, 1, 1) * 255
         self.std = torch.tensor(std).view(3, 1, 1) * 255
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
+        import torchvision.transforms.functional as TF
+        from PIL import ImageFilter
+
+        from mmcl.data.transforms import BICUBIC, random_resized_crop_box
+
         c = self.cfg
         top, left, h, w = random_resized_crop_box(*image.size, tuple(c.crop_scale), (3 / 4, 4 / 3), rng)
         image = TF.resized_crop(image, top, left, h, w, [self.size, self.size], BICUBIC)
@@ -67,6 +79,8 @@ class StrongAugment:
 
     def _jitter(self, image: Image.Image, rng: random.Random) -> Image.Image:
         """torchvision's ColorJitter, in random order, drawn from `rng`."""
+        import torchvision.transforms.functional as TF
+
         b, c, s, h = self.cfg.jitter
         ops = [
             (TF.adjust_brightness, b, 1.0),

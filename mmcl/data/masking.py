@@ -39,7 +39,7 @@ def mask_token_id(tokenizer) -> int:
 
 
 class MaskedTokensView:
-    """Loader view: `mlm_text` (B, L) masked ids, `mlm_text_mask` (B, L) 1 = real token, `mlm_labels` (B, L)
+    """Loader view: `ids` (B, L) masked ids, `mask` (B, L) 1 = real token, `labels` (B, L)
     original ids at the chosen positions, IGNORE_INDEX elsewhere.
 
     Args:
@@ -90,4 +90,4 @@ class MaskedTokensView:
         keys = list(keys) if keys else list(captions)
         ids, mask = self.tokenizer(captions)  # (B, L) each, as the collator tokenizes `batch.text`
         labels = torch.stack([self.mask_row(row, int(m.sum()), key) for row, m, key in zip(ids, mask, keys)])
-        return {"mlm_text": ids, "mlm_text_mask": mask, "mlm_labels": labels}
+        return {"ids": ids, "mask": mask, "labels": labels}

@@ -22,7 +22,7 @@ import random
 import re
 from typing import Any
 
-import torch
+# torch is imported where used: NegCLIP's options name `RULES`, and reading a config must not import torch
 
 KINDS: dict[str, tuple[str, ...]] = {
     "colour": ("red", "green", "blue", "yellow", "orange", "purple", "pink", "brown", "black", "white", "gray",
@@ -170,6 +170,8 @@ class HardNegativesView:
         self.tokenizer, self.count, self.rules, self.seed = tokenizer, count, tuple(rules), seed
 
     def __call__(self, captions: list[str], keys: list[str] | None, has_images: bool = True) -> dict[str, Any]:
+        import torch
+
         keys = list(keys) if keys else list(captions)
         vocab = batch_vocab(captions)
         rows, valid = [], []

@@ -19,8 +19,9 @@ per-sample terms their full-batch mean. Dropout is replayed with the RNG state o
 recomputed features equal the cached ones. Reported metrics: batch terms' full-batch values
 (from the last pass), per-sample terms' share-weighted means over micro-batches.
 
-The step's batch features (all micro-batches, detached) are left in `task.step_features` for the
-terms' `on_step_end` (queues of keys, feature banks).
+The step's features every term's `on_step_end` reads (its `batch_features` and `step_features`: the rows
+of all micro-batches, detached, whatever the term's accumulation mode) are left in `task.step_features`
+(queues of keys, feature banks, a per-sample term's centre).
 """
 
 from __future__ import annotations
@@ -81,18 +82,17 @@ def forward_backward(
         with _autocast(accelerator):
             return task.loss(*args, **kwargs)
 
-    names = task.batch_feature_names
     shares = task.shares(micro_batches)
     per_pass: list[dict[str, dict[str, torch.Tensor]]] = []
-    steps_features: list[dict[str, torch.Tensor]] = []
-    if k == 1 or not names:  # nothing spans micro-batches: plain accumulation
+    step_rows: list[dict[str, torch.Tensor]] = []
+    if k == 1 or not task.has_batch_terms:  # nothing spans micro-batches: plain accumulation
         for j, mb in enumerate(micro_batches):
             feats = run(mb, last=j == k - 1)
             loss, outputs = objective(feats, mb, shares=shares[j])
             backward(loss)
             per_pass.append(outputs)
-            steps_features.append({n: feats[n].detach() for n in names})
-        task.step_features = {n: torch.cat([f[n] for f in steps_features]) for n in names}
+            step_rows.append(task.step_feature_rows(feats))
+        task.step_features = task.join_step_rows(step_rows)
         return _combine(task, per_pass, shares)
 
     states, cached = [], []
@@ -100,6 +100,7 @@ def forward_backward(
         for mb in micro_batches:
             states.append(RngReplay(device))
             feats = run(mb, last=False, batch_only=True)
+            names = task.batch_feature_keys(feats)
             cached.append({n: feats[n] for n in names})
     after = RngReplay(device)
     for j, mb in enumerate(micro_batches):
@@ -114,8 +115,9 @@ def forward_backward(
         loss, outputs = objective(full, mb, own=own, shares=shares[j])
         backward(loss)
         per_pass.append(outputs)
+        step_rows.append(task.step_feature_rows(own))  # recomputed rows equal the cached ones
     after.restore()
-    task.step_features = {n: full[n].detach() for n in names}
+    task.step_features = task.join_step_rows(step_rows)
     return _combine(task, per_pass, shares)
 
 

@@ -73,6 +73,7 @@ class CaptionTerm(LossTerm):
     """
 
     inputs = ("images", "prefix_ids", "prefix_mask", "lm_labels", "text_only")
+    test_setup = {"preset": "prefixlm-tiny"}
 
     def __init__(self, model: nn.Module, options: Any = None) -> None:
         super().__init__(model, options)

@@ -77,6 +77,7 @@ class MLMTerm(LossTerm):
     masked tokens predicted exactly)."""
 
     Options = MLMOptions
+    test_setup = {"with": ["clip"]}
 
     def __init__(self, model: nn.Module, options: MLMOptions | None = None) -> None:
         super().__init__(model, options)
@@ -94,21 +95,21 @@ class MLMTerm(LossTerm):
 
     def views(self, model: nn.Module) -> dict[str, Any]:
         o = self.options
-        return {"mlm_tokens": MaskedTokensView(model.tokenizer, self.mask_id, o.mask_prob, o.seed)}
+        return {"tokens": MaskedTokensView(model.tokenizer, self.mask_id, o.mask_prob, o.seed)}
 
     def features(self, model: nn.Module, batch: Batch, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        states = model.text.token_states(batch.views["mlm_text"], batch.views["mlm_text_mask"])  # (B, n, W)
-        labels = batch.views["mlm_labels"][:, : states.shape[1]]  # positions past the longest row are never masked
+        states = model.text.token_states(batch.views["ids"], batch.views["mask"])  # (B, n, W)
+        labels = batch.views["labels"][:, : states.shape[1]]  # positions past the longest row are never masked
         chosen = labels != IGNORE_INDEX
         logits = self.head(states[chosen], model.text.get_input_embeddings().weight)  # (|M|, V)
-        return {"mlm_logits": logits, "mlm_targets": labels[chosen]}
+        return {"logits": logits, "targets": labels[chosen]}
 
     def count(self, batch: Batch) -> float:
-        return float((batch.views["mlm_labels"] != IGNORE_INDEX).sum())  # a token mean: weigh by masked tokens
+        return float((batch.views["labels"] != IGNORE_INDEX).sum())  # a token mean: weigh by masked tokens
 
     def forward(self, feats: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
-        logits = feats["mlm_logits"]
-        logits, targets = logits.to(torch.promote_types(logits.dtype, torch.float32)), feats["mlm_targets"]
+        logits = feats["logits"]
+        logits, targets = logits.to(torch.promote_types(logits.dtype, torch.float32)), feats["targets"]
         if targets.numel() == 0:  # no masked token (empty captions): a zero that still reaches the head
             zero = logits.sum() * 0.0
             return {"loss": zero, "acc": zero.detach()}

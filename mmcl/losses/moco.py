@@ -45,7 +45,8 @@ class MoCoTerm(LossTerm):
 
     Options = MoCoOptions
     inputs = ("images", "text", "text_mask")
-    batch_features = ("image_features", "text_features", "moco_image_m", "moco_text_m")
+    batch_features = ("image_features", "text_features", "image_m", "text_m")
+    test_setup = {"options": {"queue_size": 64}}
 
     def __init__(self, model: nn.Module, options: MoCoOptions | None = None) -> None:
         super().__init__(model, options)
@@ -60,23 +61,23 @@ class MoCoTerm(LossTerm):
     def features(self, model: nn.Module, batch: Batch, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             return {
-                "moco_image_m": F.normalize(self.image_m(batch.images), dim=-1),
-                "moco_text_m": F.normalize(self.text_m(batch.text, batch.text_mask), dim=-1),
+                "image_m": F.normalize(self.image_m(batch.images), dim=-1),
+                "text_m": F.normalize(self.text_m(batch.text, batch.text_mask), dim=-1),
             }
 
     def forward(self, feats: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         rank, _ = world_info()
         x, y, t = feats["image_features"], feats["text_features"], feats["logit_scale"]
         n = x.shape[0]
-        keys_y = torch.cat([all_gather_cat(feats["moco_text_m"], with_grad=False), self.text_queue.valid()])
-        keys_x = torch.cat([all_gather_cat(feats["moco_image_m"], with_grad=False), self.image_queue.valid()])
+        keys_y = torch.cat([all_gather_cat(feats["text_m"], with_grad=False), self.text_queue.valid()])
+        keys_x = torch.cat([all_gather_cat(feats["image_m"], with_grad=False), self.image_queue.valid()])
         labels = torch.arange(n, device=x.device) + rank * n
         s_i2t, s_t2i = t * x @ keys_y.T, t * y @ keys_x.T  # (n, P*n + K)
         with torch.no_grad():
             onehot = F.one_hot(labels, keys_y.shape[0]).to(x.dtype)
             a = self.options.alpha
-            q_i2t = a * F.softmax(t * feats["moco_image_m"] @ keys_y.T, dim=1) + (1 - a) * onehot
-            q_t2i = a * F.softmax(t * feats["moco_text_m"] @ keys_x.T, dim=1) + (1 - a) * onehot
+            q_i2t = a * F.softmax(t * feats["image_m"] @ keys_y.T, dim=1) + (1 - a) * onehot
+            q_t2i = a * F.softmax(t * feats["text_m"] @ keys_x.T, dim=1) + (1 - a) * onehot
         loss_i2t = -(F.log_softmax(s_i2t, dim=1) * q_i2t).sum(1).mean()
         loss_t2i = -(F.log_softmax(s_t2i, dim=1) * q_t2i).sum(1).mean()
         with torch.no_grad():
@@ -87,8 +88,8 @@ class MoCoTerm(LossTerm):
 
     @torch.no_grad()
     def on_step_end(self, ctx: StepContext) -> None:
-        self.image_queue.push(ctx.gather(ctx.features["moco_image_m"]))
-        self.text_queue.push(ctx.gather(ctx.features["moco_text_m"]))
+        self.image_queue.push(ctx.gather(ctx.features["image_m"]))
+        self.text_queue.push(ctx.gather(ctx.features["text_m"]))
         m = self.options.momentum
         for momentum, online in zip((self.image_m, self.text_m), self._online):
             for p_m, p in zip(momentum.parameters(), online.parameters()):

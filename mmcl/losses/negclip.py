@@ -41,7 +41,7 @@ class NegCLIPTerm(LossTerm):
 
     Options = NegCLIPOptions
     inputs = ("images", "text", "text_mask")
-    batch_features = ("image_features", "text_features", "negclip_text", "negclip_valid")
+    batch_features = ("image_features", "text_features", "neg_features", "neg_valid")
 
     def views(self, model: nn.Module) -> dict[str, Any]:
         return {"hard_negatives": HardNegativesView(model.tokenizer, self.options.count, self.options.rules)}
@@ -50,7 +50,7 @@ class NegCLIPTerm(LossTerm):
         ids, mask = batch.views["neg_text"], batch.views["neg_mask"]  # (n, m, L)
         n, m = ids.shape[:2]
         neg = model.encode_text(ids.flatten(0, 1), mask.flatten(0, 1)).view(n, m, -1)  # (n, m, D)
-        return {"negclip_text": neg, "negclip_valid": batch.views["neg_valid"]}
+        return {"neg_features": neg, "neg_valid": batch.views["neg_valid"]}
 
     def forward(self, feats: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         rank, _ = world_info()
@@ -58,17 +58,17 @@ class NegCLIPTerm(LossTerm):
         n = x.shape[0]
         labels = torch.arange(n, device=x.device) + rank * n
         all_x, all_y = all_gather_cat(x), all_gather_cat(y)
-        neg = all_gather_cat(feats["negclip_text"]).flatten(0, 1)  # (P*n*m, D)
-        valid = all_gather_cat(feats["negclip_valid"], with_grad=False).flatten()  # (P*n*m,)
+        neg = all_gather_cat(feats["neg_features"]).flatten(0, 1)  # (P*n*m, D)
+        valid = all_gather_cat(feats["neg_valid"], with_grad=False).flatten()  # (P*n*m,)
         s_i2t = t * x @ torch.cat([all_y, neg]).T
         pad = torch.ones(all_y.shape[0], dtype=torch.bool, device=x.device)
         s_i2t = s_i2t.masked_fill(~torch.cat([pad, valid])[None, :], float("-inf"))
         s_t2i = t * y @ all_x.T
         loss = (F.cross_entropy(s_i2t, labels) + F.cross_entropy(s_t2i, labels)) / 2
         with torch.no_grad():
-            m = feats["negclip_text"].shape[1]
-            own_neg = (x[:, None, :] * feats["negclip_text"]).sum(-1)  # (n, m) image vs its own negatives
-            own_neg = own_neg.masked_fill(~feats["negclip_valid"], float("-inf"))
+            m = feats["neg_features"].shape[1]
+            own_neg = (x[:, None, :] * feats["neg_features"]).sum(-1)  # (n, m) image vs its own negatives
+            own_neg = own_neg.masked_fill(~feats["neg_valid"], float("-inf"))
             pos = (x * y).sum(-1)
             hard_acc = (pos > own_neg.max(1).values).float().mean() if m else torch.ones(())
             acc_i2t = (s_i2t.argmax(1) == labels).float().mean()

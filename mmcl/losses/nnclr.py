@@ -38,6 +38,7 @@ class NearestNeighbourTerm(LossTerm):
     Options = NNOptions
     inputs = ("images", "text", "text_mask")
     batch_features = ("image_features", "text_features")
+    test_setup = {"with": ["clip"], "options": {"queue_size": 64}}
 
     def __init__(self, model: nn.Module, options: NNOptions | None = None) -> None:
         super().__init__(model, options)

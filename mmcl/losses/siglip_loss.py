@@ -238,6 +238,7 @@ class SigLipTerm(LossTerm):
     `{name: siglip, dist_impl: ring}` selects the chunked loss for large global batches."""
 
     Options = SigLipOptions
+    test_setup = {"preset": "siglip-tiny"}  # the registry-driven tests' toy model (it has a logit bias)
     inputs = ("images", "text", "text_mask")
     batch_features = ("image_features", "text_features")
 

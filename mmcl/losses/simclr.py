@@ -41,7 +41,8 @@ class SimCLRTerm(LossTerm):
     """Image-image NT-Xent on two strong views. Returns {'loss', 'acc'} (the other view ranked first)."""
 
     Options = SimCLROptions
-    batch_features = ("simclr_z1", "simclr_z2")
+    batch_features = ("z1", "z2")
+    test_setup = {"with": ["clip"]}
 
     def __init__(self, model: nn.Module, options: SimCLROptions | None = None) -> None:
         super().__init__(model, options)
@@ -51,12 +52,12 @@ class SimCLRTerm(LossTerm):
     def views(self, model: nn.Module) -> dict[str, Any]:
         pre = model.preprocess_cfg()
         augment = StrongAugment(pre["image_size"], self.options.augment, pre["mean"], pre["std"])
-        return {"simclr_view1": ImageView(augment), "simclr_view2": ImageView(augment)}
+        return {"view1": ImageView(augment), "view2": ImageView(augment)}
 
     def features(self, model: nn.Module, batch: Batch, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        views = torch.cat([batch.views["simclr_view1"], batch.views["simclr_view2"]])  # one tower pass for both
+        views = torch.cat([batch.views["view1"], batch.views["view2"]])  # one tower pass for both
         z1, z2 = F.normalize(self.head(image_features(model, views)), dim=-1).chunk(2)
-        return {"simclr_z1": z1, "simclr_z2": z2}
+        return {"z1": z1, "z2": z2}
 
     def forward(self, feats: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
-        return nt_xent(feats["simclr_z1"], feats["simclr_z2"], self.options.temperature)
+        return nt_xent(feats["z1"], feats["z2"], self.options.temperature)

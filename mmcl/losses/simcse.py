@@ -34,7 +34,8 @@ class SimCSETerm(LossTerm):
 
     Options = SimCSEOptions
     inputs = ("text", "text_mask")
-    batch_features = ("text_features", "simcse_text2")
+    batch_features = ("text_features", "text2")
+    test_setup = {"with": ["clip"], "overrides": ["model.text.dropout=0.1"]}
 
     def __init__(self, model: nn.Module, options: SimCSEOptions | None = None) -> None:
         super().__init__(model, options)
@@ -43,7 +44,7 @@ class SimCSETerm(LossTerm):
             raise UserError("the simcse loss term needs text dropout: set model.text.dropout (SimCSE uses 0.1)")
 
     def features(self, model: nn.Module, batch: Batch, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"simcse_text2": F.normalize(model.encode_text(batch.text, batch.text_mask), dim=-1)}
+        return {"text2": F.normalize(model.encode_text(batch.text, batch.text_mask), dim=-1)}
 
     def forward(self, feats: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
-        return info_nce(feats["text_features"], feats["simcse_text2"], self.options.temperature, symmetric=False)
+        return info_nce(feats["text_features"], feats["text2"], self.options.temperature, symmetric=False)

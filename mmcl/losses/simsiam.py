@@ -49,9 +49,7 @@ class BYOLOptions(SiameseOptions):
 
 class _Siamese(LossTerm):
     """Two strong views, an online projector + predictor; subclasses say where the targets come from.
-    Views and features are named after the term (`simsiam_p1`, `byol_view1`, ...): both can train together."""
-
-    prefix = ""
+    Views and features live under the term's name (the task scopes them): both can train together."""
 
     def __init__(self, model: nn.Module, options: Any = None) -> None:
         super().__init__(model, options)
@@ -62,23 +60,22 @@ class _Siamese(LossTerm):
     def views(self, model: nn.Module) -> dict[str, Any]:
         pre = model.preprocess_cfg()
         augment = StrongAugment(pre["image_size"], self.options.augment, pre["mean"], pre["std"])
-        return {f"{self.prefix}_view1": ImageView(augment), f"{self.prefix}_view2": ImageView(augment)}
+        return {"view1": ImageView(augment), "view2": ImageView(augment)}
 
     def _views(self, batch: Batch) -> torch.Tensor:
-        return torch.cat([batch.views[f"{self.prefix}_view1"], batch.views[f"{self.prefix}_view2"]])  # (2n, 3, S, S)
+        return torch.cat([batch.views["view1"], batch.views["view2"]])  # (2n, 3, S, S)
 
     def features(self, model: nn.Module, batch: Batch, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         z = self.projector(model.encode_image(self._views(batch), normalize=False))
         p1, p2 = self.predictor(z).chunk(2)
         t1, t2 = self.targets(model, batch, z)
-        names = ("p1", "p2", "t1", "t2")
-        return {f"{self.prefix}_{n}": v for n, v in zip(names, (p1, p2, t1, t2))}
+        return {"p1": p1, "p2": p2, "t1": t1, "t2": t2}
 
     def targets(self, model: nn.Module, batch: Batch, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def forward(self, feats: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
-        p1, p2, t1, t2 = (feats[f"{self.prefix}_{n}"] for n in ("p1", "p2", "t1", "t2"))
+        p1, p2, t1, t2 = (feats[n] for n in ("p1", "p2", "t1", "t2"))
         cos1 = F.cosine_similarity(p1, t2, dim=-1)  # (n,)
         cos2 = F.cosine_similarity(p2, t1, dim=-1)
         cos = (cos1 + cos2) / 2
@@ -94,7 +91,7 @@ class SimSiamTerm(_Siamese):
     Returns {'loss' (-cos, in [-1, 1]), 'view_cos'}."""
 
     Options = SiameseOptions
-    prefix = "simsiam"
+    test_setup = {"with": ["clip"]}
 
     def targets(self, model: nn.Module, batch: Batch, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z1, z2 = z.detach().chunk(2)
@@ -107,7 +104,6 @@ class BYOLTerm(_Siamese):
     Returns {'loss' (2 - 2 cos, in [0, 4]), 'view_cos'}."""
 
     Options = BYOLOptions
-    prefix = "byol"
 
     def __init__(self, model: nn.Module, options: BYOLOptions | None = None) -> None:
         super().__init__(model, options)

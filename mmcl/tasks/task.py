@@ -13,6 +13,8 @@ counters: the terms' parameters and buffers) is optimized and checkpointed with 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator, Mapping
+from dataclasses import fields, replace
 from typing import Any
 
 import torch
@@ -42,7 +44,7 @@ class Task(nn.Module):
         self.terms = nn.ModuleDict({name: term for name, _, term in ordered})
         self.weights = {name: weight for name, weight, _ in ordered}
         self._model_inputs = _forward_params(model)
-        self.step_features: dict[str, torch.Tensor] = {}  # the last step's batch features (set by the accumulator)
+        self.step_features: dict[str, torch.Tensor] = {}  # the last step's step features (set by the accumulator)
         for name, term in self.terms.items():
             missing = [i for i in term.inputs if i not in self._model_inputs]
             if missing:
@@ -51,25 +53,47 @@ class Task(nn.Module):
                     f"{sorted(self._model_inputs)}"
                 )
 
-    # ------------------------------------------------------------------ what the loader and the accumulator read
+    # ------------------------------------------------------------------ names: each term's own
 
     def views(self) -> dict[str, Any]:
-        """The named inputs every term needs from the loader (`mmcl.data.views`)."""
+        """The named inputs every term needs from the loader (`mmcl.data.views`), under `term/name`:
+        a sample view's output is stored under its key, a batch view's outputs under the term's name."""
         views: dict[str, Any] = {}
-        owner: dict[str, str] = {}
         for name, term in self.terms.items():
             for view, builder in term.views(self.model).items():
-                if view in views:
-                    raise UserError(
-                        f"loss terms '{owner[view]}' and '{name}' both ask the loader for a view named '{view}'"
-                    )
-                views[view], owner[view] = builder, name
+                views[f"{name}/{view}"] = builder if builder.kind == "sample" else ScopedBatchView(name, builder)
         return views
 
+    def scoped_batch(self, name: str, batch: Batch) -> Batch:
+        """`batch` as term `name` sees it: its own views by their plain names."""
+        return replace(batch, views=TermScope(name, "view", batch.views, {}))
+
+    def scoped_features(self, name: str, feats: Mapping[str, torch.Tensor]) -> TermScope:
+        """`feats` as term `name` sees it: its own features and the model's, by plain name."""
+        return TermScope(name, "feature", feats, {k: v for k, v in feats.items() if "/" not in k})
+
     @property
-    def batch_feature_names(self) -> list[str]:
-        """Features whose loss sees the whole batch: what gradient accumulation caches."""
-        return list(dict.fromkeys(f for t in self.terms.values() for f in t.batch_features))
+    def has_batch_terms(self) -> bool:
+        return any(t.batch_features for t in self.terms.values())
+
+    def batch_feature_keys(self, feats: Mapping[str, torch.Tensor]) -> list[str]:
+        """Keys (in `feats`) of the features whose loss sees the whole batch: what gradient accumulation caches."""
+        return list(dict.fromkeys(self._key(n, f, feats) for n, t in self.terms.items() for f in t.batch_features))
+
+    def step_feature_rows(self, feats: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The (detached) features of `feats` any term's `on_step_end` reads (`batch_features`, `step_features`)."""
+        keys = [self._key(n, f, feats) for n, t in self.terms.items() for f in (*t.batch_features, *t.step_features)]
+        return {k: feats[k].detach() for k in dict.fromkeys(keys) if k in feats}
+
+    @staticmethod
+    def join_step_rows(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Micro-batches' `step_feature_rows` -> the step's rows (0-dim values: the last micro-batch's)."""
+        return {k: v if v.dim() == 0 else torch.cat([p[k] for p in parts]) for k, v in parts[-1].items()}
+
+    @staticmethod
+    def _key(term: str, name: str, feats: Mapping[str, torch.Tensor]) -> str:
+        own = f"{term}/{name}"
+        return own if own in feats or name not in feats else name
 
     def is_batch_term(self, name: str) -> bool:
         return bool(self.terms[name].batch_features)
@@ -81,25 +105,31 @@ class Task(nn.Module):
     # ------------------------------------------------------------------ forward, loss, step end
 
     def forward(self, batch: Batch, batch_only: bool = False) -> dict[str, torch.Tensor]:
-        """Features of `batch` for every term (or, with `batch_only`, for the batch terms only)."""
-        terms = [t for t in self.terms.values() if t.batch_features or not batch_only]
-        names = [n for n in self._model_inputs if any(n in t.inputs for t in terms)]
-        inputs = {n: batch.get(n) for n in names}
+        """Features of `batch` for every term (or, with `batch_only`, for the batch terms only): the model's
+        outputs by their names, each term's own features as `term/name`."""
+        terms = {n: t for n, t in self.terms.items() if t.batch_features or not batch_only}
+        names = [n for n in self._model_inputs if any(n in t.inputs for t in terms.values())]
+        inputs = {n: self._input(n, terms, batch) for n in names}
         absent = [n for n in names if inputs[n] is None and n not in ("text_mask", "text_only", "images")]
         if absent:
             raise UserError(
                 f"the batch has no {absent} for the loss terms {list(self.terms)} (keys {batch.keys[:2]}...)"
             )
         feats = dict(self.model(**inputs)) if inputs else {}  # image-image terms may need views only
-        for term in terms:
-            extra = term.features(self.model, batch, feats)
-            clash = sorted(set(extra) & set(feats))
-            if clash:  # two terms writing one name would silently train one of them on the other's features
-                raise UserError(
-                    f"loss term {type(term).__name__} returns features {clash} that another term or the model already made"
-                )
-            feats.update(extra)
+        for name, term in terms.items():
+            extra = term.features(self.model, self.scoped_batch(name, batch), self.scoped_features(name, feats))
+            feats.update({f"{name}/{k}": v for k, v in extra.items()})
         return feats
+
+    @staticmethod
+    def _input(name: str, terms: dict[str, LossTerm], batch: Batch) -> Any:
+        """A model input: a batch field, or the view of that name of a term that takes it."""
+        if name in _BATCH_FIELDS:
+            return getattr(batch, name)
+        for term_name, term in terms.items():
+            if name in term.inputs and f"{term_name}/{name}" in batch.views:
+                return batch.views[f"{term_name}/{name}"]
+        return None
 
     def loss(
         self,
@@ -122,7 +152,9 @@ class Task(nn.Module):
         total: torch.Tensor | float = 0.0
         outputs: dict[str, dict[str, torch.Tensor]] = {}
         for name, term in self.terms.items():
-            out = term(feats if term.batch_features else own, batch)
+            out = term(
+                self.scoped_features(name, feats if term.batch_features else own), self.scoped_batch(name, batch)
+            )
             share = 1.0 if term.batch_features else (shares or {}).get(name, 1.0)
             total = total + self.weights[name] * share * out["loss"]
             outputs[name] = {m: v.detach() for m, v in out.items()}
@@ -130,7 +162,11 @@ class Task(nn.Module):
 
     def shares(self, micro_batches: list[Batch]) -> list[dict[str, float]]:
         """Each micro-batch's share of every per-sample term (its `count` over the step's total)."""
-        counts = {n: [t.count(mb) for mb in micro_batches] for n, t in self.terms.items() if not t.batch_features}
+        counts = {
+            n: [t.count(self.scoped_batch(n, mb)) for mb in micro_batches]
+            for n, t in self.terms.items()
+            if not t.batch_features
+        }
         return [{n: c[j] / max(sum(c), 1e-12) for n, c in counts.items()} for j in range(len(micro_batches))]
 
     def metrics(self, outputs: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -146,9 +182,56 @@ class Task(nn.Module):
         return flat
 
     def on_step_end(self, ctx: StepContext) -> None:
-        """After each optimizer step: every term's `on_step_end` (EMA targets, queue pushes)."""
-        for term in self.terms.values():
-            term.on_step_end(ctx)
+        """After each optimizer step: every term's `on_step_end` (EMA targets, queue pushes), each seeing its
+        own step features (`ctx.features`: the step's rows, `step_feature_rows`) by plain name."""
+        for name, term in self.terms.items():
+            term.on_step_end(replace(ctx, features=self.scoped_features(name, ctx.features)))
+
+
+class TermKeyError(UserError, KeyError):
+    """A term asked for a feature or view it does not have (a KeyError, so `Mapping.get` still works)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class TermScope(Mapping):
+    """Term `term`'s names in a flat store: its own `term/name` entries, then `shared` (the model's outputs).
+    A missing name is a one-line `TermKeyError` naming the term and what it has."""
+
+    def __init__(self, term: str, what: str, store: Mapping[str, Any], shared: Mapping[str, Any]) -> None:
+        self.term, self.what, self.store, self.shared = term, what, store, shared
+        self.prefix = f"{term}/"
+
+    def __getitem__(self, name: str) -> Any:
+        own = self.prefix + name
+        if own in self.store:
+            return self.store[own]
+        if name in self.shared:
+            return self.shared[name]
+        raise TermKeyError(f"loss term '{self.term}' has no {self.what} '{name}'; it has {sorted(self)}")
+
+    def __iter__(self) -> Iterator[str]:
+        own = [k[len(self.prefix) :] for k in self.store if k.startswith(self.prefix)]
+        return iter(dict.fromkeys([*own, *self.shared]))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+class ScopedBatchView:
+    """A term's batch view (`mmcl.data.views`) whose outputs are stored under the term's name. Picklable."""
+
+    kind = "batch"
+
+    def __init__(self, term: str, view: Any) -> None:
+        self.term, self.view = term, view
+
+    def __call__(self, captions: list[str], keys: list[str] | None, has_images: bool = True) -> dict[str, Any]:
+        return {f"{self.term}/{k}": v for k, v in self.view(captions, keys, has_images).items()}
+
+
+_BATCH_FIELDS = {f.name for f in fields(Batch) if f.name != "views"}
 
 
 def _forward_params(model: nn.Module) -> list[str]:

@@ -15,15 +15,12 @@ from mmcl.config import load_experiment
 from mmcl.engine.checkpoint import TASK_STATE, list_checkpoints
 from mmcl.engine.metrics import read_metrics
 from mmcl.engine.trainer import Trainer
-from mmcl.registry import LOSSES
+from mmcl.tasks.setups import all_setups, mixed
 
-ALL_TERMS = (
-    "[clip, simclr, simsiam, byol, simcse, {name: moco, queue_size: 64}, {name: nnclr, queue_size: 64}, negclip, mlm]"
-)
+# every registered term on the CLIP preset, each with its own toy setup (`LossTerm.test_setup`), all together
+MIX = mixed([s for s in all_setups().values() if s.preset == "clip-tiny"])
 ARGS = [
-    "model.preset=clip-tiny",
-    "model.text.dropout=0.1",
-    f"loss.terms={ALL_TERMS}",
+    *MIX.config(),
     "train.trackers=[none]",
     "train.progress=false",
     "train.warmup_steps=2",
@@ -35,9 +32,10 @@ ARGS = [
 ]
 
 
-def test_all_terms_cover_the_registry() -> None:
-    names = {t.name for t in load_experiment(None, [f"loss.terms={ALL_TERMS}"]).loss.terms}
-    assert names >= {n for n in LOSSES.names() if not n.startswith("test_")} - {"siglip", "caption"}
+def test_the_mix_covers_the_registry() -> None:
+    names = {t.name for t in load_experiment(None, MIX.config()).loss.terms}
+    other_presets = {n for n, s in all_setups().items() if s.preset != "clip-tiny"}
+    assert names == set(all_setups()) - other_presets and len(names) >= 9, names
 
 
 def _cfg(shards: Path, out: Path, steps: int):
@@ -53,7 +51,7 @@ def test_all_terms_resume_to_the_same_losses(demo_shards: Path, tmp_path: Path) 
     b = {r["step"]: r for r in read_metrics(tmp_path / "b" / "metrics.jsonl")}
     assert sorted(a) == sorted(b) == list(range(1, 7))
     keys = [k for k in a[6] if k.endswith("_loss")]
-    assert len(keys) == 9, keys
+    assert sorted(keys) == sorted(f"{n}_loss" for n in MIX.names), keys
     for step in a:
         for key in ["loss", *keys]:
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
@@ -72,8 +70,9 @@ def test_all_terms_train_on_two_processes(demo_shards: Path, tmp_path: Path) -> 
     from safetensors.torch import load_file
 
     state = load_file(str(ckpt / TASK_STATE))
-    # 3 steps x 2 micro-batches x 8 samples x 2 ranks = 96 keys into queues of 64: full, identical on both ranks
-    assert int(state["terms.moco.image_queue.filled"]) == 64 and int(state["terms.nnclr.queue.filled"]) == 64
+    # 3 steps x 2 micro-batches x 8 samples x 2 ranks = 96 keys pushed into every queue of every term
+    queues = [k.removesuffix(".filled") for k in state if k.endswith("queue.filled")]
+    assert queues and all(int(state[f"{q}.filled"]) == min(96, state[f"{q}.feats"].shape[0]) for q in queues), queues
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["loss"] == r["loss"] for r in rows)
 

@@ -32,7 +32,7 @@ def _batch(task: Task, captions: list[str], keys: list[str] | None = None) -> Ba
     keys = keys or [f"{i:06d}" for i in range(len(captions))]
     batch = Batch(captions=captions, keys=keys)
     batch.text, batch.text_mask = task.model.tokenizer(captions)
-    batch.views.update(task.terms["mlm"].views(task.model)["mlm_tokens"](captions, keys))
+    batch.views.update(task.terms["mlm"].views(task.model)["tokens"](captions, keys))
     return batch
 
 
@@ -45,8 +45,8 @@ def test_masking_follows_berts_rule() -> None:
     view = MaskedTokensView(tok, mask_id, mask_prob=0.3)
     out = view(captions, [str(i) for i in range(600)])
     ids, mask = tok(captions)
-    labels, masked = out["mlm_labels"], out["mlm_text"]
-    assert torch.equal(out["mlm_text_mask"], mask)
+    labels, masked = out["labels"], out["ids"]
+    assert torch.equal(out["mask"], mask)
     chosen = labels != IGNORE_INDEX
     torch.testing.assert_close(labels[chosen], ids[chosen])  # the labels are the original ids
     assert torch.equal(masked[~chosen], ids[~chosen])  # nothing else changes
@@ -64,13 +64,13 @@ def test_masking_follows_berts_rule() -> None:
 
 def test_masks_depend_on_the_sample_key_only() -> None:
     task = _task()
-    view = task.terms["mlm"].views(task.model)["mlm_tokens"]
+    view = task.terms["mlm"].views(task.model)["tokens"]
     full = view(CAPTIONS[:8], [f"k{i}" for i in range(8)])
     part = view(CAPTIONS[4:8][::-1], [f"k{i}" for i in range(4, 8)][::-1])  # another batch, other order
-    for name in ("mlm_text", "mlm_labels"):
+    for name in ("ids", "labels"):
         assert torch.equal(full[name][4:8], part[name].flip(0))
     other = MaskedTokensView(task.model.tokenizer, view.mask_id, seed=1)(CAPTIONS[:8], [f"k{i}" for i in range(8)])
-    assert not torch.equal(other["mlm_labels"], full["mlm_labels"])
+    assert not torch.equal(other["labels"], full["labels"])
 
 
 def test_token_states_agree_with_the_pooled_tower() -> None:
@@ -93,7 +93,7 @@ def test_mlm_matches_a_loop() -> None:
     out = term(term.features(model, batch, {}), batch)
     tower, head = model.text, term.head
     total, count, correct = 0.0, 0, 0
-    for ids, mask, labels in zip(batch.views["mlm_text"], batch.views["mlm_text_mask"], batch.views["mlm_labels"]):
+    for ids, mask, labels in zip(batch.views["ids"], batch.views["mask"], batch.views["labels"]):
         n = int(mask.sum())
         x = tower.token_embedding.weight[ids[:n]] + tower.positional_embedding[:n]  # (n, W), this caption alone
         for block in tower.transformer.resblocks:
@@ -120,7 +120,7 @@ def test_the_head_is_tied_and_checkpointed() -> None:
     head = {k.removeprefix("terms.mlm.head.") for k in state if k.startswith("terms.mlm.")}
     assert head == {"bias", "dense.bias", "dense.weight", "log_scale", "norm.bias", "norm.weight"}
     batch = _batch(task, CAPTIONS[:8])
-    loss = task.terms["mlm"].features(task.model, batch, {})["mlm_logits"].logsumexp(-1).sum()
+    loss = task.terms["mlm"].features(task.model, batch, {})["logits"].logsumexp(-1).sum()
     loss.backward()
     assert task.model.text.token_embedding.weight.grad.abs().sum() > 0  # the tied decoder trains the embedding
     with torch.no_grad():
@@ -148,7 +148,7 @@ def test_hf_tower_uses_its_own_mask_token() -> None:
     tok = task.model.tokenizer
     assert task.terms["mlm"].mask_id == tok.hf.mask_token_id  # BERT's [MASK]
     batch = _batch(task, CAPTIONS[:4])
-    assert (batch.views["mlm_text"] == tok.hf.mask_token_id).any()
+    assert (batch.views["ids"] == tok.hf.mask_token_id).any()
     out = task.terms["mlm"](task.terms["mlm"].features(task.model, batch, {}), batch)
     assert torch.isfinite(out["loss"]) and out["loss"] > 0
 

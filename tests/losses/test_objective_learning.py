@@ -135,7 +135,7 @@ def test_hard_negatives_teach_word_order(data, clip_task) -> None:
 def _masked(term: MLMTerm, model: torch.nn.Module, samples: list, keys: list[str]) -> Batch:
     captions = [s.caption for s in samples]
     batch = Batch(captions=captions, keys=keys)
-    batch.views.update(term.views(model)["mlm_tokens"](captions, keys))
+    batch.views.update(term.views(model)["tokens"](captions, keys))
     return batch
 
 

@@ -66,7 +66,7 @@ def test_moco_matches_a_loop() -> None:
     term.image_queue.push(unit(3, 64))
     x, y, xm, ym = unit(4, 64), unit(4, 64), unit(4, 64), unit(4, 64)
     t = torch.tensor(7.0, dtype=torch.float64)
-    out = term({"image_features": x, "text_features": y, "moco_image_m": xm, "moco_text_m": ym, "logit_scale": t}, None)
+    out = term({"image_features": x, "text_features": y, "image_m": xm, "text_m": ym, "logit_scale": t}, None)
     keys_y, keys_x = torch.cat([ym, term.text_queue.valid()]), torch.cat([xm, term.image_queue.valid()])
     total = 0.0
     for q, qm, keys in ((x, xm, keys_y), (y, ym, keys_x)):
@@ -100,7 +100,7 @@ def test_negclip_matches_a_loop() -> None:
     valid = torch.tensor([[True, True], [True, False], [False, False]])
     t = torch.tensor(4.0, dtype=torch.float64)
     out = term(
-        {"image_features": x, "text_features": y, "negclip_text": neg, "negclip_valid": valid, "logit_scale": t}, None
+        {"image_features": x, "text_features": y, "neg_features": neg, "neg_valid": valid, "logit_scale": t}, None
     )
     columns = [y[j] for j in range(3)] + [neg[j, m] for j in range(3) for m in range(2) if valid[j, m]]
     i2t = sum(-(t * x[i].dot(y[i]) - lse([t * x[i].dot(c) for c in columns])) for i in range(3)) / 3
@@ -112,7 +112,7 @@ def test_siamese_distances_and_stop_gradient() -> None:
     task = _task("[simsiam]")
     term = task.terms["simsiam"]
     p1, p2, t1, t2 = (torch.randn(5, 16, requires_grad=True) for _ in range(4))
-    out = term({"simsiam_p1": p1, "simsiam_p2": p2, "simsiam_t1": t1, "simsiam_t2": t2}, None)
+    out = term({"p1": p1, "p2": p2, "t1": t1, "t2": t2}, None)
     ref = (
         sum(
             -(p1[i].dot(t2[i]) / (p1[i].norm() * t2[i].norm())) - p2[i].dot(t1[i]) / (p2[i].norm() * t1[i].norm())
@@ -122,9 +122,9 @@ def test_siamese_distances_and_stop_gradient() -> None:
     )
     assert out["loss"].detach().item() == pytest.approx(float(ref), rel=1e-5)
     size = task.model.preprocess_cfg()["image_size"]
-    views = {"simsiam_view1": torch.randn(4, 3, size, size), "simsiam_view2": torch.randn(4, 3, size, size)}
+    views = {"view1": torch.randn(4, 3, size, size), "view2": torch.randn(4, 3, size, size)}
     feats = term.features(task.model, Batch(views=views), {})
-    assert not feats["simsiam_t1"].requires_grad and feats["simsiam_p1"].requires_grad  # SimSiam's stop-gradient
+    assert not feats["t1"].requires_grad and feats["p1"].requires_grad  # SimSiam's stop-gradient
 
 
 def test_byol_target_is_an_ema_of_the_online_network() -> None:
@@ -183,7 +183,7 @@ def test_negatives_are_distinct_and_never_the_caption() -> None:
 
 def test_hard_negative_view_is_deterministic_per_key() -> None:
     task = _task("[negclip]")
-    view = task.views()["hard_negatives"]
+    view = task.terms["negclip"].views(task.model)["hard_negatives"]
     captions = [CAPTION, "two green stars", "dog"]
     a = view(captions, ["k1", "k2", "k3"])
     b = view(list(reversed(captions)), ["k3", "k2", "k1"])
@@ -210,7 +210,7 @@ def _queue_worker(rank: int, port: int) -> None:
 
         for step in range(3):  # 3 steps x 2 ranks x 2 keys = 12 keys into a queue of 10
             keys = torch.full((2, 64), float(100 * step + 10 * rank)) + torch.arange(2.0)[:, None]
-            term.on_step_end(StepContext(step, rank, WORLD, gather, {"moco_image_m": keys, "moco_text_m": -keys}))
+            term.on_step_end(StepContext(step, rank, WORLD, gather, {"image_m": keys, "text_m": -keys}))
         queue = term.image_queue.valid()
         everywhere = gather(queue[None])  # (WORLD, 10, 64)
         assert torch.equal(everywhere[0], everywhere[1]), "the queue differs between ranks"

@@ -91,7 +91,7 @@ def _train(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     constant = score([most_common] * N_VAL, val)
 
     task = build_task(model, LossConfig())  # the model's default terms: [caption]
-    split = task.views()["caption_split"]
+    split = task.views()["caption/caption_split"]
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=STEPS, pct_start=0.1)
     g = torch.Generator().manual_seed(0)

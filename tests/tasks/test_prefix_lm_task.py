@@ -93,7 +93,7 @@ def test_task_from_experiment_config(tok_path: Path) -> None:
         ["model.preset=prefixlm-tiny", f"model.text.tokenizer={tok_path}", "loss.terms=[{name: caption, weight: 0.5}]"],
     )
     task = build_task(build_model(cfg.model), cfg)
-    assert list(task.terms) == ["caption"] and task.batch_feature_names == []
+    assert list(task.terms) == ["caption"] and not task.has_batch_terms
     images = torch.randn(4, 3, 32, 32)
     batch = _batch(task, images, ["a", "b", "c", "d"])
     task.eval()
@@ -104,7 +104,9 @@ def test_task_from_experiment_config(tok_path: Path) -> None:
     assert metrics["loss"] == pytest.approx(total.item(), rel=1e-6)
     again = _batch(task, images, ["a", "b", "c", "d"])
     assert torch.equal(task.loss(task(again), again)[0], total), "cuts are seeded by the keys: same batch, same loss"
-    feats = task.model(images, **{k: batch.views[k] for k in ("prefix_ids", "prefix_mask", "lm_labels", "text_only")})
+    feats = task.model(
+        images, **{k: batch.views[f"caption/{k}"] for k in ("prefix_ids", "prefix_mask", "lm_labels", "text_only")}
+    )
     assert metrics["caption_loss"] == pytest.approx(reference_loss(feats["logits"], feats["labels"])[0], rel=1e-5)
     other = _batch(task, images, ["e", "f", "g", "h"])
     assert task.loss(task(other), other)[0].item() != pytest.approx(total.item())

@@ -1,0 +1,126 @@
+"""The rest of the contrastive family (issue 21), each term against a plain loop: MoCo v3's symmetric
+contrast of predicted queries with momentum keys; its key branch an EMA of the online one, checkpointed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmcl.config import load_experiment
+from mmcl.data.batch import Batch
+from mmcl.losses.base import StepContext
+from mmcl.models import build_model
+from mmcl.tasks import build_task
+
+
+def lse(values: list[torch.Tensor]) -> torch.Tensor:
+    return torch.logsumexp(torch.stack(values), 0)
+
+
+def _task(terms: str, *extra: str):
+    torch.manual_seed(0)
+    cfg = load_experiment(None, ["model.preset=clip-tiny", f"loss.terms={terms}", *extra])
+    return build_task(build_model(cfg.model), cfg)
+
+
+def _unit(*shape: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1)
+
+
+# ---------------------------------------------------------------- MoCo v3
+
+
+def test_mocov3_matches_a_loop() -> None:
+    task = _task("[{name: mocov3, temperature: 0.3}]")
+    term = task.terms["mocov3"]
+    q1, q2, k1, k2 = (_unit(5, 16, seed=s) for s in range(4))
+    out = term({"q1": q1, "q2": q2, "k1": k1, "k2": k2}, None)
+    t, total = 0.3, 0.0
+    for q, k in ((q1, k2), (q2, k1)):
+        for i in range(5):
+            total = total - 2 * t * (q[i].dot(k[i]) / t - lse([q[i].dot(k[j]) / t for j in range(5)])) / 5
+    assert out["loss"].item() == pytest.approx(float(total / 2), rel=1e-9)
+
+
+def test_mocov3_keys_carry_no_gradient_and_follow_the_online_branch() -> None:
+    task = _task("[clip, {name: mocov3, momentum: 0.9}]")
+    term = task.terms["mocov3"]
+    size = task.model.preprocess_cfg()["image_size"]
+    views = {"view1": torch.randn(3, 3, size, size), "view2": torch.randn(3, 3, size, size)}
+    feats = term.features(task.model, Batch(views=views), {})
+    assert feats["q1"].requires_grad and not feats["k1"].requires_grad
+    torch.testing.assert_close(feats["q1"].norm(dim=-1), torch.ones(3))
+    assert all(not p.requires_grad for p in [*term.key_tower.parameters(), *term.key_projector.parameters()])
+    online = [p.detach().clone() for p in term.projector.parameters()]
+    key = [p.detach().clone() for p in term.key_projector.parameters()]
+    with torch.no_grad():
+        for p in term.projector.parameters():
+            p.add_(1.0)
+    task.on_step_end(StepContext(step=1))
+    for p, o, k in zip(term.key_projector.parameters(), online, key):
+        torch.testing.assert_close(p, 0.9 * k + 0.1 * (o + 1.0))
+    state = task.state_for_checkpoint()
+    assert any(k.startswith("terms.mocov3.key_tower.") for k in state)
+    assert any(k.startswith("terms.mocov3.key_projector.") for k in state)
+
+
+# ---------------------------------------------------------------- 2 gloo processes
+
+WORLD = 2
+
+
+def _gloo_worker(rank: int, port: int) -> None:
+    import torch.distributed as dist
+
+    from mmcl.losses.mocov3 import contrast
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        q, k = _unit(8, 6, seed=1), _unit(8, 6, seed=2)  # the global batch, on every rank
+        full_q = q.clone().requires_grad_(True)  # the full batch in plain torch (no process group involved)
+        full = 2 * 0.2 * F.cross_entropy(full_q @ k.T / 0.2, torch.arange(8))
+        full.backward()
+        own = slice(rank * 4, (rank + 1) * 4)
+        mine_q = q[own].clone().requires_grad_(True)
+        mine, _ = contrast(mine_q, k[own], 0.2)
+        mine.backward()
+        total = mine.detach().clone()
+        dist.all_reduce(total)
+        torch.testing.assert_close(total / WORLD, full.detach())  # DDP's mean of the ranks' losses = the full batch's
+        torch.testing.assert_close(mine_q.grad / WORLD, full_q.grad[own])  # and so is its averaged gradient
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mocov3_on_two_processes_equals_the_full_batch() -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_gloo_worker, args=(port,), nprocs=WORLD, join=True, start_method="fork")
+
+
+# ---------------------------------------------------------------- InvaSpread, as options of the simclr term
+
+
+def test_invaspread_is_the_simclr_term_with_a_linear_embedding() -> None:
+    """Ye et al. 2019 ("Unsupervised Embedding Learning via Invariant and Spreading Instance Feature"):
+    in-batch instance discrimination, a linear 128-d L2-normalised embedding, t = 0.1, every other instance's
+    views (both) as negatives. The simclr term's options express it: `head_layers: 1, head_out: 128`."""
+    task = _task("[{name: simclr, head_layers: 1, head_out: 128, temperature: 0.1}]")
+    term = task.terms["simclr"]
+    assert [type(m).__name__ for m in term.head] == ["Linear"] and term.head[0].out_features == 128
+    a, b = _unit(4, 128, seed=5), _unit(4, 128, seed=6)
+    views = {(i, v): (a if v == 0 else b)[i] for i in range(4) for v in (0, 1)}
+    total = 0.0
+    for (i, v), z in views.items():  # each view: its other view positive, both views of the others negative
+        positive = views[(i, 1 - v)].dot(z) / 0.1
+        others = [w.dot(z) / 0.1 for (j, u), w in views.items() if (j, u) != (i, v)]
+        total = total - (positive - lse(others))
+    assert term({"z1": a, "z2": b}, None)["loss"].item() == pytest.approx(float(total / 8), rel=1e-9)
