@@ -1,12 +1,14 @@
 """Opening shards as byte streams: local files, http(s) and fsspec stores with retries and backoff, `pipe:`.
 
 An http(s) shard is read with `urllib` as one `GET`; a stalled read (no byte for `timeout` seconds), a
-connection dropped before `Content-Length`, a 5xx/429 answer or a refused connection is retried up to
-`retries` times with exponential backoff, each retry asking for the rest with a `Range` header (a server that
-ignores ranges is answered by discarding the bytes already read; a 206 answer starts where its `Content-Range`
-says, checked, never assumed). A shard's end is checked by the tar reader (`mmcl.data.reader`: two zero blocks),
-so a body cut at a member boundary, with or without a `Content-Length`, is never read as a shorter shard. What still fails raises `ShardUnreadable`
-with a reason the reader counts. Every source can be opened at a byte offset (resume seeks there).
+connection dropped before `Content-Length`, a 5xx/429 answer, a refused connection or a server slower than
+`min_speed` is retried up to `retries` times with exponential backoff, each retry asking for the rest with a
+`Range` header (a server that ignores ranges is answered by discarding the bytes already read; a 206 answer
+starts where its `Content-Range` says, checked, never assumed). What still fails raises `ShardUnreadable` with a
+reason the reader counts. A shard's end is checked by the tar reader (`mmcl.data.reader`: two zero blocks), so
+a body cut at a member boundary, with or without a `Content-Length`, is never read as a shorter shard. The
+retrying is `RetryingStream`'s, shared with the fsspec stores (`mmcl.data.store`). Every source can be opened
+at a byte offset (resume seeks there).
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ class BadRange(http.client.HTTPException):
     """A 206 answer whose Content-Range is missing, unreadable or starts past the byte asked for."""
 
 
-def _content_range(header: str | None, url: str) -> tuple[int, int | None]:
+def _content_range(header: str | None) -> tuple[int, int | None]:
     """(first byte, total size or None) of a `Content-Range: bytes FIRST-LAST/TOTAL` header."""
     match = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", header or "")
     if match is None:
@@ -236,7 +238,7 @@ class HttpStream(RetryingStream):
         self._response = response
         length = response.headers.get("Content-Length")
         if response.status == 206:  # where the body starts is what Content-Range says, not what was asked
-            first, total = _content_range(response.headers.get("Content-Range"), self.url)
+            first, total = _content_range(response.headers.get("Content-Range"))
             if first > self.pos:
                 raise BadRange(f"asked for bytes from {self.pos}, the answer starts at byte {first}")
             self.end = total if total is not None else (first + int(length) if length is not None else None)
