@@ -20,6 +20,7 @@ Decoding a raw sample (image, caption, label) is `mmcl.data.decode`'s job.
 from __future__ import annotations
 
 import glob
+import io
 import json
 import logging
 import os
@@ -32,24 +33,19 @@ from typing import IO, Any
 import braceexpand
 
 from mmcl.data.decode import IMAGE_EXTS, SkipCounter
-from mmcl.data.remote import FetchOptions, ShardUnreadable, is_store, open_at
+from mmcl.data.remote import HTTP_PREFIXES, FetchOptions, HttpStream, ShardUnreadable, is_remote, is_store
+from mmcl.data.store import open_store
 from mmcl.utils import UserError
 
 log = logging.getLogger("mmcl.data")
 
 MAX_EXPANSIONS = 10_000_000  # shard names one pattern may expand to (a typo in a brace range: 10^8 names, 8 GB)
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "ais://")  # and every fsspec store (`remote.is_store`)
 WANTED_SUFFIXES = {*IMAGE_EXTS, "txt", "json", "cls"}  # never pkl/pth/npy/pyd
 
 
 def wanted_member(name: str) -> bool:
     """Whether to read a tar member: images, captions, json, labels; never pickles, torch or numpy files."""
     return name.rsplit(".", 1)[-1].lower() in WANTED_SUFFIXES
-
-
-def is_remote(url: str) -> bool:
-    """Whether `url` is read from elsewhere (pipe:, http(s), s3://, gs://, any fsspec store) rather than from disk."""
-    return url.startswith(REMOTE_PREFIXES) or is_store(url)
 
 
 def is_image_file(path: Path) -> bool:
@@ -409,3 +405,36 @@ def file_sample(path: str | Path) -> dict[str, Any]:
     if sidecar.is_file():
         sample["txt"] = sidecar.read_bytes()
     return sample
+
+
+def open_at(url: str, offset: int = 0, options: FetchOptions | None = None) -> IO[bytes]:
+    """A binary stream of shard `url` from byte `offset`.
+
+    Local files are opened and seeked; http(s) URLs read through `HttpStream`; fsspec stores (s3://, gs://,
+    hf://, memory://, ...) through `mmcl.data.store`, with range reads from `offset`; `pipe:` and ais:// through
+    `webdataset.gopen`, the first `offset` bytes discarded.
+
+    Raises:
+        ShardUnreadable: a remote shard that could not be opened after the retries.
+        UserError: a store whose fsspec package is not installed.
+        OSError: a local file that cannot be opened.
+    """
+    if url.startswith(HTTP_PREFIXES):
+        return io.BufferedReader(HttpStream(url, offset, options), buffer_size=1 << 16)
+    if is_store(url):
+        return io.BufferedReader(open_store(url, offset, options), buffer_size=1 << 20)
+    if not is_remote(url):
+        f = open(os.path.expanduser(url.removeprefix("file:")), "rb")  # noqa: SIM115 (the caller closes it)
+        if offset:
+            f.seek(offset)
+        return f
+    from webdataset import gopen
+
+    stream = gopen.gopen(url)
+    todo = offset
+    while todo:
+        chunk = stream.read(min(todo, 1 << 20))
+        if not chunk:
+            raise OSError(f"{url}: ended before byte {offset}")
+        todo -= len(chunk)
+    return stream

@@ -7,8 +7,8 @@ connection dropped before `Content-Length`, a 5xx/429 answer, a refused connecti
 starts where its `Content-Range` says, checked, never assumed). What still fails raises `ShardUnreadable` with a
 reason the reader counts. A shard's end is checked by the tar reader (`mmcl.data.reader`: two zero blocks), so
 a body cut at a member boundary, with or without a `Content-Length`, is never read as a shorter shard. The
-retrying is `RetryingStream`'s, shared with the fsspec stores (`mmcl.data.store`). Every source can be opened
-at a byte offset (resume seeks there).
+retrying is `RetryingStream`'s, shared with the fsspec stores (`mmcl.data.store`). `mmcl.data.reader.open_at`
+opens any of them at a byte offset (resume seeks there).
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ import contextlib
 import http.client
 import io
 import logging
-import os
 import re
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import IO
 
 log = logging.getLogger("mmcl.data")
 
@@ -273,44 +271,15 @@ _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 WEBDATASET_SCHEMES = ("ais",)  # read through webdataset's command-line openers, as `pipe:` is
 
 
+REMOTE_PREFIXES = ("pipe:", *HTTP_PREFIXES, "ais://")  # and every fsspec store (`is_store`)
+
+
+def is_remote(url: str) -> bool:
+    """Whether `url` is read from elsewhere (pipe:, http(s), s3://, gs://, any fsspec store) rather than from disk."""
+    return url.startswith(REMOTE_PREFIXES) or is_store(url)
+
+
 def is_store(url: str) -> bool:
     """Whether `url` names a shard in an fsspec store: any `scheme://` but http(s), file and webdataset's own."""
     match = _SCHEME.match(url)
     return match is not None and match[1].lower() not in ("http", "https", "file", *WEBDATASET_SCHEMES)
-
-
-def open_at(url: str, offset: int = 0, options: FetchOptions | None = None) -> IO[bytes]:
-    """A binary stream of shard `url` from byte `offset`.
-
-    Local files are opened and seeked; http(s) URLs read through `HttpStream`; fsspec stores (s3://, gs://,
-    hf://, memory://, ...) through `mmcl.data.store`, with range reads from `offset`; `pipe:` and ais:// through
-    `webdataset.gopen`, the first `offset` bytes discarded.
-
-    Raises:
-        ShardUnreadable: a remote shard that could not be opened after the retries.
-        UserError: a store whose fsspec package is not installed.
-        OSError: a local file that cannot be opened.
-    """
-    if url.startswith(HTTP_PREFIXES):
-        return io.BufferedReader(HttpStream(url, offset, options), buffer_size=1 << 16)
-    if is_store(url):
-        from mmcl.data.store import open_store
-
-        return io.BufferedReader(open_store(url, offset, options), buffer_size=1 << 20)
-    from mmcl.data.reader import is_remote
-
-    if not is_remote(url):
-        f = open(os.path.expanduser(url.removeprefix("file:")), "rb")  # noqa: SIM115 (the caller closes it)
-        if offset:
-            f.seek(offset)
-        return f
-    from webdataset import gopen
-
-    stream = gopen.gopen(url)
-    todo = offset
-    while todo:
-        chunk = stream.read(min(todo, 1 << 20))
-        if not chunk:
-            raise OSError(f"{url}: ended before byte {offset}")
-        todo -= len(chunk)
-    return stream

@@ -15,8 +15,8 @@ from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from test_shards import make_shards, stream
 
 from mmcl.data.decode import SkipCounter
-from mmcl.data.reader import expand_shards, read_samples
-from mmcl.data.remote import FetchOptions, open_at
+from mmcl.data.reader import expand_shards, open_at, read_samples
+from mmcl.data.remote import FetchOptions
 from mmcl.data.shards import StreamState, make_loader
 from mmcl.utils import UserError
 
