@@ -17,7 +17,7 @@ def register(sub) -> None:
     p.add_argument("--data", type=Path, default=Path("data/demo"), help="where the shards go (default data/demo)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 400)")
     p.add_argument("--n-train", type=int, default=None, help="training samples to generate (default 20000)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-3")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="optional config overrides, e.g. train.lr=1e-3")
     p.set_defaults(func=run)
 
 
