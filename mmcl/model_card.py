@@ -135,19 +135,20 @@ def _data_summary(cfg: dict[str, Any]) -> str:
 
 def _builtin_summary(spec: str) -> str:
     """`builtin:NAME`: what the data is and, where it has been written here, its size."""
-    from mmcl.data.builtin import builtin_dir
+    from mmcl.data.builtin import SHAPES, builtin_dir
 
     name = spec[len("builtin:") :]
     what = _BUILTIN.get(name, "a built-in dataset of mmcl")
     try:
         sizes = json.loads((builtin_dir(spec) / "sizes.json").read_text())
         size = f"; {len(sizes)} shard(s), {sum(sizes.values()):,} samples"
-    except (OSError, ValueError, AttributeError, Exception):  # noqa: BLE001  (not written on this machine)
-        size = ""
+    except Exception:  # noqa: BLE001  (not written on this machine: the generator's own size where it has one)
+        split = name.split("/")[-1]
+        size = f"; {SHAPES[split]:,} samples" if name.startswith("shapes/") and split in SHAPES else ""
     return f"- `{spec}`: {what}{size}"
 
 
-def _eval_results(metrics: dict[str, float], dataset: str, model_name: str) -> list[Any]:
+def _eval_results(metrics: dict[str, float], dataset: str) -> list[Any]:
     """`model-index` entries (the Hub's evaluation widget) for the metrics with a known task."""
     from huggingface_hub import EvalResult
 
@@ -207,7 +208,7 @@ def write_model_card(
         datasets=[public_path(d) for d in _dataset_names(cfg.get("data", {}).get("train_shards", []))],
         metrics=sorted({v for k, v in _METRIC_NAMES.items() for m in metrics if k in m}),
         pipeline_tag="zero-shot-image-classification",
-        eval_results=_eval_results(metrics, eval_data, name) or None,
+        eval_results=_eval_results(metrics, eval_data) or None,
     )
     parts = [f"# {name}", "", f"An image-text dual encoder ({model.get('arch', 'clip')}, {objective} loss) trained "
              f"with mmcl, exported for `{library_name}`."]  # fmt: skip

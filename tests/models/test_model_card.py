@@ -48,7 +48,8 @@ def test_card_is_hub_ready(tmp_path: Path, monkeypatch) -> None:
     assert text.split("---", 2)[2].lstrip().startswith("# digits-ft\n")  # the model's name, not `# exported`
     assert str(tmp_path) not in text and "/root" not in text  # no absolute local path anywhere
     assert "? shard" not in text and "sample count unknown" not in text
-    assert "synthetic images of coloured shapes" in text and "class name in prompt templates" in text
+    assert "synthetic images of coloured shapes (32 px) with generated captions, 40 classes" in text
+    assert "20,000 samples" in text and "class name in prompt templates" in text
 
 
 def test_a_local_start_is_named_without_its_path(tmp_path: Path) -> None:
