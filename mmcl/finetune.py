@@ -7,7 +7,8 @@
 
 - **FLYP** (Goyal et al. 2023, "Finetune like you pretrain"): fine-tune with the pretraining objective
   (the start model's contrastive loss). For a labelled set (a `classnames.txt` beside the shards) the
-  captions are the class names in the templates, one drawn per sample and step (`flyp_shards`).
+  captions are the class names in the templates, one drawn per sample and step, made by the loader from
+  each sample's label (`write_class_prompts`): the shards are read in place, never copied.
 - **LiT** (Zhai et al. 2022): `lock_image` / `lock_text` freeze a tower but its last `unlocked_layers`.
 - **Layer-wise lr decay** (`layer_decay`, `mmcl.engine.layer_decay`).
 - **WiSE-FT** (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): the weights
@@ -41,7 +42,7 @@ from mmcl.config import (
 from mmcl.utils import UserError, atomic_write_text
 
 log = logging.getLogger("mmcl")
-FLYP_KEY = "flyp_captions"  # json key of the prompt list in FLYP shards (data.caption_key picks one at random)
+FLYP_FILE = "flyp_captions.json"  # RUN/FLYP_FILE: the prompts of each class (data.caption_key picks one at random)
 
 
 @dataclass
@@ -91,38 +92,17 @@ def _classnames_beside(shards: list[str]) -> Path | None:
     return None
 
 
-def flyp_shards(shards: list[str], classnames: list[str], templates: list[str], out_dir: Path) -> Path:
-    """Copy labelled shards to `out_dir`, adding to each sample's json the prompts of its class
-    (`FLYP_KEY`); images and everything else are copied byte for byte. Written once (kept if complete)."""
-    import webdataset as wds
-
-    from mmcl.data.reader import list_shards as expand_shards
+def write_class_prompts(classnames: list[str], templates: list[str], out_file: Path, label_key: str = "label") -> str:
+    """Write the prompts of each class (`out_file`, JSON) and return the `data.caption_key` that makes each
+    sample's captions from its label when the loader reads it (`mmcl.data.decode.caption_options`): the
+    training shards are read where they are, images untouched, nothing copied."""
+    from mmcl.data.decode import CLASS_PROMPTS
     from mmcl.eval.templates import format_prompts
 
-    done = out_dir / "done.json"
-    if done.is_file():
-        return out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sizes: dict[str, int] = {}
-    for i, url in enumerate(expand_shards(shards)):
-        n = 0
-        tmp = out_dir / f".{i:05d}.tar.tmp"
-        with wds.TarWriter(str(tmp)) as sink:
-            for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False):
-                meta = json.loads(sample["json"]) if "json" in sample else {}
-                label = int(sample["cls"]) if "cls" in sample else meta.get("label")
-                if label is None or not 0 <= int(label) < len(classnames):
-                    raise UserError(f"{url}: sample {sample['__key__']} has no label in [0, {len(classnames)})")
-                meta[FLYP_KEY] = format_prompts(classnames[int(label)], templates)
-                out = {k: v for k, v in sample.items() if not k.startswith("__") and k != "json"}
-                sink.write({"__key__": sample["__key__"], **out, "json": json.dumps(meta).encode()})
-                n += 1
-        tmp.replace(out_dir / f"{i:05d}.tar")
-        sizes[f"{i:05d}.tar"] = n
-    atomic_write_text(out_dir / "classnames.txt", "".join(c + "\n" for c in classnames))
-    atomic_write_text(out_dir / "sizes.json", json.dumps(sizes, indent=2))
-    atomic_write_text(done, json.dumps({"samples": sum(sizes.values()), "source": shards, "templates": len(templates)}))
-    return out_dir
+    table = {"label_key": label_key, "prompts": [format_prompts(name, templates) for name in classnames]}
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_file, json.dumps(table, indent=1))
+    return CLASS_PROMPTS + str(out_file.resolve())
 
 
 # ----------------------------------------------------------------------------- the run
@@ -158,8 +138,8 @@ def experiment_for(spec: FinetuneSpec) -> ExperimentConfig:
     if spec.captions == "classes" and names_file is None:
         raise UserError("captions=classes needs class names: pass --classnames or put classnames.txt beside the shards")
     if spec.captions != "pairs" and names_file is not None:
-        flyp = flyp_shards(shards, load_classnames(names_file), load_templates(spec.templates), out / "flyp_data")
-        shards, caption_key = [str(flyp)], FLYP_KEY
+        names, templates = load_classnames(names_file), load_templates(spec.templates)
+        caption_key = write_class_prompts(names, templates, out / FLYP_FILE)
         log.info("FLYP: training captions are the %s class names in the '%s' templates", names_file, spec.templates)
     raw = {
         "model": to_dict(model),

@@ -53,12 +53,11 @@ def find_weights(path: str | Path) -> tuple[Path, Path]:
         raise UserError(f"{path}: give the run or checkpoint folder, not a file")
     from mmcl.engine.checkpoint import latest_checkpoint
 
-    candidates = [path]
-    if is_run_folder(path):
-        candidates = [path / "final"]
-        latest = latest_checkpoint(path / "checkpoints")
-        if latest is not None:
-            candidates.append(latest)
+    # a run folder's own weights only; any other folder: itself first (a final/ or checkpoint folder)
+    candidates = [path / "final"] if is_run_folder(path) else [path, path / "final"]
+    latest = latest_checkpoint(path / "checkpoints")
+    if latest is not None:
+        candidates.append(latest)
     for folder in candidates:
         weights = folder / "model.safetensors"
         if weights.is_file():

@@ -13,7 +13,7 @@ from mmcl.cli import main
 from mmcl.config import load_experiment
 from mmcl.data.writer import make_demo_data, write_real_shards
 from mmcl.engine.trainer import train
-from mmcl.finetune import FLYP_KEY, FinetuneSpec, experiment_for, flyp_shards, interpolate
+from mmcl.finetune import FLYP_FILE, FinetuneSpec, experiment_for, interpolate, write_class_prompts
 
 QUIET = ["train.trackers=[none]", "train.progress=false", "data.num_workers=1"]
 
@@ -48,17 +48,25 @@ def pretrained(data, tmp_path_factory) -> Path:
     return out
 
 
-def test_flyp_shards_caption_each_sample_with_its_class_prompts(data, tmp_path: Path) -> None:
+def test_flyp_captions_are_made_by_the_loader_from_each_label(data, tmp_path: Path) -> None:
+    """FLYP reads the shards in place (no copy): the caption key names the class prompts, and each sample read
+    gets the prompts of its own class."""
     import webdataset as wds
 
+    from mmcl.data.decode import CLASS_PROMPTS, SkipSample, caption_options, decode_json, decode_label
+
     names = (data["digits_train"] / "classnames.txt").read_text().split()
-    out = flyp_shards([str(data["digits_train"])], names, ["a photo of a {}.", "the digit {}"], tmp_path / "f")
-    sample = next(iter(wds.WebDataset(str(next(out.glob("*.tar"))), shardshuffle=False)))
-    meta = json.loads(sample["json"])
-    word = names[meta["label"]]
-    assert meta[FLYP_KEY] == [f"a photo of a {word}.", f"the digit {word}"]
-    assert sample["jpg"][:2] == b"\xff\xd8"  # the image is copied as is
-    assert json.loads((out / "sizes.json").read_text()) == {"00000.tar": 1437}
+    key = write_class_prompts(names, ["a photo of a {}.", "the digit {}"], tmp_path / "f" / FLYP_FILE)
+    assert key.startswith(CLASS_PROMPTS) and sorted(p.name for p in (tmp_path / "f").iterdir()) == [FLYP_FILE]
+    shard = str(next(data["digits_train"].glob("*.tar")))
+    for n, sample in enumerate(wds.WebDataset(shard, shardshuffle=False)):
+        meta = decode_json(sample)
+        word = names[decode_label(sample, meta, "label")]
+        assert caption_options(sample, meta, key) == [f"a photo of a {word}.", f"the digit {word}"]
+        if n == 20:
+            break
+    with pytest.raises(SkipSample, match="missing_label"):  # a sample without a label is skipped and counted
+        caption_options({"jpg": b""}, {}, key)
 
 
 def test_wise_ft_interpolates_floating_tensors() -> None:
@@ -76,7 +84,9 @@ def test_finetune_options_reach_the_experiment(data, pretrained: Path, tmp_path:
     assert cfg.model.image.lock and cfg.model.image.unlocked_layers == 1 and not cfg.model.text.lock
     assert (
         cfg.train.layer_decay == 0.7
-        and cfg.data.caption_key == FLYP_KEY
+        and cfg.data.caption_key.endswith(FLYP_FILE)
+        and cfg.data.train_shards == [str(data["digits_train"])]  # read in place
+        and not (tmp_path / "ft" / "flyp_data").exists()
         and [t.name for t in cfg.loss.terms] in ([], ["clip"])  # [] = the model's default, [clip]
     )
 

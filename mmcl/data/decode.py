@@ -6,6 +6,7 @@ stopping (a web-scale shard always holds some broken images).
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -123,8 +124,23 @@ def decode_json(sample: dict[str, Any]) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+CLASS_PROMPTS = "class_prompts:"  # caption_key prefix: the sample's class name in templates (FLYP, mmcl.finetune)
+
+
+@functools.lru_cache(maxsize=4)
+def class_prompts(path: str) -> tuple[str, tuple[tuple[str, ...], ...]]:
+    """(label_key, the prompts of each class) of a class-prompts file (`mmcl.finetune.write_class_prompts`),
+    read once per process."""
+    try:
+        table = json.loads(Path(path).read_text())
+        return str(table["label_key"]), tuple(tuple(str(p) for p in row) for row in table["prompts"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a readable class-prompts file ({type(e).__name__})") from None
+
+
 def caption_options(sample: dict[str, Any], meta: dict[str, Any], key: str, errors: str = "strict") -> list[str]:
-    """Every caption of a sample, stripped: the non-blank lines of `.txt` (key 'txt') or a json string/list field.
+    """Every caption of a sample, stripped: the non-blank lines of `.txt` (key 'txt') or a json string/list field;
+    with key `class_prompts:FILE`, the prompts of the sample's class (made when read: nothing is copied).
 
     Args:
         errors: how undecodable `.txt` bytes are handled: "strict" skips the sample, "replace" keeps the
@@ -133,6 +149,12 @@ def caption_options(sample: dict[str, Any], meta: dict[str, Any], key: str, erro
     Raises:
         SkipSample: 'missing_caption', 'bad_caption_encoding' or 'empty_caption'.
     """
+    if key.startswith(CLASS_PROMPTS):
+        label_key, prompts = class_prompts(key[len(CLASS_PROMPTS) :])
+        label = decode_label(sample, meta, label_key)
+        if label is None or not 0 <= label < len(prompts):
+            raise SkipSample("missing_label", f"no class index in [0, {len(prompts)}) for its class-name caption")
+        return list(prompts[label])
     if key == "txt":
         if "txt" not in sample:
             raise SkipSample("missing_caption")

@@ -226,10 +226,15 @@ class DeviceDecoder:
     def _geometry(self, image: torch.Tensor, box: tuple[int, int, int, int] | None) -> torch.Tensor:
         import torchvision.transforms.v2.functional as TF
 
+        # the model's own interpolation (`ImageTransform.interpolation`, from its source's preprocessing)
+        mode = TF.InterpolationMode(
+            getattr(self.transform, "interpolation", "bicubic").replace("nearest", "nearest-exact")
+        )
+
         def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
             if tuple(x.shape[1:]) == size:
                 return x
-            return TF.resize(x, list(size), interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+            return TF.resize(x, list(size), interpolation=mode, antialias=True)
 
         if box is not None:  # a header that lied about the size: keep the box inside the image
             top, left = min(box[0], image.shape[1] - 1), min(box[1], image.shape[2] - 1)

@@ -239,7 +239,7 @@ def export_checkpoint_hf(run_or_ckpt: str | Path, out_dir: str | Path, license: 
     usage = f"""```python
 from transformers import pipeline
 
-classifier = pipeline("zero-shot-image-classification", model="{out}")
+classifier = pipeline("zero-shot-image-classification", model="PATH/TO/{Path(out).name}")  # or the Hub id
 classifier("image.jpg", candidate_labels=["a cat", "a dog"])
 ```"""
     write_model_card(out, find_weights(run_or_ckpt)[1], "transformers", usage, license=license)

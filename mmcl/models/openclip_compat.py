@@ -387,7 +387,7 @@ def export_checkpoint(run_or_ckpt: str | Path, out_dir: str | Path, name: str | 
     usage = f"""```python
 import open_clip
 
-model, _, preprocess = open_clip.create_model_and_transforms("local-dir:{Path(out_dir).resolve()}")
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:PATH/TO/{Path(out_dir).name}")
 ```"""
-    write_model_card(out_dir, find_weights(run_or_ckpt)[1], "open_clip", usage)
+    write_model_card(out_dir, find_weights(run_or_ckpt)[1], "open_clip", usage, model_name=name or "")
     return paths

@@ -25,10 +25,33 @@ def _refuse(path: Path, why: str) -> UserError:
     return UserError(f"{path}: not a readable, safe weights file ({why}); refusing to load it")
 
 
-def _torch_reason(e: BaseException) -> str:
+_OBJECT_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
+
+
+def _pickle_builds_objects(path: Path, limit: int = 1 << 26) -> bool:
+    """Whether `path` is a complete pickle that imports or calls something (read by `pickletools`, which only
+    parses: nothing is imported or run). torch refuses some such files before it reaches the import (e.g. a
+    protocol-4 FRAME), so its message alone cannot tell a hostile pickle from random bytes."""
+    import pickletools
+
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit)
+        names = set()
+        for op, _, _ in pickletools.genops(data):
+            names.add(op.name)
+            if op.name == "STOP":
+                return bool(names & _OBJECT_OPCODES)
+    except Exception:  # noqa: BLE001  (not a pickle: random or truncated bytes)
+        return False
+    return False
+
+
+def _torch_reason(e: BaseException, path: Path) -> str:
     """What went wrong, in words of our own (never torch's text, which may advise weights_only=False)."""
     text = str(e)
-    if isinstance(e, pickle.UnpicklingError) and ("Unsupported global" in text or "GLOBAL" in text):
+    hostile = "Unsupported global" in text or "GLOBAL" in text or _pickle_builds_objects(path)
+    if isinstance(e, pickle.UnpicklingError) and hostile:
         return "it asks to unpickle objects other than tensors, which could run code"
     if "zip archive" in text or "central directory" in text or isinstance(e, (EOFError, OSError)):
         return f"corrupt or truncated ({type(e).__name__})"
@@ -56,7 +79,7 @@ def read_weights(path: str | Path) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)  # never runs the file's code
     except Exception as e:  # noqa: BLE001  (random bytes escape as any of a dozen types)
-        raise _refuse(path, _torch_reason(e)) from None
+        raise _refuse(path, _torch_reason(e, path)) from None
     if not isinstance(state, dict):
         raise _refuse(path, f"it holds a {type(state).__name__}, not a state dict")
     return state

@@ -145,7 +145,21 @@ def test_fuzzed_weights_files_are_one_line_refusals(tmp_path: Path) -> None:
         msg = str(e.value)
         assert "\n" not in msg and str(file) in msg and "not a readable, safe weights file" in msg, msg
         assert "weights_only" not in msg
+        if file.name.startswith(("evil", "random")):
+            assert ("could run code" in msg) == file.name.startswith("evil"), msg
     assert not marker.exists()  # no hostile pickle ran
+    from mmcl.engine.checkpoint import safe_torch_load
+
+    for file in files:  # the checkpoint reader (optimizer, RNG states) holds the same line for every non-safetensors
+        if file.suffix == ".safetensors":
+            continue
+        with pytest.raises(UserError) as e:
+            safe_torch_load(file)
+        assert "\n" not in str(e.value) and "not a safe checkpoint" in str(e.value)
+        assert "weights_only" not in str(e.value)
+        if file.name.startswith("random"):  # random bytes are not called a hostile pickle
+            assert "pickled objects other than tensors" not in str(e.value), str(e.value)
+    assert not marker.exists()
     assert torch.equal(read_weights(tmp_path / "fuzz" / "good.pt")["w"], torch.load(tmp_path / "fuzz" / "good.pt")["w"])
 
 

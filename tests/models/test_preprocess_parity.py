@@ -130,3 +130,31 @@ def test_open_clip_preprocess_cfg_round_trips(tmp_path: Path) -> None:
     export_open_clip(model, tmp_path / "oc")
     written = json.loads((tmp_path / "oc" / "open_clip_config.json").read_text())["preprocess_cfg"]
     assert written["resize_mode"] == "squash" and written["interpolation"] == "bilinear"
+
+
+def test_a_run_keeps_its_sources_preprocessing_through_export(tmp_path: Path) -> None:
+    """A run fine-tuned from a SigLIP folder: mmcl's answer on a non-square image equals the pipeline's on its
+    export, even once the source's processor file changed (the run's config.yaml recorded it)."""
+    from mmcl.config import ExperimentConfig, save_yaml
+    from mmcl.engine.checkpoint import save_model
+    from mmcl.inference import load_pipeline
+    from mmcl.models.hf_export import export_checkpoint_hf
+
+    src = write_tiny_hf(tmp_path / "src", "siglip")
+    cfg = ExperimentConfig(model=pretrained_model_config(src))
+    model = build_model(cfg.model)
+    with torch.no_grad():
+        model.image.vision_model.post_layernorm.bias.add_(0.1)  # as if fine-tuned
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    save_yaml(cfg, run / "config.yaml")
+    save_model(model, run / "final" / "model.safetensors")
+    # the source folder's processor changes to a cropping one: the run keeps what it was trained with
+    crop = {"size": {"shortest_edge": 32}, "do_center_crop": True, "crop_size": {"height": 32, "width": 32}}
+    (src / "preprocessor_config.json").write_text(json.dumps(crop))
+    out = export_checkpoint_hf(run, tmp_path / "hf")
+    image = _wide_image()
+    pipe = load_pipeline(run, device="cpu")
+    assert pipe.model.preprocess_cfg()["resize_mode"] == "squash"
+    ours = _mmcl_probs_with(pipe, image, siglip=True)
+    np.testing.assert_allclose(ours, _hf_probs(out, image), atol=1e-5)
