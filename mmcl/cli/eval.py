@@ -47,6 +47,22 @@ def non_negative_int(text: str) -> int:
 PROBES = {"linear-probe": "linear_probe", "knn": "knn"}
 
 
+def report_dir(args: argparse.Namespace, task: str) -> Path:
+    """--out, else RUN/eval/TASK for an mmcl run; a transformers / open_clip folder or a hub name is not ours
+    to write into: ./eval/NAME/TASK."""
+    if args.out:
+        return Path(args.out)
+    run = Path(args.run)
+    foreign = not run.is_dir() or (
+        not (run / "config.yaml").is_file()
+        and ((run / "config.json").is_file() or (run / "open_clip_config.json").is_file())
+    )
+    if foreign:
+        name = run.resolve().name if run.is_dir() else args.run.split(":", 1)[-1].strip("/").replace("/", "_")
+        return Path("eval") / name / task
+    return run / "eval" / task
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval",
@@ -56,7 +72,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="eval_task", metavar="TASK", required=True)
     for name, help_text in TASKS.items():
         t = sub.add_parser(name, help=help_text.replace("%", "%%"), description=help_text)  # help is %-formatted
-        t.add_argument("run", help="run folder (runs/NAME) or checkpoint folder")
+        t.add_argument(
+            "run",
+            help="model: an mmcl run (runs/NAME) or checkpoint folder, a transformers or open_clip folder, "
+            "hf:ORG/NAME or hf-hub:ORG/NAME",
+        )
         t.add_argument(
             "--shards",
             "--data",
@@ -178,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         settings.update(gen)
         pipeline = load_pipeline(args.run)
         results = evaluate_captions(pipeline, dataset, generate_kwargs=gen, **common)
-    out = Path(args.out) if args.out else Path(args.run) / "eval" / task
+    out = report_dir(args, task)
     written = write_report(results, out, title=f"{task} evaluation of {args.run}", settings=settings)
     for k, v in results["metrics"].items():
         print(f"{k:>24}  {v:.4f}" if isinstance(v, float) else f"{k:>24}  {v}")
@@ -220,7 +240,7 @@ def run_compositional(args: argparse.Namespace) -> int:
         max_pixels=args.max_pixels,
         progress=not args.quiet,
     )
-    out = Path(args.out) if args.out else Path(args.run) / "eval" / "compositional"
+    out = report_dir(args, "compositional")
     settings = {"model": str(args.run), "data": data, "max_pairs per subset": args.max_pairs or "all"}
     written = write_report(results, out, title=f"compositional evaluation of {args.run}", settings=settings)
     print(compositional_table(results), end="")
@@ -271,7 +291,7 @@ def run_probe(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         **options,
     )
-    out = Path(args.out) if args.out else Path(args.run) / "eval" / args.eval_task
+    out = report_dir(args, args.eval_task)
     written = write_report(results, out, title=f"{args.eval_task} evaluation of {args.run}", settings=settings)
     for k, v in results["metrics"].items():
         print(f"{k:>24}  {v:.4f}" if isinstance(v, float) else f"{k:>24}  {v}")
@@ -289,7 +309,7 @@ def run_group_scores(args: argparse.Namespace) -> int:
     groups = counterfactual_groups(args.counterfactuals, image_size=args.image_size, subsets=args.subsets)
     pipeline = load_pipeline(args.run)
     results = evaluate_group_scores(pipeline, groups, batch_size=args.batch_size, text_batch_size=args.text_batch_size)
-    out = Path(args.out) if args.out else Path(args.run) / "eval" / "counterfactual"
+    out = report_dir(args, "counterfactual")
     settings = {"model": str(args.run), "data": f"{args.counterfactuals} built-in test scenes + counterfactuals"}
     written = write_report(results, out, title=f"counterfactual group scores of {args.run}", settings=settings)
     print(group_table(results), end="")

@@ -114,3 +114,16 @@ def test_damaged_tars_among_the_shards_are_skipped_counted_and_reported(cli, tmp
     assert summary["skipped"] == {"unreadable_tar": 2}
     assert summary["metrics"]["n_samples" if task == "zeroshot" else "n_images"] == 12  # the good tar's samples
     assert "2 unreadable_tar" in (out / "eval.md").read_text() and "2 unreadable_tar" in capsys.readouterr().out
+
+
+def test_reports_of_a_model_that_is_not_a_run_go_to_the_current_folder(cli, tmp_path, monkeypatch):
+    """A transformers or open_clip folder (or a hub name) is the user's, not ours to write a report into."""
+    hf = tmp_path / "tiny-hf-clip"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    for model in (str(hf), "hf:org/tiny-clip"):
+        assert cli("eval", "retrieval", model, "--shards", cli.shards, "--quiet") == 0
+    assert (tmp_path / "eval" / "tiny-hf-clip" / "retrieval" / "eval.json").is_file()
+    assert (tmp_path / "eval" / "org_tiny-clip" / "retrieval" / "eval.json").is_file()
+    assert not (hf / "eval").exists()
