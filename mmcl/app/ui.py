@@ -362,7 +362,8 @@ def launch(
     demo = build_app(state, run)
     public = [fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public" and fn.api_name]
     demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
-    allowed = [str(thumbs_dir(state.index_dir).resolve())] if state.index_dir else []
+    index_dirs = ([state.index_dir] if state.index_dir else []) + (state.choices.index_dirs() if state.choices else [])
+    allowed = list(dict.fromkeys(str(thumbs_dir(d).resolve()) for d in index_dirs))  # thumbnails, nothing else
     theme = gr.themes.Soft(font=THEME_FONTS, font_mono=["ui-monospace", "monospace"])
     hosts = {h.strip().strip("[]").lower() for h in allowed_hosts if h.strip()}  # the share link's joins it below
     middleware = [

@@ -181,10 +181,20 @@ def switch_server(tmp_path_factory):
     (root / "secret").mkdir()  # a real folder on the server that was not named at start
     image = root / "blue.png"
     coloured("blue").save(image)
+    from mmcl.index import EmbeddingIndex, build_index
+
+    for owner, folder in (("server", root / "server_index"), ("other", other / "index")):  # each model's own index
+        images = root / f"{owner}_images"
+        images.mkdir()
+        for j in range(3):
+            coloured("red", seed=j).save(images / f"red_{j}.png")
+            (images / f"red_{j}.txt").write_text(f"{owner} red {j}")
+        build_index(FakePipeline(), [str(images)], folder, info={"model": owner}, progress=False)
     loaded = []
     choices = H.ModelChoices([str(other)], loader=lambda path: loaded.append(path) or FakePipeline(can_caption=False))
     state = H.AppState(choices=choices)
     state.set_pipeline(FakePipeline(), "fake")
+    state.index, state.index_dir = EmbeddingIndex.load(root / "server_index"), root / "server_index"
     demo, url = launch(state=state, port=free_port(), prevent_thread_lock=True, quiet=True)
     yield url.rstrip("/"), str(other), image, state, loaded
     demo.close()
@@ -212,14 +222,23 @@ def _browser_event(url: str, session_hash: str, fn_index: int, data: list) -> di
     raise AssertionError("the event never completed")
 
 
+def _first_caption(client: Client) -> str:
+    gallery, _ = client.predict("red", 1, api_name="/search_text")
+    assert Path(gallery[0]["image"]).is_file()  # the client downloaded the thumbnail: served, whichever index
+    return gallery[0]["caption"].split(" · ")[1]
+
+
 def test_model_switch_is_per_session(switch_server):
     url, other, image, state, loaded = switch_server
     ann, bob = Client(url, verbose=False), Client(url, verbose=False)
     assert _caption(ann, image) == _caption(bob, image) == "a blue picture"
+    assert _first_caption(ann).startswith("server red")
     done = _browser_event(url, ann.session_hash, _switch_fn_index(url), [other])
     assert done["success"], done
     banner = done["output"]["data"][1]
-    assert other in banner
+    assert other in banner and f"Index: `{other}/index`" in banner  # the header names the new model's index
+    assert _first_caption(ann).startswith("other red")  # and retrieval searches it
+    assert _first_caption(bob).startswith("server red")
     with pytest.raises(AppError, match="cannot caption"):  # ann's session now answers with the other run
         _caption(ann, image)
     assert _caption(bob, image) == "a blue picture"  # bob's session, and the server's state, are unchanged
