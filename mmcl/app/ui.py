@@ -31,7 +31,14 @@ from mmcl.utils import UserError  # noqa: E402
 log = logging.getLogger("mmcl")
 
 THEME_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # local fonts: the page fetches nothing from outside
-CSS = "#banner {font-size: 0.95em} footer {display: none !important}"
+# Small pictures (the synthetic set is 32-64 px) fill their box, scaled up with visible pixels instead of shown
+# at native size or blurred; gallery captions wrap instead of being cut at the thumbnail's width.
+CSS = """
+#banner {font-size: 0.95em}
+footer {display: none !important}
+.mmcl-image img {object-fit: contain !important; image-rendering: pixelated}
+#ret_gallery .caption-label {white-space: normal; overflow-wrap: anywhere; max-width: calc(100% - 8px)}
+"""
 
 
 def _image(label: str, sources: list[str], limits: H.AppState, **kw: Any) -> gr.Image:
@@ -48,7 +55,7 @@ def _image(label: str, sources: list[str], limits: H.AppState, **kw: Any) -> gr.
     """
     from mmcl.app.guard import check_file_size, refuse_urls
 
-    image = gr.Image(label=label, type="filepath", image_mode=None, sources=sources, **kw)
+    image = gr.Image(label=label, type="filepath", image_mode=None, sources=sources, elem_classes=["mmcl-image"], **kw)
     gradio_preprocess = image.preprocess
     gradio_fetch, gradio_fetch_sync = image.async_move_resource_to_block_cache, image.move_resource_to_block_cache
 
@@ -87,7 +94,7 @@ def _image(label: str, sources: list[str], limits: H.AppState, **kw: Any) -> gr.
     return image
 
 
-def _examples(paths: Sequence[str], target: gr.Image, label: str = "Examples") -> gr.Examples:
+def _examples(paths: Sequence[str], target: gr.Image, elem_id: str, label: str = "Examples") -> gr.Examples:
     """Example thumbnails that fill `target` when clicked, through the queue like every other event of the page.
 
     Gradio loads an (uncached) example with a queue-less event, which the page posts to `/gradio_api/run/predict`;
@@ -97,7 +104,7 @@ def _examples(paths: Sequence[str], target: gr.Image, label: str = "Examples") -
     """
     from gradio.context import get_blocks_context
 
-    examples = gr.Examples([[p] for p in paths], inputs=[target], label=label)
+    examples = gr.Examples([[p] for p in paths], inputs=[target], label=label, elem_id=elem_id)
     load = get_blocks_context().fns[examples.load_input_event["id"]]
     load.queue, load.concurrency_limit = True, None
     return examples
@@ -127,7 +134,6 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
     Every handler takes the session's chosen run (a `gr.State`, "" = the server's own model) as its last input
     and answers with `state.for_session(chosen)`, so one visitor's choice never changes another's model.
     """
-    import pandas as pd
 
     def visibility(view: H.AppState) -> tuple[Any, Any, Any]:
         p = view.pipeline
@@ -135,10 +141,9 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
         return gr.Tab(visible=encode), gr.Tab(visible=encode), gr.Tab(visible=p is not None and p.can_caption)
 
     @_guard
-    def classify(image: Any, labels: str, templates: str, custom: str, top_k: float, chosen: str) -> tuple[dict, Any]:
+    def classify(image: Any, labels: str, templates: str, custom: str, top_k: float, chosen: str) -> dict:
         top = H.classify(state.for_session(chosen), image, labels, templates, custom, int(top_k))
-        frame = pd.DataFrame({"label": [name for name, _ in top], "probability": [p for _, p in top]})
-        return {name: p for name, p in top}, frame
+        return {name: p for name, p in top}
 
     def show_hits(hits: list[H.Hit]) -> tuple[list, list]:
         gallery = [(h.image, f"{h.score:.3f} · {h.caption}") for h in hits if h.image]
@@ -188,8 +193,7 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
                         zs_btn = gr.Button("Classify", variant="primary", elem_id="classify")
                     with gr.Column():
                         zs_out = gr.Label(label="Prediction", num_top_classes=20, elem_id="prediction")
-                        zs_plot = gr.BarPlot(x="label", y="probability", sort="-y", y_lim=[0, 1], label="Probabilities")
-                _examples(examples, zs_image, "Examples (built-in synthetic test images)")
+                _examples(examples, zs_image, "zs_examples", "Examples (built-in synthetic test images)")
             with gr.Tab("Retrieval", id="retrieval") as ret_tab:
                 with gr.Row():
                     with gr.Column():
@@ -199,7 +203,9 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
                         ret_image = _image("Image query", ["upload", "clipboard"], state, height=200)
                         ret_image_btn = gr.Button("Search by image")
                 ret_k = gr.Slider(1, 50, value=12, step=1, label="Results (k)")
-                ret_gallery = gr.Gallery(label="Nearest images (score · caption)", columns=6, height="auto")
+                ret_gallery = gr.Gallery(
+                    label="Nearest images (score · caption)", columns=6, height="auto", elem_id="ret_gallery"
+                )
                 ret_table = gr.Dataframe(
                     headers=["rank", "score", "caption", "key"], label="Captions", interactive=False
                 )
@@ -219,7 +225,7 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
                         cap_btn = gr.Button("Caption", variant="primary")
                     with gr.Column():
                         cap_out = gr.Textbox(label="Caption", lines=3)
-                _examples(examples, cap_image)
+                _examples(examples, cap_image, "cap_examples")
             with gr.Tab("Compare captions", id="compare"):  # the compositional eval's question, for one image
 
                 @_guard
@@ -238,7 +244,7 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
                     with gr.Column():
                         cmp_out = gr.Label(label="Probability (the model's own scale)")
                         cmp_verdict = gr.Markdown()
-                _examples(examples, cmp_image)
+                _examples(examples, cmp_image, "cmp_examples")
                 cmp_inputs = [cmp_image, cmp_first, cmp_second, chosen]
                 cmp_btn.click(compare, cmp_inputs, [cmp_out, cmp_verdict], api_name="compare_captions")
         if state.choices is not None and state.choices.runs:
@@ -254,7 +260,7 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
 
         zs_tpl.change(lambda c: gr.Textbox(visible=c == "custom"), [zs_tpl], [zs_custom], api_visibility="private")
         zs_inputs = [zs_image, zs_labels, zs_tpl, zs_custom, zs_k, chosen]
-        zs_btn.click(classify, zs_inputs, [zs_out, zs_plot], api_name="classify")
+        zs_btn.click(classify, zs_inputs, [zs_out], api_name="classify")
         ret_inputs = [ret_text, ret_k, chosen]
         ret_text_btn.click(search_text, ret_inputs, [ret_gallery, ret_table], api_name="search_text")
         ret_text.submit(search_text, ret_inputs, [ret_gallery, ret_table], api_visibility="private")

@@ -321,7 +321,7 @@ def test_image_url_is_refused_in_one_line(server, no_downloads, link, tmp_path):
         client.predict(handle_file(link), "red, blue", "short", "a {}", 2, api_name="/classify")
     assert str(refused.value) == URL_MESSAGE
     assert no_downloads == []
-    label, _ = client.predict(handle_file(str(red)), "red, blue", "none", "", 1, api_name="/classify")
+    label = client.predict(handle_file(str(red)), "red, blue", "none", "", 1, api_name="/classify")
     assert label["label"] == "red"  # an upload still works
 
 
@@ -448,7 +448,7 @@ def test_multipart_upload_limit(limited):
 
 def _top_label(events: str) -> str:
     assert "event: complete" in events, events[:500]
-    return json.loads(events.split("event: complete\ndata: ", 1)[1].splitlines()[0])[0]["label"]
+    return json.loads(events.split("event: complete\ndata: ", 1)[1].splitlines()[0])[0]["label"]  # [label]
 
 
 def test_data_url_is_never_decoded(limited):
