@@ -136,9 +136,16 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
     """
 
     def visibility(view: H.AppState) -> tuple[Any, Any, Any]:
+        """Tab updates for a session's model: a tab it cannot use is hidden, and disabled where Gradio's page
+        keeps showing a tab hidden by an update."""
         p = view.pipeline
         encode = p is None or p.can_encode
-        return gr.Tab(visible=encode), gr.Tab(visible=encode), gr.Tab(visible=p is not None and p.can_caption)
+        caption = p is not None and p.can_caption
+        return (
+            gr.Tab(visible=encode, interactive=encode),
+            gr.Tab(visible=encode, interactive=encode),
+            gr.Tab(visible=caption, interactive=caption),
+        )
 
     @_guard
     def classify(image: Any, labels: str, templates: str, custom: str, top_k: float, chosen: str) -> dict:
@@ -183,12 +190,20 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
                         zs_image = _image(
                             "Image", ["upload", "webcam", "clipboard"], state, height=300, elem_id="zs_image"
                         )
-                        zs_labels = gr.Textbox(H.DEFAULT_LABELS, label="Labels (comma or newline separated)", lines=3)
+                        zs_labels = gr.Textbox(
+                            H.DEFAULT_LABELS, label="Labels (comma or newline separated)", lines=3, elem_id="zs_labels"
+                        )
                         with gr.Row():
-                            zs_tpl = gr.Dropdown(list(H.TEMPLATE_CHOICES), value="short", label="Prompt templates")
-                            zs_k = gr.Slider(1, 20, value=5, step=1, label="Top k")
+                            zs_tpl = gr.Dropdown(
+                                list(H.TEMPLATE_CHOICES), value="short", label="Prompt templates", elem_id="zs_tpl"
+                            )
+                            zs_k = gr.Slider(1, 20, value=5, step=1, label="Top k", elem_id="zs_k")
                         zs_custom = gr.Textbox(
-                            "a photo of a {}.", label="Custom templates ({} = label)", lines=2, visible=False
+                            "a photo of a {}.",
+                            label="Custom templates ({} = label)",
+                            lines=2,
+                            visible=False,
+                            elem_id="zs_custom",
                         )
                         zs_btn = gr.Button("Classify", variant="primary", elem_id="classify")
                     with gr.Column():
@@ -197,34 +212,49 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
             with gr.Tab("Retrieval", id="retrieval") as ret_tab:
                 with gr.Row():
                     with gr.Column():
-                        ret_text = gr.Textbox(label="Text query", placeholder="a red circle")
-                        ret_text_btn = gr.Button("Search by text", variant="primary")
+                        ret_text = gr.Textbox(label="Text query", placeholder="a red circle", elem_id="ret_text")
+                        ret_text_btn = gr.Button("Search by text", variant="primary", elem_id="ret_text_btn")
                     with gr.Column():
-                        ret_image = _image("Image query", ["upload", "clipboard"], state, height=200)
-                        ret_image_btn = gr.Button("Search by image")
-                ret_k = gr.Slider(1, 50, value=12, step=1, label="Results (k)")
+                        ret_image = _image(
+                            "Image query", ["upload", "clipboard"], state, height=200, elem_id="ret_image"
+                        )
+                        ret_image_btn = gr.Button("Search by image", elem_id="ret_image_btn")
+                ret_k = gr.Slider(1, 50, value=12, step=1, label="Results (k)", elem_id="ret_k")
                 ret_gallery = gr.Gallery(
                     label="Nearest images (score · caption)", columns=6, height="auto", elem_id="ret_gallery"
                 )
                 ret_table = gr.Dataframe(
-                    headers=["rank", "score", "caption", "key"], label="Captions", interactive=False
+                    headers=["rank", "score", "caption", "key"],
+                    label="Captions",
+                    interactive=False,
+                    elem_id="ret_table",
                 )
             cap_visible = state.pipeline is not None and state.pipeline.can_caption
             with gr.Tab("Captioning", id="captioning", visible=cap_visible) as cap_tab:
                 with gr.Row():
                     with gr.Column():
-                        cap_image = _image("Image", ["upload", "webcam", "clipboard"], state, height=300)
-                        cap_prefix = gr.Textbox(label="Prefix (optional: the caption continues it)")
-                        cap_mode = gr.Radio(["greedy", "beam", "sample"], value="beam", label="Decoding")
+                        cap_image = _image(
+                            "Image", ["upload", "webcam", "clipboard"], state, height=300, elem_id="cap_image"
+                        )
+                        cap_prefix = gr.Textbox(
+                            label="Prefix (optional: the caption continues it)", elem_id="cap_prefix"
+                        )
+                        cap_mode = gr.Radio(
+                            ["greedy", "beam", "sample"], value="beam", label="Decoding", elem_id="cap_mode"
+                        )
                         with gr.Row():
-                            cap_max = gr.Slider(1, 128, value=30, step=1, label="Max new tokens")
-                            cap_beams = gr.Slider(2, 8, value=3, step=1, label="Beams")
+                            cap_max = gr.Slider(1, 128, value=30, step=1, label="Max new tokens", elem_id="cap_max")
+                            cap_beams = gr.Slider(2, 8, value=3, step=1, label="Beams", elem_id="cap_beams")
                         with gr.Row():
-                            cap_temp = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature (sample)")
-                            cap_top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (sample)")
-                        cap_btn = gr.Button("Caption", variant="primary")
+                            cap_temp = gr.Slider(
+                                0.1, 2.0, value=1.0, step=0.05, label="Temperature (sample)", elem_id="cap_temp"
+                            )
+                            cap_top_p = gr.Slider(
+                                0.05, 1.0, value=0.9, step=0.05, label="Top-p (sample)", elem_id="cap_top_p"
+                            )
+                        cap_btn = gr.Button("Caption", variant="primary", elem_id="cap_btn")
                     with gr.Column():
-                        cap_out = gr.Textbox(label="Caption", lines=3)
+                        cap_out = gr.Textbox(label="Caption", lines=3, elem_id="cap_out")
                 _examples(examples, cap_image, "cap_examples")
             with gr.Tab("Compare captions", id="compare"):  # the compositional eval's question, for one image
 
@@ -237,13 +267,17 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
 
                 with gr.Row():
                     with gr.Column():
-                        cmp_image = _image("Image", ["upload", "webcam", "clipboard"], state, height=300)
-                        cmp_first = gr.Textbox("a red circle", label="Caption A")
-                        cmp_second = gr.Textbox("a blue circle", label="Caption B (e.g. a hard negative)")
-                        cmp_btn = gr.Button("Which caption fits better?", variant="primary")
+                        cmp_image = _image(
+                            "Image", ["upload", "webcam", "clipboard"], state, height=300, elem_id="cmp_image"
+                        )
+                        cmp_first = gr.Textbox("a red circle", label="Caption A", elem_id="cmp_first")
+                        cmp_second = gr.Textbox(
+                            "a blue circle", label="Caption B (e.g. a hard negative)", elem_id="cmp_second"
+                        )
+                        cmp_btn = gr.Button("Which caption fits better?", variant="primary", elem_id="cmp_btn")
                     with gr.Column():
-                        cmp_out = gr.Label(label="Probability (the model's own scale)")
-                        cmp_verdict = gr.Markdown()
+                        cmp_out = gr.Label(label="Probability (the model's own scale)", elem_id="cmp_out")
+                        cmp_verdict = gr.Markdown(elem_id="cmp_verdict")
                 _examples(examples, cmp_image, "cmp_examples")
                 cmp_inputs = [cmp_image, cmp_first, cmp_second, chosen]
                 cmp_btn.click(compare, cmp_inputs, [cmp_out, cmp_verdict], api_name="compare_captions")
@@ -254,6 +288,7 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
                     names,
                     value=state.model_name if state.pipeline is not None else None,
                     label="Model for this browser tab (the runs this server was started with)",
+                    elem_id="picker",
                 )
             # Not an API endpoint: hidden from the API page and gradio_client, named calls refused (NamedCallGuard).
             picker.input(switch_model, [picker], [chosen, banner, zs_tab, ret_tab, cap_tab], api_visibility="private")
