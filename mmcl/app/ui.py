@@ -12,12 +12,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -406,21 +404,20 @@ def launch(
     index_dirs = ([state.index_dir] if state.index_dir else []) + (state.choices.index_dirs() if state.choices else [])
     allowed = list(dict.fromkeys(str(thumbs_dir(d).resolve()) for d in index_dirs))  # thumbnails, nothing else
     theme = gr.themes.Soft(font=THEME_FONTS, font_mono=["ui-monospace", "monospace"])
-    hosts = {h.strip().strip("[]").lower() for h in allowed_hosts if h.strip()}  # the share link's joins it below
     middleware = [
-        Middleware(HostGuard, bound=host, allowed=hosts),
+        Middleware(HostGuard, bound=host, allowed=allowed_hosts, share_url=lambda: demo.share_url),
         Middleware(OriginGuard, allowed=allowed_origins),
         Middleware(NamedCallGuard, public=public),
         Middleware(BodyLimit, limit=body_limit(max_bytes)),
     ]
     try:
-        _, url, share_url = demo.launch(
+        _, url, _ = demo.launch(
             server_name=host,
             server_port=port,
             share=share,
             max_file_size=max_bytes,
             allowed_paths=allowed,
-            prevent_thread_lock=True,  # serve below, once the share link's host is allowed
+            prevent_thread_lock=prevent_thread_lock,
             quiet=quiet,
             theme=theme,
             css=CSS,
@@ -432,8 +429,4 @@ def launch(
         )
     except OSError as e:  # "Cannot find empty port ...": taken between `check_listen` and the server's start
         raise UserError(f"cannot listen on {host}:{port}: {str(e).split('. ')[0]}") from None
-    if share_url:
-        hosts.add(urlsplit(share_url).hostname or "")
-    if not prevent_thread_lock and not getattr(sys, "ps1", sys.flags.interactive):  # as Gradio: a notebook goes on
-        demo.block_thread()
     return demo, url

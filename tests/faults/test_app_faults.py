@@ -117,6 +117,16 @@ def test_host_guard_policy(bound, host, ok):
     assert HostGuard(None, bound=bound).host_ok(host) is ok
 
 
+def test_host_guard_accepts_the_share_link_once_it_exists():
+    from mmcl.app.guard import HostGuard
+
+    link: list[str | None] = [None]
+    guard = HostGuard(None, share_url=lambda: link[0])
+    assert not guard.host_ok("abc123.gradio.live")  # no share link (yet): a name like any other
+    link[0] = "https://abc123.gradio.live"
+    assert guard.host_ok("abc123.gradio.live") and not guard.host_ok("other.gradio.live")
+
+
 @pytest.mark.parametrize(
     "origin",
     [
