@@ -90,14 +90,22 @@ class HostGuard:
     Args:
         app: the wrapped ASGI app.
         bound: the address the server listens on (`--host`).
-        allowed: extra host names (`--allow-host`); the set is kept, not copied, so names learnt after the
-            server started (the share link's) can be added to it.
+        allowed: extra host names (`--allow-host`).
+        share_url: returns the public share link once there is one (known only after the server started); its
+            host is accepted too.
     """
 
-    def __init__(self, app: Callable[..., Awaitable[None]], bound: str = "127.0.0.1", allowed: set[str] | None = None):
+    def __init__(
+        self,
+        app: Callable[..., Awaitable[None]],
+        bound: str = "127.0.0.1",
+        allowed: Iterable[str] = (),
+        share_url: Callable[[], str | None] | None = None,
+    ) -> None:
         self.app = app
         self.bound = bound.strip().strip("[]").lower()
-        self.allowed = allowed if allowed is not None else set()
+        self.allowed = {a.strip().strip("[]").lower() for a in allowed}
+        self.share_url = share_url
         self.report = _OncePerValue()
 
     def host_ok(self, value: str) -> bool:
@@ -105,7 +113,10 @@ class HostGuard:
         if parsed is None:
             return False
         name = parsed[0]
-        if name in LOCAL_NAMES or name == self.bound or name in {a.lower() for a in self.allowed}:
+        if name in LOCAL_NAMES or name == self.bound or name in self.allowed:
+            return True
+        share = self.share_url() if self.share_url else None
+        if share and name == (urlsplit(share).hostname or "").lower():
             return True
         return self.bound in WILDCARDS and _is_ip(name)
 

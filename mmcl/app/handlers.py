@@ -70,7 +70,23 @@ class ModelChoices:
                 raise UserError(f"--allow-runs {run}: no such run or checkpoint folder")
         self._loader = loader
         self._loaded: dict[str, Encoder] = {}
+        self._indexes: dict[str, tuple[EmbeddingIndex, Path] | None] = {}
         self._lock = threading.Lock()
+
+    def index_dirs(self) -> list[Path]:
+        """The runs' own index folders (`RUN/index`), which a session switched to that run searches."""
+        return [d for run in self.runs if ((d := Path(run).expanduser() / "index") / "manifest.json").is_file()]
+
+    def index_of(self, name: str) -> tuple[EmbeddingIndex, Path] | None:
+        """The index of run `name` (`RUN/index`, loaded once), or None when it has none."""
+        if name not in self.runs:
+            return None
+        with self._lock:
+            if name not in self._indexes:
+                folder = Path(name).expanduser() / "index"
+                found = (folder / "manifest.json").is_file()
+                self._indexes[name] = (EmbeddingIndex.load(folder), folder) if found else None
+            return self._indexes[name]
 
     def load(self, name: str) -> Encoder:
         """The model of run `name`, loading it the first time; a name not given at start is refused."""
@@ -101,6 +117,7 @@ class AppState:
     choices: ModelChoices | None = None
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _text_cache: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    _index_checks: dict = field(default_factory=dict, repr=False)  # (model, index) -> why they do not fit, or ""
 
     def set_pipeline(self, pipeline: Encoder, name: str) -> None:
         with self.lock:
@@ -121,7 +138,27 @@ class AppState:
             return self
         if self.choices is None:
             raise UserError("model switching is off on this server (start it with --allow-runs RUN ...)")
-        return dataclasses.replace(self, pipeline=self.choices.load(name), model_name=name)
+        pipeline = self.choices.load(name)
+        index, index_dir = self.choices.index_of(name) or (self.index, self.index_dir)  # the run's own, if any
+        return dataclasses.replace(self, pipeline=pipeline, model_name=name, index=index, index_dir=index_dir)
+
+    def index_mismatch(self) -> str:
+        """Why this state's index must not answer this state's model ("" when it may); checked once per pair.
+
+        Two models of the same width make vectors of the same shape that mean different things, so the width
+        says nothing: the index's recorded weight fingerprint decides (`mmcl.index.check_model`, where the index
+        records one), else the run folder it names, when both it and the served model are folders here.
+        """
+        if self.index is None or self.pipeline is None:
+            return ""
+        key = (id(self.pipeline), id(self.index))
+        with self.lock:
+            if key in self._index_checks:
+                return self._index_checks[key][2]
+        why = index_mismatch(self.index, self.index_dir, self.pipeline, self.model_name)
+        with self.lock:
+            self._index_checks[key] = (self.pipeline, self.index, why)  # keeps both alive: ids stay theirs
+        return why
 
     def require_pipeline(self, need: str = "encode") -> Encoder:
         pipeline = self.pipeline
@@ -141,6 +178,9 @@ class AppState:
                 "no retrieval index loaded: build one with `mmcl index build SHARDS --run RUN --out RUN/index` "
                 "and start the app with `--index RUN/index`"
             )
+        why = self.index_mismatch()
+        if why:
+            raise UserError(why)
         return self.index
 
     def classifier(self, pipeline: Encoder, labels: list[str], templates: list[str]) -> torch.Tensor:
@@ -159,6 +199,40 @@ class AppState:
             while len(self._text_cache) > 16:
                 self._text_cache.popitem(last=False)
         return weights
+
+
+def _same_folder(a: str, b: str) -> bool | None:
+    """Whether two run names are one folder (one inside the other: a run and its checkpoint); None if not folders."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if not (pa.is_dir() and pb.is_dir()):
+        return None
+    pa, pb = pa.resolve(), pb.resolve()
+    return pa.is_relative_to(pb) or pb.is_relative_to(pa)
+
+
+def index_mismatch(index: EmbeddingIndex, index_dir: Path | None, pipeline: Encoder, model_name: str) -> str:
+    """Why `index` must not answer queries embedded by `pipeline` ("" when it may, or when nothing tells).
+
+    The weight fingerprint the index records decides where there is one (`mmcl.index.check_model`); an index
+    without one is matched by the run folder it names (`info.model` or `info.run`) against the served run.
+    """
+    import mmcl.index
+
+    where = f"the index {index_dir}" if index_dir else "the index"
+    check_model = getattr(mmcl.index, "check_model", None)  # the weight fingerprint, where mmcl.index has it
+    if check_model is not None:
+        try:
+            if check_model(index, pipeline, name=model_name):
+                return ""
+        except UserError as e:
+            return f"{e}; retrieval is off for this model"
+    built_with = str(index.info.get("model") or index.info.get("run") or "")
+    if built_with and model_name and _same_folder(built_with, model_name) is False:
+        return (
+            f"{where} was built with {built_with}, not {model_name}: its embeddings would not match the queries; "
+            f"build one for this model (`mmcl index build SOURCES --run {model_name} --out {model_name}/index`)"
+        )
+    return ""
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -315,8 +389,11 @@ def startup_message(state: AppState, run: str | None) -> str:
             f"```\n{DEMO_COMMAND}\n```\n\nthen restart `mmcl app` (or `mmcl app RUN` for another run folder)."
         )
     lines = [f"Model: `{state.model_name}`"]
-    if state.index is not None:
-        built_with = state.index.info.get("model")
+    why = state.index_mismatch()
+    if state.index is not None and why:
+        lines.append(f"Index: none for this model (`{state.index_dir}` is another model's: retrieval is off)")
+    elif state.index is not None:
+        built_with = state.index.info.get("model") or state.index.info.get("run")
         note = f", embedded with `{built_with}`" if built_with and built_with != state.model_name else ""
         lines.append(f"Index: `{state.index_dir}` ({len(state.index)} images, {state.index.structure}{note})")
     else:

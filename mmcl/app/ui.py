@@ -12,12 +12,10 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -31,7 +29,14 @@ from mmcl.utils import UserError  # noqa: E402
 log = logging.getLogger("mmcl")
 
 THEME_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]  # local fonts: the page fetches nothing from outside
-CSS = "#banner {font-size: 0.95em} footer {display: none !important}"
+# Small pictures (the synthetic set is 32-64 px) fill their box, scaled up with visible pixels instead of shown
+# at native size or blurred; gallery captions wrap instead of being cut at the thumbnail's width.
+CSS = """
+#banner {font-size: 0.95em}
+footer {display: none !important}
+.mmcl-image img {object-fit: contain !important; image-rendering: pixelated}
+#ret_gallery .caption-label {white-space: normal; overflow-wrap: anywhere; max-width: calc(100% - 8px)}
+"""
 
 
 def _image(label: str, sources: list[str], limits: H.AppState, **kw: Any) -> gr.Image:
@@ -48,7 +53,7 @@ def _image(label: str, sources: list[str], limits: H.AppState, **kw: Any) -> gr.
     """
     from mmcl.app.guard import check_file_size, refuse_urls
 
-    image = gr.Image(label=label, type="filepath", image_mode=None, sources=sources, **kw)
+    image = gr.Image(label=label, type="filepath", image_mode=None, sources=sources, elem_classes=["mmcl-image"], **kw)
     gradio_preprocess = image.preprocess
     gradio_fetch, gradio_fetch_sync = image.async_move_resource_to_block_cache, image.move_resource_to_block_cache
 
@@ -87,7 +92,7 @@ def _image(label: str, sources: list[str], limits: H.AppState, **kw: Any) -> gr.
     return image
 
 
-def _examples(paths: Sequence[str], target: gr.Image, label: str = "Examples") -> gr.Examples:
+def _examples(paths: Sequence[str], target: gr.Image, elem_id: str, label: str = "Examples") -> gr.Examples:
     """Example thumbnails that fill `target` when clicked, through the queue like every other event of the page.
 
     Gradio loads an (uncached) example with a queue-less event, which the page posts to `/gradio_api/run/predict`;
@@ -97,7 +102,7 @@ def _examples(paths: Sequence[str], target: gr.Image, label: str = "Examples") -
     """
     from gradio.context import get_blocks_context
 
-    examples = gr.Examples([[p] for p in paths], inputs=[target], label=label)
+    examples = gr.Examples([[p] for p in paths], inputs=[target], label=label, elem_id=elem_id)
     load = get_blocks_context().fns[examples.load_input_event["id"]]
     load.queue, load.concurrency_limit = True, None
     return examples
@@ -127,18 +132,23 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
     Every handler takes the session's chosen run (a `gr.State`, "" = the server's own model) as its last input
     and answers with `state.for_session(chosen)`, so one visitor's choice never changes another's model.
     """
-    import pandas as pd
 
     def visibility(view: H.AppState) -> tuple[Any, Any, Any]:
+        """Tab updates for a session's model: a tab it cannot use is hidden, and disabled where Gradio's page
+        keeps showing a tab hidden by an update."""
         p = view.pipeline
         encode = p is None or p.can_encode
-        return gr.Tab(visible=encode), gr.Tab(visible=encode), gr.Tab(visible=p is not None and p.can_caption)
+        caption = p is not None and p.can_caption
+        return (
+            gr.Tab(visible=encode, interactive=encode),
+            gr.Tab(visible=encode, interactive=encode),
+            gr.Tab(visible=caption, interactive=caption),
+        )
 
     @_guard
-    def classify(image: Any, labels: str, templates: str, custom: str, top_k: float, chosen: str) -> tuple[dict, Any]:
+    def classify(image: Any, labels: str, templates: str, custom: str, top_k: float, chosen: str) -> dict:
         top = H.classify(state.for_session(chosen), image, labels, templates, custom, int(top_k))
-        frame = pd.DataFrame({"label": [name for name, _ in top], "probability": [p for _, p in top]})
-        return {name: p for name, p in top}, frame
+        return {name: p for name, p in top}
 
     def show_hits(hits: list[H.Hit]) -> tuple[list, list]:
         gallery = [(h.image, f"{h.score:.3f} · {h.caption}") for h in hits if h.image]
@@ -178,48 +188,72 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
                         zs_image = _image(
                             "Image", ["upload", "webcam", "clipboard"], state, height=300, elem_id="zs_image"
                         )
-                        zs_labels = gr.Textbox(H.DEFAULT_LABELS, label="Labels (comma or newline separated)", lines=3)
+                        zs_labels = gr.Textbox(
+                            H.DEFAULT_LABELS, label="Labels (comma or newline separated)", lines=3, elem_id="zs_labels"
+                        )
                         with gr.Row():
-                            zs_tpl = gr.Dropdown(list(H.TEMPLATE_CHOICES), value="short", label="Prompt templates")
-                            zs_k = gr.Slider(1, 20, value=5, step=1, label="Top k")
+                            zs_tpl = gr.Dropdown(
+                                list(H.TEMPLATE_CHOICES), value="short", label="Prompt templates", elem_id="zs_tpl"
+                            )
+                            zs_k = gr.Slider(1, 20, value=5, step=1, label="Top k", elem_id="zs_k")
                         zs_custom = gr.Textbox(
-                            "a photo of a {}.", label="Custom templates ({} = label)", lines=2, visible=False
+                            "a photo of a {}.",
+                            label="Custom templates ({} = label)",
+                            lines=2,
+                            visible=False,
+                            elem_id="zs_custom",
                         )
                         zs_btn = gr.Button("Classify", variant="primary", elem_id="classify")
                     with gr.Column():
                         zs_out = gr.Label(label="Prediction", num_top_classes=20, elem_id="prediction")
-                        zs_plot = gr.BarPlot(x="label", y="probability", sort="-y", y_lim=[0, 1], label="Probabilities")
-                _examples(examples, zs_image, "Examples (built-in synthetic test images)")
+                _examples(examples, zs_image, "zs_examples", "Examples (built-in synthetic test images)")
             with gr.Tab("Retrieval", id="retrieval") as ret_tab:
                 with gr.Row():
                     with gr.Column():
-                        ret_text = gr.Textbox(label="Text query", placeholder="a red circle")
-                        ret_text_btn = gr.Button("Search by text", variant="primary")
+                        ret_text = gr.Textbox(label="Text query", placeholder="a red circle", elem_id="ret_text")
+                        ret_text_btn = gr.Button("Search by text", variant="primary", elem_id="ret_text_btn")
                     with gr.Column():
-                        ret_image = _image("Image query", ["upload", "clipboard"], state, height=200)
-                        ret_image_btn = gr.Button("Search by image")
-                ret_k = gr.Slider(1, 50, value=12, step=1, label="Results (k)")
-                ret_gallery = gr.Gallery(label="Nearest images (score · caption)", columns=6, height="auto")
+                        ret_image = _image(
+                            "Image query", ["upload", "clipboard"], state, height=200, elem_id="ret_image"
+                        )
+                        ret_image_btn = gr.Button("Search by image", elem_id="ret_image_btn")
+                ret_k = gr.Slider(1, 50, value=12, step=1, label="Results (k)", elem_id="ret_k")
+                ret_gallery = gr.Gallery(
+                    label="Nearest images (score · caption)", columns=6, height="auto", elem_id="ret_gallery"
+                )
                 ret_table = gr.Dataframe(
-                    headers=["rank", "score", "caption", "key"], label="Captions", interactive=False
+                    headers=["rank", "score", "caption", "key"],
+                    label="Captions",
+                    interactive=False,
+                    elem_id="ret_table",
                 )
             cap_visible = state.pipeline is not None and state.pipeline.can_caption
             with gr.Tab("Captioning", id="captioning", visible=cap_visible) as cap_tab:
                 with gr.Row():
                     with gr.Column():
-                        cap_image = _image("Image", ["upload", "webcam", "clipboard"], state, height=300)
-                        cap_prefix = gr.Textbox(label="Prefix (optional: the caption continues it)")
-                        cap_mode = gr.Radio(["greedy", "beam", "sample"], value="beam", label="Decoding")
+                        cap_image = _image(
+                            "Image", ["upload", "webcam", "clipboard"], state, height=300, elem_id="cap_image"
+                        )
+                        cap_prefix = gr.Textbox(
+                            label="Prefix (optional: the caption continues it)", elem_id="cap_prefix"
+                        )
+                        cap_mode = gr.Radio(
+                            ["greedy", "beam", "sample"], value="beam", label="Decoding", elem_id="cap_mode"
+                        )
                         with gr.Row():
-                            cap_max = gr.Slider(1, 128, value=30, step=1, label="Max new tokens")
-                            cap_beams = gr.Slider(2, 8, value=3, step=1, label="Beams")
+                            cap_max = gr.Slider(1, 128, value=30, step=1, label="Max new tokens", elem_id="cap_max")
+                            cap_beams = gr.Slider(2, 8, value=3, step=1, label="Beams", elem_id="cap_beams")
                         with gr.Row():
-                            cap_temp = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="Temperature (sample)")
-                            cap_top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p (sample)")
-                        cap_btn = gr.Button("Caption", variant="primary")
+                            cap_temp = gr.Slider(
+                                0.1, 2.0, value=1.0, step=0.05, label="Temperature (sample)", elem_id="cap_temp"
+                            )
+                            cap_top_p = gr.Slider(
+                                0.05, 1.0, value=0.9, step=0.05, label="Top-p (sample)", elem_id="cap_top_p"
+                            )
+                        cap_btn = gr.Button("Caption", variant="primary", elem_id="cap_btn")
                     with gr.Column():
-                        cap_out = gr.Textbox(label="Caption", lines=3)
-                _examples(examples, cap_image)
+                        cap_out = gr.Textbox(label="Caption", lines=3, elem_id="cap_out")
+                _examples(examples, cap_image, "cap_examples")
             with gr.Tab("Compare captions", id="compare"):  # the compositional eval's question, for one image
 
                 @_guard
@@ -231,14 +265,18 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
 
                 with gr.Row():
                     with gr.Column():
-                        cmp_image = _image("Image", ["upload", "webcam", "clipboard"], state, height=300)
-                        cmp_first = gr.Textbox("a red circle", label="Caption A")
-                        cmp_second = gr.Textbox("a blue circle", label="Caption B (e.g. a hard negative)")
-                        cmp_btn = gr.Button("Which caption fits better?", variant="primary")
+                        cmp_image = _image(
+                            "Image", ["upload", "webcam", "clipboard"], state, height=300, elem_id="cmp_image"
+                        )
+                        cmp_first = gr.Textbox("a red circle", label="Caption A", elem_id="cmp_first")
+                        cmp_second = gr.Textbox(
+                            "a blue circle", label="Caption B (e.g. a hard negative)", elem_id="cmp_second"
+                        )
+                        cmp_btn = gr.Button("Which caption fits better?", variant="primary", elem_id="cmp_btn")
                     with gr.Column():
-                        cmp_out = gr.Label(label="Probability (the model's own scale)")
-                        cmp_verdict = gr.Markdown()
-                _examples(examples, cmp_image)
+                        cmp_out = gr.Label(label="Probability (the model's own scale)", elem_id="cmp_out")
+                        cmp_verdict = gr.Markdown(elem_id="cmp_verdict")
+                _examples(examples, cmp_image, "cmp_examples")
                 cmp_inputs = [cmp_image, cmp_first, cmp_second, chosen]
                 cmp_btn.click(compare, cmp_inputs, [cmp_out, cmp_verdict], api_name="compare_captions")
         if state.choices is not None and state.choices.runs:
@@ -248,13 +286,14 @@ def build_app(state: H.AppState, run: str | None = None, examples_dir: str | Non
                     names,
                     value=state.model_name if state.pipeline is not None else None,
                     label="Model for this browser tab (the runs this server was started with)",
+                    elem_id="picker",
                 )
             # Not an API endpoint: hidden from the API page and gradio_client, named calls refused (NamedCallGuard).
             picker.input(switch_model, [picker], [chosen, banner, zs_tab, ret_tab, cap_tab], api_visibility="private")
 
         zs_tpl.change(lambda c: gr.Textbox(visible=c == "custom"), [zs_tpl], [zs_custom], api_visibility="private")
         zs_inputs = [zs_image, zs_labels, zs_tpl, zs_custom, zs_k, chosen]
-        zs_btn.click(classify, zs_inputs, [zs_out, zs_plot], api_name="classify")
+        zs_btn.click(classify, zs_inputs, [zs_out], api_name="classify")
         ret_inputs = [ret_text, ret_k, chosen]
         ret_text_btn.click(search_text, ret_inputs, [ret_gallery, ret_table], api_name="search_text")
         ret_text.submit(search_text, ret_inputs, [ret_gallery, ret_table], api_visibility="private")
@@ -362,23 +401,23 @@ def launch(
     demo = build_app(state, run)
     public = [fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public" and fn.api_name]
     demo.queue(default_concurrency_limit=concurrency, max_size=queue_size)
-    allowed = [str(thumbs_dir(state.index_dir).resolve())] if state.index_dir else []
+    index_dirs = ([state.index_dir] if state.index_dir else []) + (state.choices.index_dirs() if state.choices else [])
+    allowed = list(dict.fromkeys(str(thumbs_dir(d).resolve()) for d in index_dirs))  # thumbnails, nothing else
     theme = gr.themes.Soft(font=THEME_FONTS, font_mono=["ui-monospace", "monospace"])
-    hosts = {h.strip().strip("[]").lower() for h in allowed_hosts if h.strip()}  # the share link's joins it below
     middleware = [
-        Middleware(HostGuard, bound=host, allowed=hosts),
+        Middleware(HostGuard, bound=host, allowed=allowed_hosts, share_url=lambda: demo.share_url),
         Middleware(OriginGuard, allowed=allowed_origins),
         Middleware(NamedCallGuard, public=public),
         Middleware(BodyLimit, limit=body_limit(max_bytes)),
     ]
     try:
-        _, url, share_url = demo.launch(
+        _, url, _ = demo.launch(
             server_name=host,
             server_port=port,
             share=share,
             max_file_size=max_bytes,
             allowed_paths=allowed,
-            prevent_thread_lock=True,  # serve below, once the share link's host is allowed
+            prevent_thread_lock=prevent_thread_lock,
             quiet=quiet,
             theme=theme,
             css=CSS,
@@ -390,8 +429,4 @@ def launch(
         )
     except OSError as e:  # "Cannot find empty port ...": taken between `check_listen` and the server's start
         raise UserError(f"cannot listen on {host}:{port}: {str(e).split('. ')[0]}") from None
-    if share_url:
-        hosts.add(urlsplit(share_url).hostname or "")
-    if not prevent_thread_lock and not getattr(sys, "ps1", sys.flags.interactive):  # as Gradio: a notebook goes on
-        demo.block_thread()
     return demo, url

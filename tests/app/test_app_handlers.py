@@ -187,3 +187,30 @@ def test_example_images(tmp_path):
     paths = H.example_images(tmp_path, n=3)
     assert len(paths) == 3 and all(Path(p).is_file() for p in paths)
     assert H.example_images(tmp_path, n=3) == paths  # reused, deterministic names
+
+
+def test_an_index_answers_only_the_model_that_built_it(tmp_path, image_folder, monkeypatch):
+    """Two models of one width: the index of run a must not answer run b's queries (it matched by width only)."""
+    from mmcl.index import build_index
+
+    runs = tmp_path / "runs"
+    (runs / "a").mkdir(parents=True)
+    (runs / "b").mkdir()
+    build_index(
+        FakePipeline(), [str(image_folder)], runs / "a" / "index", info={"model": str(runs / "a")}, progress=False
+    )
+    index = EmbeddingIndex.load(runs / "a" / "index")
+
+    other = H.AppState()
+    other.set_pipeline(FakePipeline(), str(runs / "b"))  # same width, another run
+    other.index, other.index_dir = index, runs / "a" / "index"
+    with pytest.raises(UserError, match=r"was built with .*runs/a, not .*runs/b.*--run .*runs/b"):
+        H.search_by_text(other, "red", 2)
+    assert "retrieval is off" in H.startup_message(other, None)
+
+    monkeypatch.chdir(tmp_path)
+    same = H.AppState()
+    same.set_pipeline(FakePipeline(), "runs/a/")  # the same run, spelt another way
+    same.index, same.index_dir = index, runs / "a" / "index"
+    assert H.search_by_text(same, "red", 1)[0].caption.startswith("a red")
+    assert "retrieval is off" not in H.startup_message(same, None)

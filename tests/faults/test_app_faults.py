@@ -117,6 +117,16 @@ def test_host_guard_policy(bound, host, ok):
     assert HostGuard(None, bound=bound).host_ok(host) is ok
 
 
+def test_host_guard_accepts_the_share_link_once_it_exists():
+    from mmcl.app.guard import HostGuard
+
+    link: list[str | None] = [None]
+    guard = HostGuard(None, share_url=lambda: link[0])
+    assert not guard.host_ok("abc123.gradio.live")  # no share link (yet): a name like any other
+    link[0] = "https://abc123.gradio.live"
+    assert guard.host_ok("abc123.gradio.live") and not guard.host_ok("other.gradio.live")
+
+
 @pytest.mark.parametrize(
     "origin",
     [
@@ -181,10 +191,20 @@ def switch_server(tmp_path_factory):
     (root / "secret").mkdir()  # a real folder on the server that was not named at start
     image = root / "blue.png"
     coloured("blue").save(image)
+    from mmcl.index import EmbeddingIndex, build_index
+
+    for owner, folder in (("server", root / "server_index"), ("other", other / "index")):  # each model's own index
+        images = root / f"{owner}_images"
+        images.mkdir()
+        for j in range(3):
+            coloured("red", seed=j).save(images / f"red_{j}.png")
+            (images / f"red_{j}.txt").write_text(f"{owner} red {j}")
+        build_index(FakePipeline(), [str(images)], folder, info={"model": owner}, progress=False)
     loaded = []
     choices = H.ModelChoices([str(other)], loader=lambda path: loaded.append(path) or FakePipeline(can_caption=False))
     state = H.AppState(choices=choices)
     state.set_pipeline(FakePipeline(), "fake")
+    state.index, state.index_dir = EmbeddingIndex.load(root / "server_index"), root / "server_index"
     demo, url = launch(state=state, port=free_port(), prevent_thread_lock=True, quiet=True)
     yield url.rstrip("/"), str(other), image, state, loaded
     demo.close()
@@ -212,14 +232,23 @@ def _browser_event(url: str, session_hash: str, fn_index: int, data: list) -> di
     raise AssertionError("the event never completed")
 
 
+def _first_caption(client: Client) -> str:
+    gallery, _ = client.predict("red", 1, api_name="/search_text")
+    assert Path(gallery[0]["image"]).is_file()  # the client downloaded the thumbnail: served, whichever index
+    return gallery[0]["caption"].split(" · ")[1]
+
+
 def test_model_switch_is_per_session(switch_server):
     url, other, image, state, loaded = switch_server
     ann, bob = Client(url, verbose=False), Client(url, verbose=False)
     assert _caption(ann, image) == _caption(bob, image) == "a blue picture"
+    assert _first_caption(ann).startswith("server red")
     done = _browser_event(url, ann.session_hash, _switch_fn_index(url), [other])
     assert done["success"], done
     banner = done["output"]["data"][1]
-    assert other in banner
+    assert other in banner and f"Index: `{other}/index`" in banner  # the header names the new model's index
+    assert _first_caption(ann).startswith("other red")  # and retrieval searches it
+    assert _first_caption(bob).startswith("server red")
     with pytest.raises(AppError, match="cannot caption"):  # ann's session now answers with the other run
         _caption(ann, image)
     assert _caption(bob, image) == "a blue picture"  # bob's session, and the server's state, are unchanged
@@ -302,7 +331,7 @@ def test_image_url_is_refused_in_one_line(server, no_downloads, link, tmp_path):
         client.predict(handle_file(link), "red, blue", "short", "a {}", 2, api_name="/classify")
     assert str(refused.value) == URL_MESSAGE
     assert no_downloads == []
-    label, _ = client.predict(handle_file(str(red)), "red, blue", "none", "", 1, api_name="/classify")
+    label = client.predict(handle_file(str(red)), "red, blue", "none", "", 1, api_name="/classify")
     assert label["label"] == "red"  # an upload still works
 
 
@@ -429,7 +458,7 @@ def test_multipart_upload_limit(limited):
 
 def _top_label(events: str) -> str:
     assert "event: complete" in events, events[:500]
-    return json.loads(events.split("event: complete\ndata: ", 1)[1].splitlines()[0])[0]["label"]
+    return json.loads(events.split("event: complete\ndata: ", 1)[1].splitlines()[0])[0]["label"]  # [label]
 
 
 def test_data_url_is_never_decoded(limited):
