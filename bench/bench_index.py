@@ -133,7 +133,8 @@ def demo_embeddings(args: argparse.Namespace) -> tuple[list[np.ndarray], np.ndar
 
     from mmcl.data.synthetic import generate
     from mmcl.index import TUNE_QUERIES
-    from mmcl.inference import find_weights, load_pipeline
+    from mmcl.inference import load_pipeline
+    from mmcl.run_folder import find_weights
 
     weights, _ = find_weights(args.demo_run)
     key = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]

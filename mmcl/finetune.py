@@ -114,7 +114,7 @@ def _start_loss(model_cfg: Any, start: str) -> LossConfig:
 
     src = resolve_source(start)
     if src.kind == "mmcl":
-        from mmcl.inference import find_weights
+        from mmcl.run_folder import find_weights
 
         return from_dict(ExperimentConfig, load_yaml(find_weights(src.path)[1])).loss  # older layouts upgraded
     name = "siglip" if model_cfg.init_logit_bias is not None else "clip"

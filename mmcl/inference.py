@@ -21,50 +21,8 @@ from PIL import Image
 
 from mmcl.config import ExperimentConfig, from_dict, load_yaml
 from mmcl.data.transforms import transform_from_preprocess
+from mmcl.run_folder import find_weights, is_run_folder  # noqa: F401  (part of the loading API)
 from mmcl.utils import UserError
-
-
-def is_run_folder(path: str | Path) -> bool:
-    """A training run's folder: `config.yaml` with `final/` or `checkpoints/` (its weights live there)."""
-    path = Path(path)
-    return (path / "config.yaml").is_file() and ((path / "final").is_dir() or (path / "checkpoints").is_dir())
-
-
-def check_export_target(out_dir: str | Path) -> None:
-    """Refuse to write an export into a run folder or anywhere inside one (its files would mix with the run's)."""
-    out = Path(out_dir).expanduser().resolve()
-    for folder in (out, *out.parents):
-        if is_run_folder(folder):
-            where = "is" if folder == out else f"is inside {folder}, which is"
-            raise UserError(f"{out_dir}: {where} a training run folder; export to a folder of its own")
-
-
-def find_weights(path: str | Path) -> tuple[Path, Path]:
-    """(model.safetensors, config.yaml) for a run folder, a final/ folder or a checkpoint folder.
-
-    A run folder's weights come from its `final/` (else its newest checkpoint), never from a stray
-    `model.safetensors` beside its config."""
-    from mmcl.models.pretrained import hub_hint
-
-    text, path = str(path), Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such run or checkpoint folder{hub_hint(text)}")
-    if path.is_file():
-        raise UserError(f"{path}: give the run or checkpoint folder, not a file")
-    from mmcl.engine.checkpoint import latest_checkpoint
-
-    # a run folder's own weights only; any other folder: itself first (a final/ or checkpoint folder)
-    candidates = [path / "final"] if is_run_folder(path) else [path, path / "final"]
-    latest = latest_checkpoint(path / "checkpoints")
-    if latest is not None:
-        candidates.append(latest)
-    for folder in candidates:
-        weights = folder / "model.safetensors"
-        if weights.is_file():
-            for cfg in (folder / "config.yaml", folder.parent / "config.yaml", folder.parent.parent / "config.yaml"):
-                if cfg.is_file():
-                    return weights, cfg
-    raise UserError(f"{path}: not an mmcl run or checkpoint (no model.safetensors with a config.yaml)")
 
 
 class Encoder(Protocol):

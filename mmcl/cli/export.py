@@ -42,9 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmcl.models.openclip_compat import export_checkpoint
+    from mmcl.export import export_open_clip_run
 
-    config_path, weights_path = export_checkpoint(args.run, args.out, args.name)
+    config_path, weights_path = export_open_clip_run(args.run, args.out, args.name)
     print(f"wrote {weights_path}")
     print(f"wrote {config_path} (open_clip.add_model_config) and {config_path.parent / 'open_clip_config.json'}")
     print(f"load: open_clip.create_model_and_transforms('local-dir:{config_path.parent}')")
@@ -52,9 +52,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_hf(args: argparse.Namespace) -> int:
-    from mmcl.models.hf_export import export_checkpoint_hf
+    from mmcl.export import export_hf_run
 
-    out = export_checkpoint_hf(args.run, args.out, license=args.license)
+    out = export_hf_run(args.run, args.out, license=args.license)
     print(f"wrote {out} (transformers model, tokenizer, image processor, README.md)")
     print(f'load: transformers.pipeline("zero-shot-image-classification", model="{out}")')
     return 0

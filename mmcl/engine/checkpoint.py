@@ -37,31 +37,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mmcl.run_folder import MANIFEST, STEP_PREFIX, latest_checkpoint, list_checkpoints, step_dir  # noqa: F401
 from mmcl.utils import UserError, atomic_write_text, fsync_dir, fsync_path
 
 log = logging.getLogger("mmcl.train")
 
-STEP_PREFIX = "step_"
-MANIFEST = "manifest.json"
 TASK_STATE = "task_state.safetensors"  # the task's own state: loss terms' heads, queues, buffers
-
-
-def step_dir(root: Path, step: int) -> Path:
-    return root / f"{STEP_PREFIX}{step:07d}"
-
-
-def list_checkpoints(root: Path) -> list[Path]:
-    """Published checkpoints (a manifest, or a trainer.json that lost its manifest), oldest first; not verified."""
-    if not root.is_dir():
-        return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX)]
-    marked = (p for p in done if (p / MANIFEST).is_file() or (p / "trainer.json").is_file())
-    return sorted(marked, key=lambda p: p.name)
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
 
 
 def save_model(model: nn.Module, path: Path) -> None:

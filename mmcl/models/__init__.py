@@ -1,4 +1,5 @@
-"""Models, looked up by `ModelConfig.arch` in the MODELS registry (the imports below register them)."""
+"""Models, looked up by `ModelConfig.arch` in the MODELS registry, and their towers, looked up by `kind` in
+IMAGE_TOWERS / TEXT_TOWERS: the imports below register them (the registries are filled here, in one place)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ from torch import nn
 
 from mmcl.config import ModelConfig
 from mmcl.models import (
-    clip,  # noqa: F401  (registers "clip")
+    clip,  # noqa: F401  (registers "clip"; `towers` registers the "timm", "clip" and "hf" towers)
+    hf_towers,  # noqa: F401  (registers the "hf_clip" towers)
+    hybrid_tower,  # noqa: F401  (registers the "hybrid" image tower)
     joint,  # noqa: F401  (registers "joint")
     prefix_lm,  # noqa: F401  (registers "prefix_lm")
 )

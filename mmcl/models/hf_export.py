@@ -226,21 +226,3 @@ def export_hf(model: nn.Module, out_dir: str | Path) -> Path:
     tokenizer.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
-
-
-def export_checkpoint_hf(run_or_ckpt: str | Path, out_dir: str | Path, license: str = "other") -> Path:
-    """Export the model of an mmcl run or checkpoint folder to transformers, with a model card."""
-    from mmcl.inference import check_export_target, find_weights, load_pipeline
-    from mmcl.model_card import write_model_card
-
-    check_export_target(out_dir)  # before loading anything: a run folder's own weights must stay its own
-    pipe = load_pipeline(run_or_ckpt, device="cpu")
-    out = export_hf(pipe.model, out_dir)
-    usage = f"""```python
-from transformers import pipeline
-
-classifier = pipeline("zero-shot-image-classification", model="PATH/TO/{Path(out).name}")  # or the Hub id
-classifier("image.jpg", candidate_labels=["a cat", "a dog"])
-```"""
-    write_model_card(out, find_weights(run_or_ckpt)[1], "transformers", usage, license=license)
-    return out

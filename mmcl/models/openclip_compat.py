@@ -371,23 +371,3 @@ def export_open_clip(model: nn.Module, out_dir: str | Path, name: str | None = N
                       json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2))  # fmt: skip
     atomic_write_text(config_path, json.dumps(model_cfg, indent=2))
     return config_path, weights_path
-
-
-def export_checkpoint(run_or_ckpt: str | Path, out_dir: str | Path, name: str | None = None) -> tuple[Path, Path]:
-    """Export the model of an mmcl run or checkpoint folder (see `mmcl.inference.find_weights`) to open_clip,
-    with a model card (README.md)."""
-    from mmcl.inference import check_export_target, load_pipeline
-
-    check_export_target(out_dir)  # before loading anything: a run folder's own weights must stay its own
-    pipe = load_pipeline(run_or_ckpt, device="cpu")
-    paths = export_open_clip(pipe.model, out_dir, name)
-    from mmcl.inference import find_weights
-    from mmcl.model_card import write_model_card
-
-    usage = f"""```python
-import open_clip
-
-model, _, preprocess = open_clip.create_model_and_transforms("local-dir:PATH/TO/{Path(out_dir).name}")
-```"""
-    write_model_card(out_dir, find_weights(run_or_ckpt)[1], "open_clip", usage, model_name=name or "")
-    return paths

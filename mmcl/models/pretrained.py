@@ -15,7 +15,6 @@ one-line error naming it (and both shapes).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from mmcl.config import ModelConfig, from_dict, load_yaml
+from mmcl.run_folder import hub_hint
 from mmcl.utils import UserError
 
 # open_clip's hub file names (open_clip.constants / factory), preferred first
@@ -71,18 +71,10 @@ def resolve_source(source: str | Path) -> Source:
             return Source("open_clip", path)
         if is_hf_folder(path):
             return Source("hf", path)
-        from mmcl.inference import find_weights
+        from mmcl.run_folder import find_weights
 
         return Source("mmcl", find_weights(path)[0].parent)
     raise UserError(f"model.init_from '{text}': no such file or folder{hub_hint(text)}")
-
-
-def hub_hint(text: str) -> str:
-    """A hint when a missing path reads like a Hugging Face hub name (ORG/NAME): the prefixes that fetch it."""
-    parts = str(text).split("/")
-    if len(parts) == 2 and all(re.fullmatch(r"[A-Za-z0-9][\w.-]*", p) for p in parts):
-        return f" (a Hugging Face hub name? write hf:{text} for a transformers model, hf-hub:{text} for open_clip)"
-    return ""
 
 
 def is_foreign(source: str | Path) -> bool:
@@ -124,7 +116,7 @@ def pretrained_model_config(source: str | Path) -> ModelConfig:
 
         cfg = model_config_from_open_clip(src.path / OPEN_CLIP_CONFIG)
     else:
-        from mmcl.inference import find_weights
+        from mmcl.run_folder import find_weights
 
         raw = load_yaml(find_weights(src.path)[1])
         cfg = from_dict(ModelConfig, raw.get("model", {}), "model")

@@ -482,6 +482,3 @@ def build_text_tower(cfg: TextTowerConfig, embed_dim: int, tokenizer: Tokenizer)
     if cfg.kind in ("hf", "hf_clip") and not cfg.hf_name:
         raise UserError(f"model.text.kind is '{cfg.kind}' but model.text.hf_name is empty")
     return TEXT_TOWERS.get(cfg.kind)(cfg, embed_dim, tokenizer)
-
-
-from mmcl.models import hf_towers, hybrid_tower  # noqa: E402, F401  (register the 'hf_clip' and 'hybrid' towers)

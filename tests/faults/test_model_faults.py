@@ -14,8 +14,9 @@ import torch
 from mmcl.cli import main
 from mmcl.config import ExperimentConfig, model_config, save_yaml
 from mmcl.engine.checkpoint import save_model
-from mmcl.inference import find_weights, load_pipeline
+from mmcl.inference import load_pipeline
 from mmcl.models import build_model
+from mmcl.run_folder import find_weights
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "models"))
 

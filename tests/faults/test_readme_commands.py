@@ -258,9 +258,7 @@ def test_command_runs_as_written(command, workdir, inputs, monkeypatch, capsys, 
             coloured("red").save(tmp_path / "red.png")
             client = Client(served["demo"].local_url, verbose=False)
             labels = "red circle, blue square"
-            label = client.predict(
-                handle_file(str(tmp_path / "red.png")), labels, "none", "", 2, api_name="/classify"
-            )
+            label = client.predict(handle_file(str(tmp_path / "red.png")), labels, "none", "", 2, api_name="/classify")
             assert len(label["confidences"]) == 2
         finally:
             served["demo"].close()

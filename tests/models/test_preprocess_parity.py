@@ -137,8 +137,8 @@ def test_a_run_keeps_its_sources_preprocessing_through_export(tmp_path: Path) ->
     export, even once the source's processor file changed (the run's config.yaml recorded it)."""
     from mmcl.config import ExperimentConfig, save_yaml
     from mmcl.engine.checkpoint import save_model
+    from mmcl.export import export_hf_run
     from mmcl.inference import load_pipeline
-    from mmcl.models.hf_export import export_checkpoint_hf
 
     src = write_tiny_hf(tmp_path / "src", "siglip")
     cfg = ExperimentConfig(model=pretrained_model_config(src))
@@ -152,7 +152,7 @@ def test_a_run_keeps_its_sources_preprocessing_through_export(tmp_path: Path) ->
     # the source folder's processor changes to a cropping one: the run keeps what it was trained with
     crop = {"size": {"shortest_edge": 32}, "do_center_crop": True, "crop_size": {"height": 32, "width": 32}}
     (src / "preprocessor_config.json").write_text(json.dumps(crop))
-    out = export_checkpoint_hf(run, tmp_path / "hf")
+    out = export_hf_run(run, tmp_path / "hf")
     image = _wide_image()
     pipe = load_pipeline(run, device="cpu")
     assert pipe.model.preprocess_cfg()["resize_mode"] == "squash"
