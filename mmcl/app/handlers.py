@@ -216,16 +216,14 @@ def index_mismatch(index: EmbeddingIndex, index_dir: Path | None, pipeline: Enco
     The weight fingerprint the index records decides where there is one (`mmcl.index.check_model`); an index
     without one is matched by the run folder it names (`info.model` or `info.run`) against the served run.
     """
-    import mmcl.index
+    from mmcl.index import check_model
 
     where = f"the index {index_dir}" if index_dir else "the index"
-    check_model = getattr(mmcl.index, "check_model", None)  # the weight fingerprint, where mmcl.index has it
-    if check_model is not None:
-        try:
-            if check_model(index, pipeline, name=model_name):
-                return ""
-        except UserError as e:
-            return f"{e}; retrieval is off for this model"
+    try:
+        if check_model(index, pipeline, name=model_name):
+            return ""
+    except UserError as e:
+        return f"{e}; retrieval is off for this model"
     built_with = str(index.info.get("model") or index.info.get("run") or "")
     if built_with and model_name and _same_folder(built_with, model_name) is False:
         return (

@@ -1,4 +1,5 @@
-"""Loading the app's model: an mmcl run or checkpoint folder, or an open_clip model by name (`OpenClipPipeline`)."""
+"""Loading the app's model: anything `mmcl.inference.load_pipeline` loads (an mmcl run or checkpoint folder, a
+transformers or open_clip folder, hf:ORG/NAME, hf-hub:ORG/NAME), or an open_clip model by name (`OpenClipPipeline`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,17 @@ from mmcl.utils import UserError
 
 
 def load_run(path: str | Path) -> Encoder:
-    """`mmcl.inference.load_pipeline` for a run folder or checkpoint folder, with a clear error if absent."""
-    path = Path(str(path).strip()).expanduser()
-    if not str(path) or not path.exists():
-        raise UserError(f"{path}: no such run or checkpoint folder")
+    """`mmcl.inference.load_pipeline` for a model folder or hub name, with a clear error if absent."""
+    text = str(path).strip()
+    if text.startswith(("hf:", "hf-hub:")):
+        from mmcl.inference import load_pipeline
+
+        return load_pipeline(text)
+    path = Path(text).expanduser()
+    if not text or not path.exists():
+        from mmcl.run_folder import hub_hint
+
+        raise UserError(f"{path}: no such run or checkpoint folder{hub_hint(text)}")
     from mmcl.inference import load_pipeline
 
     return load_pipeline(path)

@@ -137,3 +137,13 @@ def test_app_script_is_the_cli(monkeypatch):
     with pytest.raises(SystemExit) as done:
         runpy.run_path(str(script), run_name="__main__")
     assert done.value.code == 0 and calls == [["app", "runs/demo", "--port", "8000"]]
+
+
+def test_a_hub_name_without_its_prefix_gets_the_hint():
+    import pytest
+
+    from mmcl.app.models import load_run
+    from mmcl.utils import UserError
+
+    with pytest.raises(UserError, match="write hf:openai/clip-vit-base-patch32"):
+        load_run("openai/clip-vit-base-patch32")
