@@ -29,7 +29,6 @@ each rank keeps its own slice (`set_model_state_dict` / `set_optimizer_state_dic
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -110,13 +109,6 @@ def _vectorized(module: nn.Module) -> dict[str, str]:
     return out
 
 
-_STEP = re.compile(r"^step$")  # the optimizer's step counter is 0-dim already, not a copy of the parameter
-
-
-def _vectorized_plain(module: nn.Module) -> dict[str, str]:
-    return _vectorized(module)
-
-
 def _plain_names(state: dict[str, Any], vectorized: dict[str, str], squeeze: bool) -> dict[str, Any]:
     """Rename (1,) parameters to their plain names and make them 0-dim (squeeze) or the reverse."""
     names = vectorized if squeeze else {v: k for k, v in vectorized.items()}
@@ -135,7 +127,8 @@ def _plain_optimizer(state: dict[str, Any], vectorized: dict[str, str], squeeze:
     for name, slots in state["state"].items():
         if name in names:
             shape = () if squeeze else (1,)
-            slots = {s: v.reshape(shape) if isinstance(v, torch.Tensor) and not _STEP.match(s) else v
+            # the step counter is 0-dim already; the moments are copies of the parameter's shape
+            slots = {s: v.reshape(shape) if isinstance(v, torch.Tensor) and s != "step" else v
                      for s, v in slots.items()}  # fmt: skip
         slots_out[names.get(name, name)] = slots
     groups = [{**g, "params": [names.get(n, n) for n in g["params"]]} for g in state["param_groups"]]
@@ -166,6 +159,7 @@ def gather_full_state(task: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps torch's
     options = _options(cpu_offload=True)
     vectorized = _vectorized(task)
     model_state = get_model_state_dict(task, options=options)
@@ -272,8 +266,9 @@ def load(task: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> 
     """Every rank: read the checkpoint's full state and keep this rank's slice of it (model, terms, optimizer)."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer wraps torch's
     task_state, optim_state = read_full_state(directory)
-    own = {_vectorized_plain(task).get(k, k) for k in task.state_dict()}
+    own = {_vectorized(task).get(k, k) for k in task.state_dict()}
     missing, unexpected = sorted(own - set(task_state)), sorted(set(task_state) - own)
     if missing or unexpected:
         raise UserError(
