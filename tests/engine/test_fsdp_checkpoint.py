@@ -1,5 +1,5 @@
 """FSDP checkpoints on 2 gloo processes: a task sharded as Accelerate's FSDP2 shards it (`fully_shard` on every
-transformer block, then the root) trains, checkpoints through `mmcl.engine.fsdp`, and resumes on a fresh task
+transformer block, then the root) trains, checkpoints through the trainer's FSDP branch (`mmcl.engine.fsdp`), and resumes on a fresh task
 to the exact same loss curve; the files are safetensors and JSON only, written atomically with the manifest
 last; a damaged newest checkpoint falls back to the previous one; model.safetensors loads into a plain model.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,10 +23,12 @@ import yaml
 
 from mmcl.config import load_experiment
 from mmcl.data.batch import Batch
+from mmcl.data.shards import StreamState
 from mmcl.engine import checkpoint as ckpt
 from mmcl.engine import fsdp
 from mmcl.engine.accumulate import forward_backward
 from mmcl.engine.optim import build_optimizer, lr_at, set_lr
+from mmcl.engine.trainer import Trainer
 from mmcl.models import build_model
 from mmcl.tasks import Task, build_task
 from mmcl.utils import UserError
@@ -90,18 +93,24 @@ def train_steps(task: Task, optimizer, cfg, first: int, last: int, rank: int) ->
     return losses
 
 
-def save(task: Task, optimizer, root: Path, step: int, rank: int) -> None:
-    """The trainer's save sequence with the FSDP writer."""
-    tmp = ckpt.tmp_dir_for(root, step)
-    if rank == 0:
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    ckpt.write_rank_state(tmp, rank, {"step": step})
-    dist.barrier()
-    fsdp.save(tmp, task, optimizer, {"step": step, "num_processes": WORLD}, is_main=rank == 0)
-    if rank == 0:
-        ckpt.publish(tmp, ckpt.step_dir(root, step), keep=3)
-    dist.barrier()
+class TrainerParts:
+    """What `Trainer._save` and `Trainer._restore` read from the trainer, over the gloo group: the test runs the
+    trainer's own FSDP branch of both (Accelerate, which would build the real object, needs CUDA for FSDP)."""
+
+    def __init__(self, task: Task, optimizer, cfg, root: Path, rank: int) -> None:
+        self.task, self.optimizer, self.cfg, self.tc, self.fsdp = task, optimizer, cfg, cfg.train, True
+        self.run_dir, self.ckpt_root = root, root / "checkpoints"
+        self.accelerator = SimpleNamespace(
+            process_index=rank, num_processes=WORLD, is_main_process=rank == 0, wait_for_everyone=dist.barrier
+        )
+
+    def save(self, step: int, rank: int) -> None:
+        state = StreamState()
+        state.epoch = step + 10 * rank  # something of this rank's to get back
+        Trainer._save(self, step, SimpleNamespace(state=state), {"bad_in_a_row": 0, "bad_total": step})
+
+    def restore(self) -> tuple[int, StreamState, dict]:
+        return Trainer._restore(self)
 
 
 def _worker(rank: int, port: int, root: str) -> None:
@@ -114,10 +123,11 @@ def _worker(rank: int, port: int, root: str) -> None:
         shard(task)
         assert fsdp.is_sharded(task)
         optimizer = build_optimizer(task, cfg.train)
+        trainer = TrainerParts(task, optimizer, cfg, Path(root), rank)
         curve = train_steps(task, optimizer, cfg, 0, 3, rank)
-        save(task, optimizer, root_dir, 3, rank)
+        trainer.save(3, rank)
         curve += train_steps(task, optimizer, cfg, 3, 5, rank)
-        save(task, optimizer, root_dir, 5, rank)
+        trainer.save(5, rank)
         curve += train_steps(task, optimizer, cfg, 5, 6, rank)
         final_a, _ = fsdp.gather_full_state(task, optimizer)
 
@@ -125,7 +135,15 @@ def _worker(rank: int, port: int, root: str) -> None:
         task_b, _ = make_task(seed=1)
         shard(task_b)
         optimizer_b = build_optimizer(task_b, cfg.train)
-        fsdp.load(task_b, optimizer_b, ckpt.step_dir(root_dir, 3))
+        trainer_b = TrainerParts(task_b, optimizer_b, cfg, Path(root), rank)
+        if rank == 0:  # the newest checkpoint is set aside: the trainer resumes from step 3
+            ckpt.step_dir(root_dir, 5).rename(Path(root) / "set_aside")
+        dist.barrier()
+        step, data_state, counters = trainer_b.restore()
+        assert (step, data_state.epoch, counters["bad_total"]) == (3, 3 + 10 * rank, 3)
+        dist.barrier()
+        if rank == 0:
+            (Path(root) / "set_aside").rename(ckpt.step_dir(root_dir, 5))
         resumed = train_steps(task_b, optimizer_b, cfg, 3, 6, rank)
         assert resumed == curve[3:], (resumed, curve)  # exact: the same floats, step by step
         final_b, _ = fsdp.gather_full_state(task_b, optimizer_b)
