@@ -1,11 +1,15 @@
 """FSDP checkpoints on 2 gloo processes: a task sharded as Accelerate's FSDP2 shards it (`fully_shard` on every
-transformer block, then the root) trains, checkpoints through the trainer's FSDP branch (`mmcl.engine.fsdp`), and resumes on a fresh task
-to the exact same loss curve; the files are safetensors and JSON only, written atomically with the manifest
-last; a damaged newest checkpoint falls back to the previous one; model.safetensors loads into a plain model.
+transformer block, then the root) trains as one unsharded process does on the whole batch (2 micro-batches
+per step, the feature cache), checkpoints through the trainer's own FSDP branch (`Trainer._save` ->
+`mmcl.engine.fsdp`), and a fresh task resumed by `Trainer._restore` continues the exact same loss curve. The
+files are safetensors and JSON only, written atomically with the manifest last; a damaged newest checkpoint
+falls back to the previous one; model.safetensors and task_state.safetensors load into a plain task.
 
-Accelerate itself refuses FSDP on CPU (with `cpu=True` it falls back to DDP), and FSDP1 needs an accelerator
-device: the path through `accelerate launch --config_file configs/accelerate/fsdp.yaml` needs CUDA. torch's
-FSDP2 runs on CPU with gloo, so this test applies the same `fully_shard` calls itself.
+Needs CUDA, so not run here: Accelerate's own FSDP wrapping (`accelerate launch --config_file
+configs/accelerate/fsdp.yaml`, i.e. `Trainer.__init__`'s `accelerator.prepare` under FSDP): Accelerate refuses
+FSDP on CPU (with `cpu=True` it falls back to DDP) and FSDP1 needs an accelerator device. torch's FSDP2 runs
+on CPU with gloo, so this test applies the same `fully_shard` calls itself, with `fsdp.prepare` before and
+`fsdp.after_wrap` after them, as the trainer does around `accelerator.prepare`.
 """
 
 from __future__ import annotations
@@ -62,15 +66,15 @@ def shard(task: Task) -> Task:
     return task
 
 
-def batch_for(task: Task, step: int, rank: int) -> Batch:
-    """A fixed global batch per step; this rank's half of it."""
+def batch_for(task: Task, step: int, rank: int | None) -> Batch:
+    """A fixed global batch per step; this rank's half of it (None: all of it)."""
     g = torch.Generator().manual_seed(1000 + step)
     n = PER_RANK * WORLD
     size = task.model.preprocess_cfg()["image_size"]
     images = torch.randn(n, 3, size, size, generator=g)
     captions = [f"a {['red', 'green', 'blue'][(i + step) % 3]} thing number {i}" for i in range(n)]
     ids, mask = task.model.tokenizer(captions)
-    own = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    own = slice(None) if rank is None else slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     batch = Batch(images=images[own], text=ids[own], text_mask=mask[own], captions=captions[own])
     for name, view in task.views().items():  # simclr's second view: drawn from the step's generator
         if view.kind == "sample":
@@ -78,18 +82,21 @@ def batch_for(task: Task, step: int, rank: int) -> Batch:
     return batch
 
 
-def train_steps(task: Task, optimizer, cfg, first: int, last: int, rank: int) -> list[float]:
-    """Steps first+1..last as the trainer's loop runs them; the global mean loss of each."""
+def train_steps(task: Task, optimizer, cfg, first: int, last: int, rank: int | None) -> list[float]:
+    """Steps first+1..last as the trainer's loop runs them (gradient accumulation over 2 micro-batches); the global
+    mean loss of each."""
     losses = []
     for step in range(first, last):
         set_lr(optimizer, lr_at(step, cfg.train))
-        out = forward_backward(task, [batch_for(task, step, rank)])
+        out = forward_backward(task, batch_for(task, step, rank).split(2))  # 2 micro-batches: the feature cache
         torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss = torch.tensor(out["loss"], dtype=torch.float64)
-        dist.all_reduce(loss)
-        losses.append(float(loss) / WORLD)
+        if rank is not None:
+            dist.all_reduce(loss)
+            loss /= WORLD
+        losses.append(float(loss))
     return losses
 
 
@@ -130,6 +137,9 @@ def _worker(rank: int, port: int, root: str) -> None:
         trainer.save(5, rank)
         curve += train_steps(task, optimizer, cfg, 5, 6, rank)
         final_a, _ = fsdp.gather_full_state(task, optimizer)
+        # the sharded run trains as one process on the whole batch does (the same loop, no FSDP)
+        reference = json.loads(Path(root, "reference.json").read_text())
+        assert curve == pytest.approx(reference, rel=1e-4), (curve, reference)
 
         # run B: a fresh task (other initial weights), resumed from step 3, to step 6
         task_b, _ = make_task(seed=1)
@@ -167,6 +177,9 @@ def test_fsdp_checkpoint_resumes_the_exact_curve(tmp_path: Path, caplog: pytest.
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    task, cfg = make_task(seed=0)  # the reference: one process, the whole batch, no sharding
+    reference = train_steps(task, build_optimizer(task, cfg.train), cfg, 0, 6, rank=None)
+    (tmp_path / "reference.json").write_text(json.dumps(reference))
     mp.start_processes(_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
     assert len(json.loads((tmp_path / "curve.json").read_text())) == 6
     root = tmp_path / "checkpoints"
