@@ -13,8 +13,9 @@ Rows, in the order they run (a row that no longer fits the time budget is skippe
   `torch.compile(model)` as its `--torchcompile` does. Batches are random tensors already on the GPU: the
   loader is measured on its own rows. Reported: samples/s and step time over the timed steps, MFU = model
   FLOPs of one step (counted by `torch.utils.flop_counter.FlopCounterMode` on the eager step: matmuls,
-  convolutions, attention) / step time / the GPU's dense bf16 peak (looked up from its name, `PEAK_TFLOPS`),
-  and peak memory (`torch.cuda.max_memory_allocated`, weights + optimizer state + activations).
+  convolutions, attention; each library's own count: mmcl's class-token shortcut runs the last ViT block for
+  one token, so its count is a few percent lower for the same architecture, and samples/s is the fair
+  comparison) / step time / the GPU's dense bf16 peak (looked up from its name, `PEAK_TFLOPS`), and peak memory (`torch.cuda.max_memory_allocated`, weights + optimizer state + activations).
 - `loader 224px decode_on=workers|device`, `device decode only 224px`: images/s of the loader at 224 px from
   256 px JPEG shards with one worker per core (`gpu_decode_check.throughput`), and the device path's
   pixel parity with the worker path (`gpu_decode_check.compare`).
@@ -355,32 +356,40 @@ class Check:
             n = 64 if self.args.smoke else self.args.n_images
             shards = common.synthetic_shards(Path(tmp) / "s256", n, image_size=256, maxcount=256,
                                              num_workers=min(8, os.cpu_count() or 1))  # fmt: skip
-            loaders_done = False
-            for row in self.rows:
-                if row.status != "pending":
-                    continue
-                cost = ROW_COST_S[row.kind]
-                if not self.args.smoke and self.left_s() < cost:
-                    row.status = "skipped"
-                    row.note = f"time budget: {self.left_s():.0f} s left, the row needs about {cost:.0f} s"
-                    continue
-                row_start = time.perf_counter()
-                try:
-                    if row.kind == "loader" and not loaders_done:
-                        loaders_done = True
-                        self.run_loaders(shards)
-                    elif row.kind != "loader":
-                        self.run_train(row, shards, Path(tmp))
-                except Exception as e:  # recorded, not raised: the other rows are still worth having
-                    for r in self.rows if row.kind == "loader" else [row]:
-                        if r.kind == row.kind and r.status == "pending":
-                            r.status, r.note = "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-                finally:
-                    self._release()
-                    row.extra["wall_s"] = round(time.perf_counter() - row_start, 1)
-                self.write(out)
-                print(f"[gpu_check] {row.name}: {row.status} {row.note}", file=sys.stderr, flush=True)
+            try:
+                self._run_rows(shards, Path(tmp), out)
+            except KeyboardInterrupt:  # gpu_check.sh's hard stop (SIGINT): the rows done so far stay, the rest say why
+                for row in self.rows:
+                    if row.status == "pending":
+                        row.status, row.note = "skipped", "stopped by the time limit (SIGINT) before or during this row"
         return self.write(out, final=True)
+
+    def _run_rows(self, shards: Path, tmp: Path, out: Path) -> None:
+        loaders_done = False
+        for row in self.rows:
+            if row.status != "pending":
+                continue
+            cost = ROW_COST_S[row.kind]
+            if not self.args.smoke and self.left_s() < cost:
+                row.status = "skipped"
+                row.note = f"time budget: {self.left_s():.0f} s left, the row needs about {cost:.0f} s"
+                continue
+            row_start = time.perf_counter()
+            try:
+                if row.kind == "loader" and not loaders_done:
+                    loaders_done = True
+                    self.run_loaders(shards)
+                elif row.kind != "loader":
+                    self.run_train(row, shards, tmp)
+            except Exception as e:  # recorded, not raised: the other rows are still worth having
+                for r in self.rows if row.kind == "loader" else [row]:
+                    if r.kind == row.kind and r.status == "pending":
+                        r.status, r.note = "failed", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            finally:
+                self._release()
+                row.extra["wall_s"] = round(time.perf_counter() - row_start, 1)
+            self.write(out)
+            print(f"[gpu_check] {row.name}: {row.status} {row.note}", file=sys.stderr, flush=True)
 
     def _release(self) -> None:
         import torch
