@@ -62,4 +62,4 @@ def test_experiment_configs_take_a_training_step(path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
 def test_accelerate_profiles_are_valid_yaml(path):
     data = yaml.safe_load(path.read_text())
-    assert data["num_processes"] >= 2 and data["distributed_type"] in ("MULTI_CPU", "MULTI_GPU")
+    assert data["num_processes"] >= 2 and data["distributed_type"] in ("MULTI_CPU", "MULTI_GPU", "FSDP")

@@ -36,6 +36,7 @@ from mmcl.data.device_decode import match_ranks, refuse_image_views
 from mmcl.data.pipeline import build_stream, device_decoder
 from mmcl.data.shards import EpochEnd, ShardStream, StreamState, count_samples, expand_shards, make_loader
 from mmcl.engine import checkpoint as ckpt
+from mmcl.engine import fsdp
 from mmcl.engine.accumulate import forward_backward
 from mmcl.engine.metrics import MetricsLog, plot_curves
 from mmcl.engine.optim import build_optimizer, lr_at, set_lr
@@ -168,10 +169,15 @@ class Trainer:
         if self.tc.grad_checkpointing and hasattr(self.model, "set_grad_checkpointing"):
             self.model.set_grad_checkpointing(True)
         self.task = build_task(self.model, cfg)
+        self.fsdp = self.accelerator.distributed_type == "FSDP"  # sharded state: mmcl/engine/fsdp.py
+        if self.fsdp:
+            fsdp.prepare(self.task)
         self.optimizer = build_optimizer(self.task, self.tc)
         if self.tc.compile:
             self.model.compile()
         self.prepared, self.optimizer = self.accelerator.prepare(self.task, self.optimizer)
+        if self.fsdp:
+            fsdp.after_wrap(self.task)
         self.eval_hook = eval_hook
         acc = self.accelerator
         if cfg.data.decode_on == "device":
@@ -213,9 +219,12 @@ class Trainer:
         acc.wait_for_everyone()
         ckpt.write_rank_state(tmp, acc.process_index, source.state.to_dict())
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            state = {"step": step, "num_processes": acc.num_processes, **counters}
+        state = {"step": step, "num_processes": acc.num_processes, **counters}
+        if self.fsdp:  # every rank takes part in gathering the full state; rank 0 writes it
+            fsdp.save(tmp, self.task, self.optimizer, state, acc.is_main_process)
+        elif acc.is_main_process:
             ckpt.write_main_state(tmp, self.task.model, self.optimizer, state, self.task.state_for_checkpoint())
+        if acc.is_main_process:
             ckpt.publish(tmp, ckpt.step_dir(self.ckpt_root, step), self.tc.keep_checkpoints)
         acc.wait_for_everyone()
 
@@ -238,9 +247,12 @@ class Trainer:
                 f"{latest} was written by {trainer_state['num_processes']} process(es); resume it "
                 f"with the same number (got {self.accelerator.num_processes})"
             )
-        ckpt.load_model_weights(self.task.model, latest / "model.safetensors")
-        ckpt.load_task_state(self.task, latest)
-        ckpt.load_optimizer(self.optimizer, latest)
+        if self.fsdp:
+            fsdp.load(self.task, self.optimizer, latest)
+        else:
+            ckpt.load_model_weights(self.task.model, latest / "model.safetensors")
+            ckpt.load_task_state(self.task, latest)
+            ckpt.load_optimizer(self.optimizer, latest)
         rank_state = ckpt.read_rank_state(latest, self.accelerator.process_index)
         ckpt.set_rng_state(rank_state["rng"], rank_state["rng_tensors"])
         log.info("resumed from %s (step %d)", latest, trainer_state["step"])
