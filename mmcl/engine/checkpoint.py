@@ -400,4 +400,9 @@ def load_task_state(task: nn.Module, ckpt: Path) -> None:
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, ckpt: Path) -> None:
+    if not (ckpt / "optimizer.pt").is_file() and (ckpt / "optimizer.safetensors").is_file():
+        raise UserError(
+            f"{ckpt} was written by an FSDP run (optimizer.safetensors): resume it with the FSDP profile "
+            "(accelerate launch --config_file configs/accelerate/fsdp.yaml ...) or start a new train.output_dir"
+        )
     optimizer.load_state_dict(safe_torch_load(ckpt / "optimizer.pt"))

@@ -280,3 +280,16 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_leaves_no_tmp(
     assert leftovers == [], leftovers
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")][-1] == "step_0000004"
     assert ckpt.verify_checkpoint(run / "checkpoints" / "step_0000004") is None
+
+
+def test_an_fsdp_checkpoint_resumed_without_fsdp_is_one_line(tmp_path):
+    """FSDP writes its optimizer as safetensors + JSON (mmcl.engine.fsdp); a DDP resume says so in one line."""
+    import torch
+
+    from mmcl.engine.checkpoint import load_optimizer
+    from mmcl.utils import UserError
+
+    (tmp_path / "optimizer.safetensors").write_bytes(b"")
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    with pytest.raises(UserError, match="written by an FSDP run"):
+        load_optimizer(opt, tmp_path)
