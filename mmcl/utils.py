@@ -117,11 +117,16 @@ class FolderLock:
         self.release()
 
 
-def lock_folder(folder: str | Path, name: str, what: str) -> FolderLock:
+def lock_folder(folder: str | Path, name: str | None, what: str, wait: bool = False) -> FolderLock:
     """Take `folder/name` exclusively for `what` (e.g. "training"), or say who holds it.
 
+    Args:
+        name: the lock file, which keeps its holder's pid, host and time; None locks the folder itself and adds
+            no file to it (a folder whose layout is a format, e.g. shards), but cannot say who holds it.
+        wait: when another process holds it, log who and wait for it, instead of refusing.
+
     Raises:
-        UserError: another process holds it: one line with its pid, host and start time.
+        UserError: another process holds it (and not `wait`): one line with its pid, host and start time.
     """
     import json
     import socket
@@ -129,8 +134,11 @@ def lock_folder(folder: str | Path, name: str, what: str) -> FolderLock:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    path = folder / name if name else folder
+    if name:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    else:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         import fcntl
     except ImportError:  # Windows: no flock; run without a lock
@@ -139,18 +147,29 @@ def lock_folder(folder: str | Path, name: str, what: str) -> FolderLock:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         try:
-            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}") if name else {}
         except ValueError:
             holder = {}
-        os.close(fd)
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["time"])) if "time" in holder else "?"
-        raise UserError(
-            f"{folder} is in use by another {what}: pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
-            f"since {since} (lock {path}); wait for it to end or choose another folder"
-        ) from None
+        who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {since} (lock {path})" if name else ""
+        if not wait:
+            os.close(fd)
+            raise UserError(
+                f"{folder} is in use by another {what}: {who}; wait for it to end or choose another folder"
+            ) from None
+        log.info("%s: waiting for another %s to finish%s", folder, what, f": {who}" if who else "")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+    except OSError as e:  # a filesystem without flock (some network mounts): go on unlocked
+        log.warning("%s: cannot lock it (%s); make sure no other %s uses it at the same time", folder, e, what)
     except BaseException:
         os.close(fd)
         raise
+    if not name:
+        return FolderLock(path, fd)
     info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, info, 0)
