@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -56,6 +58,81 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _device_of(path: Path) -> str:
+    """The device (or filesystem) holding `path`, with its mount point: "/dev/sda1 (mounted at /data)"."""
+    path = path.resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    mount = path
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        with open("/proc/self/mounts") as f:
+            devices = {fields[1]: fields[0] for fields in (line.split() for line in f) if len(fields) > 1}
+    except OSError:
+        devices = {}
+    device = devices.get(str(mount))
+    return f"{device} (mounted at {mount})" if device and device != str(mount) else str(mount)
+
+
+@contextlib.contextmanager
+def disk_errors(folder: str | Path, needed: Callable[[], int | None] | int | None = None) -> Iterator[None]:
+    """Turn a full disk or an unwritable folder met while writing into `folder` into a one-line UserError.
+
+        with disk_errors(out_dir, needed=lambda: bytes_still_to_write):
+            ...write files under out_dir...
+
+    "no space left on /dev/sdb1 (mounted at /data) writing /data/run: 3 MB free, needed ~310 MB" or
+    "output folder /data/run is not writable (Read-only file system)". torch's writer reports a full disk as a
+    RuntimeError ("file write failed"): that is recognised by the free space left. Clean up temporaries in
+    the block itself (`atomic_open` does for its file); this only words the error.
+
+    Args:
+        folder: the output folder written to.
+        needed: bytes the job still had to write (an estimate, or a function giving one at the time of the
+            error), said in the message; None: not said.
+    """
+    folder = Path(folder)
+    try:
+        yield
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise UserError(_no_space(folder, needed)) from None
+        if e.errno in _NOT_WRITABLE:
+            where = f" ({e.filename})" if e.filename and Path(str(e.filename)) != folder else ""
+            raise UserError(f"output folder {folder} is not writable: {e.strerror}{where}") from None
+        raise
+    except RuntimeError as e:  # torch.save's PytorchStreamWriter: "... file write failed"
+        if "write failed" in str(e) or "enforce fail" in str(e):
+            with contextlib.suppress(OSError):
+                if shutil.disk_usage(_existing(folder)).free < 16 * 2**20:
+                    raise UserError(_no_space(folder, needed)) from None
+        raise
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _no_space(folder: Path, needed: Callable[[], int | None] | int | None) -> str:
+    try:
+        amount = needed() if callable(needed) else needed
+    except Exception:  # an estimate must never hide the real error
+        amount = None
+    try:
+        free = f"{shutil.disk_usage(_existing(folder)).free / 2**20:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    want = f", needed ~{max(1, round(amount / 2**20))} MB" if amount else ""
+    return f"no space left on {_device_of(folder)} writing {folder}: {free}{want}; free some space or choose another folder"
 
 
 def fsync_path(path: str | Path) -> None:

@@ -40,7 +40,7 @@ from mmcl.engine.accumulate import forward_backward
 from mmcl.engine.metrics import MetricsLog, plot_curves
 from mmcl.engine.optim import build_optimizer, lr_at, set_lr
 from mmcl.losses.base import StepContext
-from mmcl.utils import UserError, loader_worker_init, lock_folder
+from mmcl.utils import UserError, disk_errors, loader_worker_init, lock_folder
 
 log = logging.getLogger("mmcl.train")
 
@@ -258,7 +258,8 @@ class Trainer:
             self._lock = lock_folder(self.run_dir, LOCK_FILE, "training")
         self._stop = _StopBetweenSteps(enabled=self.accelerator.num_processes == 1)
         try:
-            with self._stop:
+            # a full disk or a read-only run folder: one line saying so (what a checkpoint needs), no traceback
+            with self._stop, disk_errors(self.run_dir, needed=self._checkpoint_bytes):
                 return self._fit(stop_after)
         except KeyboardInterrupt as e:
             if self._bar is not None:
@@ -271,6 +272,12 @@ class Trainer:
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
+
+    def _checkpoint_bytes(self) -> int:
+        """About what a checkpoint takes: the weights, and AdamW's two moments of each trainable one."""
+        weights = sum(p.numel() * p.element_size() for p in self.task.parameters())
+        trainable = sum(p.numel() * p.element_size() for p in self.task.parameters() if p.requires_grad)
+        return weights + 2 * trainable
 
     def _fit(self, stop_after: int | None) -> TrainResult:
         acc, tc = self.accelerator, self.tc
