@@ -300,6 +300,56 @@ def _exit_with_parent(parent: int, interval_s: float = 1.0) -> None:
     os._exit(1)  # reparented: the parent is gone, and so is anyone reading this worker's results
 
 
+class _LogProgress:
+    """tqdm's counting interface, written as a plain log line every `every_s` seconds (for logs in files)."""
+
+    def __init__(self, total: int | None, desc: str, unit: str, every_s: float) -> None:
+        import time
+
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.n, self._clock = 0, time.monotonic
+        self._start = self._last = self._clock()
+        self._postfix = ""
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._clock() - self._last >= self.every_s:
+            self._line()
+
+    def set_postfix(self, **values: object) -> None:
+        self._postfix = " ".join(f"{k} {v}" for k, v in values.items())
+
+    def _line(self) -> None:
+        self._last = self._clock()
+        rate = self.n / max(self._last - self._start, 1e-9)
+        of = f"/{self.total}" if self.total is not None else ""
+        log.info("%s: %d%s %s (%.1f %s/s)%s", self.desc, self.n, of, self.unit, rate, self.unit,
+                 f" {self._postfix}" if self._postfix else "")  # fmt: skip
+
+    def close(self) -> None:
+        pass  # the job's own summary line follows; a short job gets no progress line at all
+
+    def __enter__(self) -> _LogProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def progress_bar(total: int | None, desc: str, unit: str = "it", enabled: bool = True, every_s: float = 30.0):
+    """A tqdm bar on a terminal; when stderr is not one (a log file: SLURM, CI, nohup), a plain log line every
+    `every_s` seconds instead of a bar's carriage returns. Disabled: a tqdm that shows nothing.
+
+    Returns:
+        An object with tqdm's `update(n)`, `set_postfix(**kw)` and `close()`.
+    """
+    from tqdm.auto import tqdm
+
+    if enabled and not sys.stderr.isatty():
+        return _LogProgress(total, desc, unit, every_s)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     if not log.handlers:
         handler = logging.StreamHandler()

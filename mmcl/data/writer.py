@@ -33,7 +33,7 @@ from typing import Any
 from PIL import Image
 
 from mmcl.data.sources import InputError, RawSample, RealSource, SyntheticSource
-from mmcl.utils import UserError, atomic_open, atomic_write_text, disk_errors, lock_folder, log
+from mmcl.utils import UserError, atomic_open, atomic_write_text, disk_errors, lock_folder, log, progress_bar
 
 FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 RESIZE_MODES = ("shorter", "longer", "center_crop")
@@ -311,7 +311,7 @@ def write_shards(
         num_workers: encoding processes (0 = in this process); the output does not depend on it.
             They are started with "spawn" (safe beside torch's threads), so a script calling this
             needs the usual `if __name__ == "__main__":` guard.
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (on a terminal; plain log lines every 30 s in a log file).
         overwrite: delete existing shards first instead of resuming.
         classnames: written to classnames.txt; default: `source.classnames` when it has them.
         max_pixels: images whose header declares more pixels fail without being decoded.
@@ -354,9 +354,7 @@ def write_shards(
             summary = WriteSummary(out)
             all_stats: dict[int, dict[str, Any]] = dict(keep)
             summary.kept_shards = [f"{i:05d}.tar" for i in sorted(keep)]
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, desc=f"shards -> {out}", unit="img", disable=not progress, dynamic_ncols=True)
+            bar = progress_bar(total, f"shards -> {out}", "img", enabled=progress)  # plain lines in a log file
             n_kept = sum(s["count"] for s in keep.values())
             bar.update(n_kept)
             tasks = ((i, s) for i, s in enumerate(source) if not skipped(i))

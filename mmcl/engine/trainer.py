@@ -16,6 +16,7 @@ a plain Accelerate loop:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -259,7 +260,7 @@ class Trainer:
         self._stop = _StopBetweenSteps(enabled=self.accelerator.num_processes == 1)
         try:
             # a full disk or a read-only run folder: one line saying so (what a checkpoint needs), no traceback
-            with self._stop, disk_errors(self.run_dir, needed=self._checkpoint_bytes):
+            with self._stop, disk_errors(self.run_dir, needed=self._checkpoint_bytes), _logs_beside_bars():
                 return self._fit(stop_after)
         except KeyboardInterrupt as e:
             if self._bar is not None:
@@ -287,7 +288,8 @@ class Trainer:
             save_yaml(self.cfg, self.run_dir / "config.yaml")
             self._announce(step)
         if acc.is_main_process:
-            acc.init_trackers("tensorboard", config=_flat_config(self.cfg))  # logs in run_dir/tensorboard
+            acc.init_trackers("tensorboard")  # logs in run_dir/tensorboard
+            _store_config(acc, _flat_config(self.cfg))
         source = BatchSource(self.stream, self.cfg.data.num_workers, data_state, acc, self.decode)
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=step) if acc.is_main_process else None
         bad_in_a_row = counters.get("bad_in_a_row", 0)
@@ -342,12 +344,18 @@ class Trainer:
                 last.update({f"skipped_{k}": v for k, v in self._skips(source).items()})
                 if metrics_log is not None:
                     metrics_log.append({"step": step, "samples": step * self.samples_per_step, **last})
-                acc.log(last, step=step)
+                acc.log({f"train/{k}": v for k, v in last.items()}, step=step)  # grouped as open_clip does
                 if bar is not None:
                     bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}", sps=f"{last['samples_per_s']:.0f}")
                 elif acc.is_main_process and tc.progress:
                     log.info(_log_line(step, tc.steps, last, time.perf_counter() - fit_start, step - first_step))
                 window, window_steps, window_start = {}, 0, time.perf_counter()
+            elif step == first_step + 1 and bar is None and acc.is_main_process and tc.progress:
+                # a line at once: a log file would otherwise stay silent for log_every steps (minutes on a CPU)
+                elapsed = time.perf_counter() - window_start
+                first = {k: v / window_steps for k, v in window.items()}
+                first.update(lr=lr_at(step - 1, tc), samples_per_s=window_steps * self.samples_per_step / elapsed)
+                log.info(_log_line(step, tc.steps, first, time.perf_counter() - fit_start, step - first_step))
             if self.eval_hook and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 eval_metrics = self._evaluate(step, metrics_log)
             if step % tc.ckpt_every == 0 or step == end:
@@ -395,11 +403,12 @@ class Trainer:
             model = self.task.model
             was_training = model.training
             model.eval()
-            results = {f"eval_{k}": v for k, v in self.eval_hook(model, step).items()}
+            raw = self.eval_hook(model, step)
+            results = {f"eval_{k}": v for k, v in raw.items()}
             model.train(was_training)
             if metrics_log is not None:
                 metrics_log.append({"step": step, **results})
-            self.accelerator.log(results, step=step)
+            self.accelerator.log({f"eval/{k}": v for k, v in raw.items()}, step=step)
             log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
         self.accelerator.wait_for_everyone()
         return results
@@ -496,6 +505,29 @@ def _resume_command() -> str:
     if argv0 is not None and (argv0.name == "mmcl" or argv0.parts[-2:] == ("cli", "__main__.py")):
         return shlex.join(["mmcl", *sys.argv[1:]])
     return "the same command or train() call (it continues from the last checkpoint)"
+
+
+def _logs_beside_bars():
+    """On a terminal, log lines go through tqdm.write: printed above the training bar, not glued onto it."""
+    if not sys.stderr.isatty():
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm(loggers=[logging.getLogger("mmcl")])
+
+
+def _store_config(acc, flat: dict[str, Any]) -> None:
+    """The run's config in every tracker. TensorBoard's: as hparams of this run's own event file; Accelerate's
+    `add_hparams` would open a second, timestamped run beside it (an extra entry in TensorBoard's run list)."""
+    for tracker in acc.trackers:
+        if tracker.name != "tensorboard":
+            tracker.store_init_configuration(flat)
+            continue
+        from torch.utils.tensorboard.summary import hparams
+
+        for summary in hparams(flat, metric_dict={}):  # experiment, session start and end
+            tracker.writer.file_writer.add_summary(summary)
+        tracker.writer.flush()
 
 
 def _trackers(names: list[str], run_dir: Path) -> list[Any]:
