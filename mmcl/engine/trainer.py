@@ -138,12 +138,6 @@ class Trainer:
     """Trains `cfg` in `cfg.train.output_dir`. `fit()` resumes from the newest checkpoint there."""
 
     def __init__(self, cfg: ExperimentConfig, eval_hook: EvalHook | None = None) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
-        from mmcl.models import build_model
-        from mmcl.tasks import build_task
-
         self.cfg = cfg
         self.tc: TrainConfig = cfg.train
         if not cfg.data.train_shards:
@@ -155,7 +149,25 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         # One training per run folder (two would interleave metrics.jsonl and checkpoints). Taken before anything
         # is written there (W&B starts with the Accelerator); by the first rank only (RANK: torchrun, accelerate).
-        self._lock = lock_folder(self.run_dir, LOCK_FILE, "training") if os.environ.get("RANK", "0") == "0" else None
+        self._lock = None
+        if os.environ.get("RANK", "0") == "0":
+            with disk_errors(self.run_dir):  # an unwritable output folder: one line
+                self._lock = lock_folder(self.run_dir, LOCK_FILE, "training")
+        try:
+            self._build(eval_hook)
+        except BaseException:  # no Trainer to hold it: free the folder now, not when the traceback is collected
+            if self._lock is not None:
+                self._lock.release()
+            raise
+
+    def _build(self, eval_hook: EvalHook | None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from mmcl.models import build_model
+        from mmcl.tasks import build_task
+
+        cfg = self.cfg
         trackers = [t for t in self.tc.trackers if t != "none"]
         self.accelerator = Accelerator(
             mixed_precision=resolve_precision(self.tc.precision).replace("fp32", "no"),
