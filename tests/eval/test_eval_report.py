@@ -94,3 +94,13 @@ def test_compositional_examples_say_they_show_failures(tmp_path, monkeypatch):
     assert "first failure" in titles[0] and "negative" in titles[0], titles
     report.plot_examples({"task": "zeroshot", "examples": [{**ex, "label": "a", "pred": "b"}]}, tmp_path / "z.png")
     assert titles[1] == ""  # a plain sample needs no such note
+
+
+def test_eval_progress_in_a_log_file_has_no_bar(capsys):
+    """stderr redirected to a file (pytest's capture is not a terminal): no tqdm carriage returns."""
+    from mmcl.eval.runner import iterate_batches
+
+    data = [EvalSample(key=f"img{i}", image=index_image(i, 8), label=0) for i in range(6)]
+    assert sum(len(b) for b in iterate_batches(data, 2, progress=True)) == 6
+    err = capsys.readouterr().err
+    assert "\r" not in err and "img/s" not in err, repr(err)
