@@ -16,7 +16,6 @@ a plain Accelerate loop:
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -38,8 +37,10 @@ from mmcl.data.pipeline import build_stream, device_decoder
 from mmcl.data.shards import EpochEnd, ShardStream, StreamState, count_samples, expand_shards, make_loader
 from mmcl.engine import checkpoint as ckpt
 from mmcl.engine.accumulate import forward_backward
+from mmcl.engine.interrupt import StopBetweenSteps, TrainingInterrupted, checkpoint_step_of
 from mmcl.engine.metrics import MetricsLog, plot_curves
 from mmcl.engine.optim import build_optimizer, lr_at, set_lr
+from mmcl.engine.run_log import build_trackers, flat_config, log_line, logs_beside_bars, store_config, training_bar
 from mmcl.losses.base import StepContext
 from mmcl.utils import UserError, disk_errors, loader_worker_init, lock_folder
 
@@ -171,7 +172,7 @@ class Trainer:
         trackers = [t for t in self.tc.trackers if t != "none"]
         self.accelerator = Accelerator(
             mixed_precision=resolve_precision(self.tc.precision).replace("fp32", "no"),
-            log_with=_trackers(trackers, self.run_dir) or None,
+            log_with=build_trackers(trackers, self.run_dir) or None,
             project_dir=str(self.run_dir),
             cpu=not torch.cuda.is_available(),
         )
@@ -269,10 +270,10 @@ class Trainer:
         self._step, self._bar = 0, None
         if self._lock is None and os.environ.get("RANK", "0") == "0":  # fit() again after a finished fit()
             self._lock = lock_folder(self.run_dir, LOCK_FILE, "training")
-        self._stop = _StopBetweenSteps(enabled=self.accelerator.num_processes == 1)
+        self._stop = StopBetweenSteps(enabled=self.accelerator.num_processes == 1)
         try:
             # a full disk or a read-only run folder: one line saying so (what a checkpoint needs), no traceback
-            with self._stop, disk_errors(self.run_dir, needed=self._checkpoint_bytes), _logs_beside_bars():
+            with self._stop, disk_errors(self.run_dir, needed=self._checkpoint_bytes), logs_beside_bars():
                 return self._fit(stop_after)
         except KeyboardInterrupt as e:
             if self._bar is not None:
@@ -280,7 +281,7 @@ class Trainer:
             if isinstance(e, TrainingInterrupted):
                 raise
             newest = ckpt.latest_checkpoint(self.ckpt_root)
-            raise TrainingInterrupted(self._step, self.tc.steps, ckpt_step(newest)) from None
+            raise TrainingInterrupted(self._step, self.tc.steps, checkpoint_step_of(newest)) from None
         finally:
             if self._lock is not None:
                 self._lock.release()
@@ -301,7 +302,7 @@ class Trainer:
             self._announce(step)
         if acc.is_main_process:
             acc.init_trackers("tensorboard")  # logs in run_dir/tensorboard
-            _store_config(acc, _flat_config(self.cfg))
+            store_config(acc, flat_config(self.cfg))
         source = BatchSource(self.stream, self.cfg.data.num_workers, data_state, acc, self.decode)
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=step) if acc.is_main_process else None
         bad_in_a_row = counters.get("bad_in_a_row", 0)
@@ -310,7 +311,7 @@ class Trainer:
         window_steps, window_start = 0, time.perf_counter()
         last: dict[str, float] = {}
         eval_metrics: dict[str, float] = {}
-        bar = self._bar = _progress(acc.is_main_process and tc.progress and sys.stderr.isatty(), tc.steps, step)
+        bar = self._bar = training_bar(acc.is_main_process and tc.progress and sys.stderr.isatty(), tc.steps, step)
         fit_start, first_step = time.perf_counter(), step
         end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
         while step < end:
@@ -360,14 +361,14 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}", sps=f"{last['samples_per_s']:.0f}")
                 elif acc.is_main_process and tc.progress:
-                    log.info(_log_line(step, tc.steps, last, time.perf_counter() - fit_start, step - first_step))
+                    log.info(log_line(step, tc.steps, last, time.perf_counter() - fit_start, step - first_step))
                 window, window_steps, window_start = {}, 0, time.perf_counter()
             elif step == first_step + 1 and bar is None and acc.is_main_process and tc.progress:
                 # a line at once: a log file would otherwise stay silent for log_every steps (minutes on a CPU)
                 elapsed = time.perf_counter() - window_start
                 first = {k: v / window_steps for k, v in window.items()}
                 first.update(lr=lr_at(step - 1, tc), samples_per_s=window_steps * self.samples_per_step / elapsed)
-                log.info(_log_line(step, tc.steps, first, time.perf_counter() - fit_start, step - first_step))
+                log.info(log_line(step, tc.steps, first, time.perf_counter() - fit_start, step - first_step))
             if self.eval_hook and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 eval_metrics = self._evaluate(step, metrics_log)
             if step % tc.ckpt_every == 0 or step == end:
@@ -459,144 +460,6 @@ class Trainer:
             )
         if step:
             log.info("continuing at step %d of %d", step, self.tc.steps)
-
-
-class _StopBetweenSteps:
-    """While active, a first Ctrl-C (SIGINT) only asks the loop to stop before its next step; a second one
-    interrupts at once.
-
-    Stopping between steps leaves nothing half done: no batch half received from a loader worker (an interrupt
-    inside that hand-over made the worker print a BrokenPipe traceback). Only for a single process: ranks of a
-    distributed run would stop at different steps, each waiting for the others in a collective.
-    """
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled, self.requested = enabled, False
-        self._previous: Any = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> _StopBetweenSteps:
-        import signal
-        import threading
-
-        self.enabled = self.enabled and threading.current_thread() is threading.main_thread()
-        if self.enabled:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        import signal
-
-        if self.enabled:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training; its message is the one line to show (where it stopped, how to resume)."""
-
-    def __init__(self, step: int, total: int, checkpoint_step: int | None) -> None:
-        self.step, self.total, self.checkpoint_step = step, total, checkpoint_step
-        saved = f"last checkpoint: step {checkpoint_step}" if checkpoint_step is not None else "no checkpoint yet"
-        super().__init__(f"interrupted at step {step} of {total} ({saved}); resume with: {_resume_command()}")
-
-
-def ckpt_step(path: Path | None) -> int | None:
-    """The step of a checkpoint folder `step_0000200` (None for None)."""
-    return None if path is None else int(path.name.rsplit("_", 1)[1])
-
-
-def _resume_command() -> str:
-    """The command line that started this process when it is the `mmcl` CLI (re-running it resumes)."""
-    import shlex
-
-    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
-    if argv0 is not None and (argv0.name == "mmcl" or argv0.parts[-2:] == ("cli", "__main__.py")):
-        return shlex.join(["mmcl", *sys.argv[1:]])
-    return "the same command or train() call (it continues from the last checkpoint)"
-
-
-def _logs_beside_bars():
-    """On a terminal, log lines go through tqdm.write: printed above the training bar, not glued onto it."""
-    if not sys.stderr.isatty():
-        return contextlib.nullcontext()
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    return logging_redirect_tqdm(loggers=[logging.getLogger("mmcl")])
-
-
-def _store_config(acc, flat: dict[str, Any]) -> None:
-    """The run's config in every tracker. TensorBoard's: as hparams of this run's own event file; Accelerate's
-    `add_hparams` would open a second, timestamped run beside it (an extra entry in TensorBoard's run list)."""
-    for tracker in acc.trackers:
-        if tracker.name != "tensorboard":
-            tracker.store_init_configuration(flat)
-            continue
-        from torch.utils.tensorboard.summary import hparams
-
-        for summary in hparams(flat, metric_dict={}):  # experiment, session start and end
-            tracker.writer.file_writer.add_summary(summary)
-        tracker.writer.flush()
-
-
-def _trackers(names: list[str], run_dir: Path) -> list[Any]:
-    """Accelerate's trackers by name; W&B as a tracker object so its project is 'mmcl' and its run is named
-    after the run folder (Accelerate would name the W&B project after `init_trackers`' TensorBoard folder)."""
-    out: list[Any] = []
-    for name in names:
-        if name == "wandb":
-            from mmcl.extras import require
-
-            require("wandb", "train.trackers=[wandb]")
-            from accelerate.tracking import WandBTracker
-
-            out.append(WandBTracker("mmcl", name=run_dir.name, dir=str(run_dir)))
-        else:
-            out.append(name)
-    return out
-
-
-def _log_line(step: int, total: int, m: dict[str, float], elapsed: float, done: int) -> str:
-    """One plain progress line for logs that are not a terminal (SLURM, CI, nohup)."""
-    eta = elapsed / max(done, 1) * (total - step)
-    skipped = sum(v for k, v in m.items() if k.startswith("skipped_"))
-    return (
-        f"step {step}/{total} loss {m.get('loss', float('nan')):.4f} lr {m['lr']:.3g} "
-        f"samples/s {m['samples_per_s']:.1f} eta {_hms(eta)} skipped {int(skipped)}"
-    )
-
-
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-
-def _flat_config(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Scalars only, dotted keys: what TensorBoard's hparams accept."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        elif isinstance(value, (int, float, str, bool)):
-            flat[prefix] = value
-        else:
-            flat[prefix] = str(value)
-
-    walk("", to_dict(cfg))
-    return flat
 
 
 def train(cfg: ExperimentConfig, eval_hook: EvalHook | None = None, stop_after: int | None = None) -> TrainResult:
