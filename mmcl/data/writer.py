@@ -329,10 +329,11 @@ def write_shards(
         raise UserError(f"unknown resize mode '{resize_mode}' (choose from {', '.join(RESIZE_MODES)})")
     start = time.time()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    # One writer per folder: a second one (two runs first using the same `builtin:` data) waits, then keeps the
-    # finished shards. Holding the lock also makes every temp file found below a dead writer's.
-    lock = lock_folder(out, None, "shard writer", wait=True)  # the folder itself: no file in the layout
+    with disk_errors(out):  # e.g. a read-only output folder: one line
+        out.mkdir(parents=True, exist_ok=True)
+        # One writer per folder: a second one (two runs first using the same `builtin:` data) waits, then keeps
+        # the finished shards. Holding the lock also makes every temp file found below a dead writer's.
+        lock = lock_folder(out, None, "shard writer", wait=True)  # the folder itself: no file in the layout
     written = {"inputs": 0, "bytes": 0}  # for the space a full disk would have needed
     try:
         with disk_errors(

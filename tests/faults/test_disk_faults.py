@@ -82,3 +82,22 @@ def test_training_on_a_full_disk_says_so_in_one_line(demo_shards, tmp_path, monk
     lines = [line for line in captured.err.splitlines() if "error" in line]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in captured.err, captured.err[-3000:]
     assert "no space left on " in lines[0] and str(run) in lines[0] and "needed ~" in lines[0], lines[0]
+
+
+def test_shards_into_a_read_only_place(tmp_path, monkeypatch, capsys) -> None:
+    """The output folder cannot even be created (a read-only mount): one line naming it."""
+    from pathlib import Path as RealPath
+
+    real_mkdir = RealPath.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.name == "shards":
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(RealPath, "mkdir", read_only)
+    out = tmp_path / "shards"
+    rc = main(["shards", "synthetic", str(out), "--n", "10", "--image-size", "16", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err, err
+    assert f"output folder {out} is not writable: Read-only file system" in err, err
