@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
@@ -56,6 +58,81 @@ def current_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_NO_SPACE = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _device_of(path: Path) -> str:
+    """The device (or filesystem) holding `path`, with its mount point: "/dev/sda1 (mounted at /data)"."""
+    path = path.resolve()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    mount = path
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        with open("/proc/self/mounts") as f:
+            devices = {fields[1]: fields[0] for fields in (line.split() for line in f) if len(fields) > 1}
+    except OSError:
+        devices = {}
+    device = devices.get(str(mount))
+    return f"{device} (mounted at {mount})" if device and device != str(mount) else str(mount)
+
+
+@contextlib.contextmanager
+def disk_errors(folder: str | Path, needed: Callable[[], int | None] | int | None = None) -> Iterator[None]:
+    """Turn a full disk or an unwritable folder met while writing into `folder` into a one-line UserError.
+
+        with disk_errors(out_dir, needed=lambda: bytes_still_to_write):
+            ...write files under out_dir...
+
+    "no space left on /dev/sdb1 (mounted at /data) writing /data/run: 3 MB free, needed ~310 MB" or
+    "output folder /data/run is not writable (Read-only file system)". torch's writer reports a full disk as a
+    RuntimeError ("file write failed"): that is recognised by the free space left. Clean up temporaries in
+    the block itself (`atomic_open` does for its file); this only words the error.
+
+    Args:
+        folder: the output folder written to.
+        needed: bytes the job still had to write (an estimate, or a function giving one at the time of the
+            error), said in the message; None: not said.
+    """
+    folder = Path(folder)
+    try:
+        yield
+    except OSError as e:
+        if e.errno in _NO_SPACE:
+            raise UserError(_no_space(folder, needed)) from None
+        if e.errno in _NOT_WRITABLE:
+            where = f" ({e.filename})" if e.filename and Path(str(e.filename)) != folder else ""
+            raise UserError(f"output folder {folder} is not writable: {e.strerror}{where}") from None
+        raise
+    except RuntimeError as e:  # torch.save's PytorchStreamWriter: "... file write failed"
+        if "write failed" in str(e) or "enforce fail" in str(e):
+            with contextlib.suppress(OSError):
+                if shutil.disk_usage(_existing(folder)).free < 16 * 2**20:
+                    raise UserError(_no_space(folder, needed)) from None
+        raise
+
+
+def _existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _no_space(folder: Path, needed: Callable[[], int | None] | int | None) -> str:
+    try:
+        amount = needed() if callable(needed) else needed
+    except Exception:  # an estimate must never hide the real error
+        amount = None
+    try:
+        free = f"{shutil.disk_usage(_existing(folder)).free / 2**20:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    want = f", needed ~{max(1, round(amount / 2**20))} MB" if amount else ""
+    return f"no space left on {_device_of(folder)} writing {folder}: {free}{want}; free some space or choose another folder"
 
 
 def fsync_path(path: str | Path) -> None:
@@ -117,11 +194,16 @@ class FolderLock:
         self.release()
 
 
-def lock_folder(folder: str | Path, name: str, what: str) -> FolderLock:
+def lock_folder(folder: str | Path, name: str | None, what: str, wait: bool = False) -> FolderLock:
     """Take `folder/name` exclusively for `what` (e.g. "training"), or say who holds it.
 
+    Args:
+        name: the lock file, which keeps its holder's pid, host and time; None locks the folder itself and adds
+            no file to it (a folder whose layout is a format, e.g. shards), but cannot say who holds it.
+        wait: when another process holds it, log who and wait for it, instead of refusing.
+
     Raises:
-        UserError: another process holds it: one line with its pid, host and start time.
+        UserError: another process holds it (and not `wait`): one line with its pid, host and start time.
     """
     import json
     import socket
@@ -129,8 +211,11 @@ def lock_folder(folder: str | Path, name: str, what: str) -> FolderLock:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    path = folder / name if name else folder
+    if name:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    else:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         import fcntl
     except ImportError:  # Windows: no flock; run without a lock
@@ -139,18 +224,29 @@ def lock_folder(folder: str | Path, name: str, what: str) -> FolderLock:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         try:
-            holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            holder = json.loads(os.pread(fd, 4096, 0) or b"{}") if name else {}
         except ValueError:
             holder = {}
-        os.close(fd)
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["time"])) if "time" in holder else "?"
-        raise UserError(
-            f"{folder} is in use by another {what}: pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
-            f"since {since} (lock {path}); wait for it to end or choose another folder"
-        ) from None
+        who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')} since {since} (lock {path})" if name else ""
+        if not wait:
+            os.close(fd)
+            raise UserError(
+                f"{folder} is in use by another {what}: {who}; wait for it to end or choose another folder"
+            ) from None
+        log.info("%s: waiting for another %s to finish%s", folder, what, f": {who}" if who else "")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+    except OSError as e:  # a filesystem without flock (some network mounts): go on unlocked
+        log.warning("%s: cannot lock it (%s); make sure no other %s uses it at the same time", folder, e, what)
     except BaseException:
         os.close(fd)
         raise
+    if not name:
+        return FolderLock(path, fd)
     info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}).encode()
     os.ftruncate(fd, 0)
     os.pwrite(fd, info, 0)
@@ -202,6 +298,56 @@ def _exit_with_parent(parent: int, interval_s: float = 1.0) -> None:
     while os.getppid() == parent:
         time.sleep(interval_s)
     os._exit(1)  # reparented: the parent is gone, and so is anyone reading this worker's results
+
+
+class _LogProgress:
+    """tqdm's counting interface, written as a plain log line every `every_s` seconds (for logs in files)."""
+
+    def __init__(self, total: int | None, desc: str, unit: str, every_s: float) -> None:
+        import time
+
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+        self.n, self._clock = 0, time.monotonic
+        self._start = self._last = self._clock()
+        self._postfix = ""
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self._clock() - self._last >= self.every_s:
+            self._line()
+
+    def set_postfix(self, **values: object) -> None:
+        self._postfix = " ".join(f"{k} {v}" for k, v in values.items())
+
+    def _line(self) -> None:
+        self._last = self._clock()
+        rate = self.n / max(self._last - self._start, 1e-9)
+        of = f"/{self.total}" if self.total is not None else ""
+        log.info("%s: %d%s %s (%.1f %s/s)%s", self.desc, self.n, of, self.unit, rate, self.unit,
+                 f" {self._postfix}" if self._postfix else "")  # fmt: skip
+
+    def close(self) -> None:
+        pass  # the job's own summary line follows; a short job gets no progress line at all
+
+    def __enter__(self) -> _LogProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def progress_bar(total: int | None, desc: str, unit: str = "it", enabled: bool = True, every_s: float = 30.0):
+    """A tqdm bar on a terminal; when stderr is not one (a log file: SLURM, CI, nohup), a plain log line every
+    `every_s` seconds instead of a bar's carriage returns. Disabled: a tqdm that shows nothing.
+
+    Returns:
+        An object with tqdm's `update(n)`, `set_postfix(**kw)` and `close()`.
+    """
+    from tqdm.auto import tqdm
+
+    if enabled and not sys.stderr.isatty():
+        return _LogProgress(total, desc, unit, every_s)
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

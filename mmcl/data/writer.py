@@ -33,7 +33,7 @@ from typing import Any
 from PIL import Image
 
 from mmcl.data.sources import InputError, RawSample, RealSource, SyntheticSource
-from mmcl.utils import UserError, atomic_open, atomic_write_text, log
+from mmcl.utils import UserError, atomic_open, atomic_write_text, disk_errors, lock_folder, log, progress_bar
 
 FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 RESIZE_MODES = ("shorter", "longer", "center_crop")
@@ -271,6 +271,15 @@ def _terminate(pool: Any, timeout_s: float = 10.0) -> None:
     pool.join()
 
 
+def _still_needed(written: dict[str, int], total: int | None, maxcount: int) -> int | None:
+    """Bytes the rest of the job would take, at the average size of what was written so far."""
+    if not written["inputs"]:
+        return None
+    per_input = written["bytes"] / written["inputs"]
+    left = total - written["inputs"] if total is not None else maxcount  # unknown total: at least a shard
+    return int(per_input * max(left, 1))
+
+
 def write_shards(
     source: Iterable[RawSample],
     out_dir: str | Path,
@@ -302,7 +311,7 @@ def write_shards(
         num_workers: encoding processes (0 = in this process); the output does not depend on it.
             They are started with "spawn" (safe beside torch's threads), so a script calling this
             needs the usual `if __name__ == "__main__":` guard.
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (on a terminal; plain log lines every 30 s in a log file).
         overwrite: delete existing shards first instead of resuming.
         classnames: written to classnames.txt; default: `source.classnames` when it has them.
         max_pixels: images whose header declares more pixels fail without being decoded.
@@ -320,108 +329,121 @@ def write_shards(
         raise UserError(f"unknown resize mode '{resize_mode}' (choose from {', '.join(RESIZE_MODES)})")
     start = time.time()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    describe = getattr(source, "describe", None)
-    options = {
-        "maxcount": maxcount, "maxsize": maxsize, "image_format": image_format, "image_size": image_size,
-        "resize_mode": resize_mode, "quality": quality, "max_pixels": max_pixels,
-        "key_digits": max(4, len(str(maxcount - 1))), "source": describe() if describe else None,
-    }  # fmt: skip
-    options = json.loads(json.dumps(options))  # the form it takes in the stats file, for comparison
-    for p in out.iterdir():
-        if _STRAY_TMP.match(p.name) or (overwrite and (_SHARD.match(p.name) or _STATS.match(p.name))):
-            p.unlink()  # a crashed run's temp files, or shards we were asked to replace
-    total = len(source) if hasattr(source, "__len__") else None
-    keep, skipped = _plan_resume(_finished_shards(out, options), maxcount, maxsize, total)
-
-    summary = WriteSummary(out)
-    all_stats: dict[int, dict[str, Any]] = dict(keep)
-    summary.kept_shards = [f"{i:05d}.tar" for i in sorted(keep)]
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=f"shards -> {out}", unit="img", disable=not progress, dynamic_ncols=True)
-    n_kept = sum(s["count"] for s in keep.values())
-    bar.update(n_kept)
-    tasks = ((i, s) for i, s in enumerate(source) if not skipped(i))
-    shard: _ShardWriter | None = None
-    n_inputs = n_kept
-    pool = None
+    with disk_errors(out):  # e.g. a read-only output folder: one line
+        out.mkdir(parents=True, exist_ok=True)
+        # One writer per folder: a second one (two runs first using the same `builtin:` data) waits, then keeps
+        # the finished shards. Holding the lock also makes every temp file found below a dead writer's.
+        lock = lock_folder(out, None, "shard writer", wait=True)  # the folder itself: no file in the layout
+    written = {"inputs": 0, "bytes": 0}  # for the space a full disk would have needed
     try:
-        if num_workers > 0:
-            chunk = 16
-            gate, stop = threading.Semaphore(chunk * num_workers * 4), threading.Event()
-            pool = multiprocessing.get_context("spawn").Pool(num_workers, _init_worker, (options,))
-            results: Iterator = pool.imap(_encode, _bounded(tasks, gate, stop), chunksize=chunk)
-        else:
-            _init_worker(options)
-            gate, results = None, map(_encode, tasks)
-        for index, src, item in results:
-            if gate is not None:
-                gate.release()
-            n_inputs += 1
-            if maxsize:
-                full = shard is not None and (
-                    shard.inputs >= maxcount
-                    or (not isinstance(item, InputError) and shard.samples and shard.size_with(item) > maxsize)
-                )
-                target = (shard.shard + 1 if full else shard.shard) if shard is not None else len(keep)
-            else:
-                target = index // maxcount
-            if shard is not None and shard.shard != target:
-                all_stats[shard.shard] = shard.close()
-                summary.written_shards.append(shard.name)
-                shard = None
-            if shard is None:
-                shard = _ShardWriter(out, target, index if maxsize else target * maxcount, options)
-            if isinstance(item, InputError):
-                summary.failed += 1
-                summary.failed_by_reason[item.reason] = summary.failed_by_reason.get(item.reason, 0) + 1
-                if len(summary.failures) < _MAX_LISTED:
-                    summary.failures.append((src, item.detail))
-                if summary.failed <= _MAX_WARNINGS:
-                    log.warning("skipped %s: %s", src, item.detail)
-                elif summary.failed == _MAX_WARNINGS + 1:
-                    log.warning("more inputs failed; further failures are counted in the stats without a line each")
-            shard.add(item)
-            bar.update(1)
-        if shard is not None:
-            all_stats[shard.shard] = shard.close()
-            summary.written_shards.append(shard.name)
-            shard = None
-        if pool is not None:
-            pool.close()  # all results are in: let the workers exit on their own
-    finally:
-        bar.close()
-        if shard is not None:
-            shard.abort()
-        if pool is not None:
-            stop.set()
-            _terminate(pool)  # no-op after close() + exit; stops busy workers on an error
+        with disk_errors(
+            out, needed=lambda: _still_needed(written, None if total is None else total - n_kept, maxcount)
+        ):
+            describe = getattr(source, "describe", None)
+            options = {
+                "maxcount": maxcount, "maxsize": maxsize, "image_format": image_format, "image_size": image_size,
+                "resize_mode": resize_mode, "quality": quality, "max_pixels": max_pixels,
+                "key_digits": max(4, len(str(maxcount - 1))), "source": describe() if describe else None,
+            }  # fmt: skip
+            options = json.loads(json.dumps(options))  # the form it takes in the stats file, for comparison
+            for p in out.iterdir():
+                if _STRAY_TMP.match(p.name) or (overwrite and (_SHARD.match(p.name) or _STATS.match(p.name))):
+                    p.unlink()  # a dead writer's temp files (we hold the lock), or shards we were asked to replace
+            total = len(source) if hasattr(source, "__len__") else None
+            keep, skipped = _plan_resume(_finished_shards(out, options), maxcount, maxsize, total)
 
-    summary.shards = [f"{i:05d}.tar" for i in sorted(all_stats)]
-    stale = [p.name for p in out.iterdir() if _SHARD.match(p.name) and p.name not in summary.shards]
-    if stale:
-        log.warning(
-            "%s: shards %s are not part of this run (another source?); sizes.json leaves them out",
-            out,
-            ", ".join(sorted(stale)),
-        )
-    summary.samples = sum(s["successes"] for s in all_stats.values())
-    summary.inputs = n_inputs
-    sizes = {f"{i:05d}.tar": all_stats[i]["successes"] for i in sorted(all_stats)}
-    atomic_write_text(out / "sizes.json", json.dumps(sizes, indent=2))
-    classnames = classnames if classnames is not None else getattr(source, "classnames", None)
-    if classnames:
-        atomic_write_text(out / "classnames.txt", "".join(c + "\n" for c in classnames))
-    summary.duration = time.time() - start
-    kept_failures = n_kept - sum(s["successes"] for s in keep.values())
-    log.info(
-        "%s: %d samples in %d shards (%d written, %d kept from an earlier run), %d inputs failed%s%s",
-        out, summary.samples, len(summary.shards), len(summary.written_shards), len(summary.kept_shards),
-        summary.failed, f" (+{kept_failures} in kept shards)" if kept_failures else "",
-        f" ({', '.join(f'{r}: {n}' for r, n in sorted(summary.failed_by_reason.items()))})" if summary.failed else "",
-    )  # fmt: skip
-    return summary
+            summary = WriteSummary(out)
+            all_stats: dict[int, dict[str, Any]] = dict(keep)
+            summary.kept_shards = [f"{i:05d}.tar" for i in sorted(keep)]
+            bar = progress_bar(total, f"shards -> {out}", "img", enabled=progress)  # plain lines in a log file
+            n_kept = sum(s["count"] for s in keep.values())
+            bar.update(n_kept)
+            tasks = ((i, s) for i, s in enumerate(source) if not skipped(i))
+            shard: _ShardWriter | None = None
+            n_inputs = n_kept
+            pool = None
+            try:
+                if num_workers > 0:
+                    chunk = 16
+                    gate, stop = threading.Semaphore(chunk * num_workers * 4), threading.Event()
+                    pool = multiprocessing.get_context("spawn").Pool(num_workers, _init_worker, (options,))
+                    results: Iterator = pool.imap(_encode, _bounded(tasks, gate, stop), chunksize=chunk)
+                else:
+                    _init_worker(options)
+                    gate, results = None, map(_encode, tasks)
+                for index, src, item in results:
+                    if gate is not None:
+                        gate.release()
+                    n_inputs += 1
+                    if maxsize:
+                        full = shard is not None and (
+                            shard.inputs >= maxcount
+                            or (not isinstance(item, InputError) and shard.samples and shard.size_with(item) > maxsize)
+                        )
+                        target = (shard.shard + 1 if full else shard.shard) if shard is not None else len(keep)
+                    else:
+                        target = index // maxcount
+                    if shard is not None and shard.shard != target:
+                        all_stats[shard.shard] = shard.close()
+                        summary.written_shards.append(shard.name)
+                        shard = None
+                    if shard is None:
+                        shard = _ShardWriter(out, target, index if maxsize else target * maxcount, options)
+                    if isinstance(item, InputError):
+                        summary.failed += 1
+                        summary.failed_by_reason[item.reason] = summary.failed_by_reason.get(item.reason, 0) + 1
+                        if len(summary.failures) < _MAX_LISTED:
+                            summary.failures.append((src, item.detail))
+                        if summary.failed <= _MAX_WARNINGS:
+                            log.warning("skipped %s: %s", src, item.detail)
+                        elif summary.failed == _MAX_WARNINGS + 1:
+                            log.warning(
+                                "more inputs failed; further failures are counted in the stats without a line each"
+                            )
+                    shard.add(item)
+                    written["inputs"] += 1
+                    written["bytes"] += 0 if isinstance(item, InputError) else 1536 + len(item["image"])  # + headers
+                    bar.update(1)
+                if shard is not None:
+                    all_stats[shard.shard] = shard.close()
+                    summary.written_shards.append(shard.name)
+                    shard = None
+                if pool is not None:
+                    pool.close()  # all results are in: let the workers exit on their own
+            finally:
+                bar.close()
+                if shard is not None:
+                    shard.abort()
+                if pool is not None:
+                    stop.set()
+                    _terminate(pool)  # no-op after close() + exit; stops busy workers on an error
+
+            summary.shards = [f"{i:05d}.tar" for i in sorted(all_stats)]
+            stale = [p.name for p in out.iterdir() if _SHARD.match(p.name) and p.name not in summary.shards]
+            if stale:
+                log.warning(
+                    "%s: shards %s are not part of this run (another source?); sizes.json leaves them out",
+                    out,
+                    ", ".join(sorted(stale)),
+                )
+            summary.samples = sum(s["successes"] for s in all_stats.values())
+            summary.inputs = n_inputs
+            sizes = {f"{i:05d}.tar": all_stats[i]["successes"] for i in sorted(all_stats)}
+            atomic_write_text(out / "sizes.json", json.dumps(sizes, indent=2))
+            classnames = classnames if classnames is not None else getattr(source, "classnames", None)
+            if classnames:
+                atomic_write_text(out / "classnames.txt", "".join(c + "\n" for c in classnames))
+            summary.duration = time.time() - start
+            kept_failures = n_kept - sum(s["successes"] for s in keep.values())
+            log.info(
+                "%s: %d samples in %d shards (%d written, %d kept from an earlier run), %d inputs failed%s%s",
+                out, summary.samples, len(summary.shards), len(summary.written_shards), len(summary.kept_shards),
+                summary.failed, f" (+{kept_failures} in kept shards)" if kept_failures else "",
+                f" ({', '.join(f'{r}: {n}' for r, n in sorted(summary.failed_by_reason.items()))})" if summary.failed else "",
+            )  # fmt: skip
+            return summary
+    finally:
+        lock.release()
 
 
 def write_synthetic_shards(

@@ -61,8 +61,13 @@ def plot_curves(rows: list[dict[str, Any]], out: Path, title: str = "") -> Path 
     panels = {name: keys for name, keys in panels.items() if keys}
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
-    for ax, (name, keys) in zip(axes[0], panels.items()):
+    # a grid, not a row: five panels in a row made a 2475x396 strip, unreadable inlined in a report
+    cols = min(len(panels), 2 if len(panels) <= 4 else 3)
+    n_rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.5 * cols, 3.4 * n_rows), squeeze=False)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
+    for ax, (name, keys) in zip(axes.flat, panels.items()):
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
             if pts:

@@ -38,10 +38,12 @@ from mmcl.data.shards import EpochEnd, ShardStream, StreamState, count_samples, 
 from mmcl.engine import checkpoint as ckpt
 from mmcl.engine import fsdp
 from mmcl.engine.accumulate import forward_backward
+from mmcl.engine.interrupt import StopBetweenSteps, TrainingInterrupted, checkpoint_step_of
 from mmcl.engine.metrics import MetricsLog, plot_curves
 from mmcl.engine.optim import build_optimizer, lr_at, set_lr
+from mmcl.engine.run_log import build_trackers, flat_config, log_line, logs_beside_bars, store_config, training_bar
 from mmcl.losses.base import StepContext
-from mmcl.utils import UserError, loader_worker_init, lock_folder
+from mmcl.utils import UserError, disk_errors, loader_worker_init, lock_folder
 
 log = logging.getLogger("mmcl.train")
 
@@ -138,12 +140,6 @@ class Trainer:
     """Trains `cfg` in `cfg.train.output_dir`. `fit()` resumes from the newest checkpoint there."""
 
     def __init__(self, cfg: ExperimentConfig, eval_hook: EvalHook | None = None) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
-
-        from mmcl.models import build_model
-        from mmcl.tasks import build_task
-
         self.cfg = cfg
         self.tc: TrainConfig = cfg.train
         if not cfg.data.train_shards:
@@ -155,11 +151,29 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         # One training per run folder (two would interleave metrics.jsonl and checkpoints). Taken before anything
         # is written there (W&B starts with the Accelerator); by the first rank only (RANK: torchrun, accelerate).
-        self._lock = lock_folder(self.run_dir, LOCK_FILE, "training") if os.environ.get("RANK", "0") == "0" else None
+        self._lock = None
+        if os.environ.get("RANK", "0") == "0":
+            with disk_errors(self.run_dir):  # an unwritable output folder: one line
+                self._lock = lock_folder(self.run_dir, LOCK_FILE, "training")
+        try:
+            self._build(eval_hook)
+        except BaseException:  # no Trainer to hold it: free the folder now, not when the traceback is collected
+            if self._lock is not None:
+                self._lock.release()
+            raise
+
+    def _build(self, eval_hook: EvalHook | None) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from mmcl.models import build_model
+        from mmcl.tasks import build_task
+
+        cfg = self.cfg
         trackers = [t for t in self.tc.trackers if t != "none"]
         self.accelerator = Accelerator(
             mixed_precision=resolve_precision(self.tc.precision).replace("fp32", "no"),
-            log_with=_trackers(trackers, self.run_dir) or None,
+            log_with=build_trackers(trackers, self.run_dir) or None,
             project_dir=str(self.run_dir),
             cpu=not torch.cuda.is_available(),
         )
@@ -269,9 +283,10 @@ class Trainer:
         self._step, self._bar = 0, None
         if self._lock is None and os.environ.get("RANK", "0") == "0":  # fit() again after a finished fit()
             self._lock = lock_folder(self.run_dir, LOCK_FILE, "training")
-        self._stop = _StopBetweenSteps(enabled=self.accelerator.num_processes == 1)
+        self._stop = StopBetweenSteps(enabled=self.accelerator.num_processes == 1)
         try:
-            with self._stop:
+            # a full disk or a read-only run folder: one line saying so (what a checkpoint needs), no traceback
+            with self._stop, disk_errors(self.run_dir, needed=self._checkpoint_bytes), logs_beside_bars():
                 return self._fit(stop_after)
         except KeyboardInterrupt as e:
             if self._bar is not None:
@@ -279,11 +294,17 @@ class Trainer:
             if isinstance(e, TrainingInterrupted):
                 raise
             newest = ckpt.latest_checkpoint(self.ckpt_root)
-            raise TrainingInterrupted(self._step, self.tc.steps, ckpt_step(newest)) from None
+            raise TrainingInterrupted(self._step, self.tc.steps, checkpoint_step_of(newest)) from None
         finally:
             if self._lock is not None:
                 self._lock.release()
                 self._lock = None
+
+    def _checkpoint_bytes(self) -> int:
+        """About what a checkpoint takes: the weights, and AdamW's two moments of each trainable one."""
+        weights = sum(p.numel() * p.element_size() for p in self.task.parameters())
+        trainable = sum(p.numel() * p.element_size() for p in self.task.parameters() if p.requires_grad)
+        return weights + 2 * trainable
 
     def _fit(self, stop_after: int | None) -> TrainResult:
         acc, tc = self.accelerator, self.tc
@@ -293,7 +314,8 @@ class Trainer:
             save_yaml(self.cfg, self.run_dir / "config.yaml")
             self._announce(step)
         if acc.is_main_process:
-            acc.init_trackers("tensorboard", config=_flat_config(self.cfg))  # logs in run_dir/tensorboard
+            acc.init_trackers("tensorboard")  # logs in run_dir/tensorboard
+            store_config(acc, flat_config(self.cfg))
         source = BatchSource(self.stream, self.cfg.data.num_workers, data_state, acc, self.decode)
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=step) if acc.is_main_process else None
         bad_in_a_row = counters.get("bad_in_a_row", 0)
@@ -302,7 +324,7 @@ class Trainer:
         window_steps, window_start = 0, time.perf_counter()
         last: dict[str, float] = {}
         eval_metrics: dict[str, float] = {}
-        bar = self._bar = _progress(acc.is_main_process and tc.progress and sys.stderr.isatty(), tc.steps, step)
+        bar = self._bar = training_bar(acc.is_main_process and tc.progress and sys.stderr.isatty(), tc.steps, step)
         fit_start, first_step = time.perf_counter(), step
         end = tc.steps if stop_after is None else min(tc.steps, step + stop_after)
         while step < end:
@@ -348,12 +370,18 @@ class Trainer:
                 last.update({f"skipped_{k}": v for k, v in self._skips(source).items()})
                 if metrics_log is not None:
                     metrics_log.append({"step": step, "samples": step * self.samples_per_step, **last})
-                acc.log(last, step=step)
+                acc.log({f"train/{k}": v for k, v in last.items()}, step=step)  # grouped as open_clip does
                 if bar is not None:
                     bar.set_postfix(loss=f"{last.get('loss', float('nan')):.3f}", sps=f"{last['samples_per_s']:.0f}")
                 elif acc.is_main_process and tc.progress:
-                    log.info(_log_line(step, tc.steps, last, time.perf_counter() - fit_start, step - first_step))
+                    log.info(log_line(step, tc.steps, last, time.perf_counter() - fit_start, step - first_step))
                 window, window_steps, window_start = {}, 0, time.perf_counter()
+            elif step == first_step + 1 and bar is None and acc.is_main_process and tc.progress:
+                # a line at once: a log file would otherwise stay silent for log_every steps (minutes on a CPU)
+                elapsed = time.perf_counter() - window_start
+                first = {k: v / window_steps for k, v in window.items()}
+                first.update(lr=lr_at(step - 1, tc), samples_per_s=window_steps * self.samples_per_step / elapsed)
+                log.info(log_line(step, tc.steps, first, time.perf_counter() - fit_start, step - first_step))
             if self.eval_hook and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 eval_metrics = self._evaluate(step, metrics_log)
             if step % tc.ckpt_every == 0 or step == end:
@@ -401,11 +429,12 @@ class Trainer:
             model = self.task.model
             was_training = model.training
             model.eval()
-            results = {f"eval_{k}": v for k, v in self.eval_hook(model, step).items()}
+            raw = self.eval_hook(model, step)
+            results = {f"eval_{k}": v for k, v in raw.items()}
             model.train(was_training)
             if metrics_log is not None:
                 metrics_log.append({"step": step, **results})
-            self.accelerator.log(results, step=step)
+            self.accelerator.log({f"eval/{k}": v for k, v in raw.items()}, step=step)
             log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in results.items()))
         self.accelerator.wait_for_everyone()
         return results
@@ -444,121 +473,6 @@ class Trainer:
             )
         if step:
             log.info("continuing at step %d of %d", step, self.tc.steps)
-
-
-class _StopBetweenSteps:
-    """While active, a first Ctrl-C (SIGINT) only asks the loop to stop before its next step; a second one
-    interrupts at once.
-
-    Stopping between steps leaves nothing half done: no batch half received from a loader worker (an interrupt
-    inside that hand-over made the worker print a BrokenPipe traceback). Only for a single process: ranks of a
-    distributed run would stop at different steps, each waiting for the others in a collective.
-    """
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled, self.requested = enabled, False
-        self._previous: Any = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __enter__(self) -> _StopBetweenSteps:
-        import signal
-        import threading
-
-        self.enabled = self.enabled and threading.current_thread() is threading.main_thread()
-        if self.enabled:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        import signal
-
-        if self.enabled:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during training; its message is the one line to show (where it stopped, how to resume)."""
-
-    def __init__(self, step: int, total: int, checkpoint_step: int | None) -> None:
-        self.step, self.total, self.checkpoint_step = step, total, checkpoint_step
-        saved = f"last checkpoint: step {checkpoint_step}" if checkpoint_step is not None else "no checkpoint yet"
-        super().__init__(f"interrupted at step {step} of {total} ({saved}); resume with: {_resume_command()}")
-
-
-def ckpt_step(path: Path | None) -> int | None:
-    """The step of a checkpoint folder `step_0000200` (None for None)."""
-    return None if path is None else int(path.name.rsplit("_", 1)[1])
-
-
-def _resume_command() -> str:
-    """The command line that started this process when it is the `mmcl` CLI (re-running it resumes)."""
-    import shlex
-
-    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
-    if argv0 is not None and (argv0.name == "mmcl" or argv0.parts[-2:] == ("cli", "__main__.py")):
-        return shlex.join(["mmcl", *sys.argv[1:]])
-    return "the same command or train() call (it continues from the last checkpoint)"
-
-
-def _trackers(names: list[str], run_dir: Path) -> list[Any]:
-    """Accelerate's trackers by name; W&B as a tracker object so its project is 'mmcl' and its run is named
-    after the run folder (Accelerate would name the W&B project after `init_trackers`' TensorBoard folder)."""
-    out: list[Any] = []
-    for name in names:
-        if name == "wandb":
-            from mmcl.extras import require
-
-            require("wandb", "train.trackers=[wandb]")
-            from accelerate.tracking import WandBTracker
-
-            out.append(WandBTracker("mmcl", name=run_dir.name, dir=str(run_dir)))
-        else:
-            out.append(name)
-    return out
-
-
-def _log_line(step: int, total: int, m: dict[str, float], elapsed: float, done: int) -> str:
-    """One plain progress line for logs that are not a terminal (SLURM, CI, nohup)."""
-    eta = elapsed / max(done, 1) * (total - step)
-    skipped = sum(v for k, v in m.items() if k.startswith("skipped_"))
-    return (
-        f"step {step}/{total} loss {m.get('loss', float('nan')):.4f} lr {m['lr']:.3g} "
-        f"samples/s {m['samples_per_s']:.1f} eta {_hms(eta)} skipped {int(skipped)}"
-    )
-
-
-def _hms(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def _progress(enabled: bool, total: int, initial: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
-
-
-def _flat_config(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Scalars only, dotted keys: what TensorBoard's hparams accept."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        elif isinstance(value, (int, float, str, bool)):
-            flat[prefix] = value
-        else:
-            flat[prefix] = str(value)
-
-    walk("", to_dict(cfg))
-    return flat
 
 
 def train(cfg: ExperimentConfig, eval_hook: EvalHook | None = None, stop_after: int | None = None) -> TrainResult:

@@ -132,6 +132,13 @@ def plot_confusion(confusion: torch.Tensor, classnames: list[str], path: Path) -
     _png(fig, path)
 
 
+# What an examples figure shows when it is not a plain sample (the compositional one picks failures).
+EXAMPLES_TITLE = {
+    "compositional": "one pair per subset: its first failure (red, the negative scored higher) where the subset "
+    "has one, else its first pair (green)\n+ the true caption, - the negative",
+}
+
+
 def plot_examples(results: dict, path: Path, max_examples: int = 8) -> None:
     """Grid of example images, each titled with its labels / predictions / captions."""
     from matplotlib.figure import Figure
@@ -162,6 +169,8 @@ def plot_examples(results: dict, path: Path, max_examples: int = 8) -> None:
             pred, ref = textwrap.shorten(ex["prediction"], 80), textwrap.shorten(ex["captions"][0], 80)
             text, color = "\n".join(textwrap.wrap(f"pred: {pred}", 44) + textwrap.wrap(f"ref: {ref}", 44)), "black"
         ax.set_title(f"{ex['key'][:40]}\n{text}", fontsize=7, color=color)
+    if results["task"] in EXAMPLES_TITLE:
+        fig.suptitle(EXAMPLES_TITLE[results["task"]], fontsize=9)
     _png(fig, path)
 
 

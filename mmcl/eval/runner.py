@@ -75,9 +75,9 @@ def iterate_batches(
     total = max_samples or (len(dataset) if hasattr(dataset, "__len__") else None)  # type: ignore[arg-type]
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from mmcl.utils import progress_bar
 
-        bar = tqdm(total=total, desc=desc, unit="img")
+        bar = progress_bar(total, desc, "img")  # plain log lines, not a bar's carriage returns, in a log file
     seen = 0
     worker_skips: dict[str, int] = {}
     try:

@@ -482,3 +482,33 @@ def test_cli_sizes_and_real(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "wrote 5 samples in 1 shards" in printed and "2 inputs failed" in printed
     assert (tmp_path / "f" / "classnames.txt").read_text() == "blue things\nred things\n"
+
+
+def test_no_progress_bar_in_a_log_file(tmp_path):
+    """`mmcl shards` with stderr redirected (SLURM, nohup, CI): plain log lines, no tqdm carriage returns."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmcl.cli", "shards", "synthetic", str(tmp_path / "s"), "--n", "40", "--image-size",
+         "16", "--maxcount", "20"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\r" not in proc.stderr and "img/s]" not in proc.stderr, proc.stderr[-2000:]
+    assert "40 samples in 2 shards" in proc.stderr
+
+
+def test_plain_progress_lines_count_and_rate(caplog):
+    import logging
+
+    from mmcl.utils import progress_bar
+
+    bar = progress_bar(10, "shards -> out", "img", every_s=0.0)  # stderr is not a terminal under pytest
+    with caplog.at_level(logging.INFO, logger="mmcl"):
+        bar.update(4)
+        bar.update(6)
+        bar.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("shards -> out: 4/10 img (") and lines[1].startswith("shards -> out: 10/10 img ("), lines

@@ -160,3 +160,16 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_curves_are_a_readable_grid(tmp_path):
+    """Five panels (loss, accuracy, eval, lr, throughput) in a grid, not a 2475x396 strip."""
+    from PIL import Image
+
+    from mmcl.engine.metrics import plot_curves
+
+    rows = [{"step": s, "loss": 1 / s, "acc": s / 10, "lr": 1e-3, "samples_per_s": 100.0} for s in range(1, 6)]
+    rows.append({"step": 5, "eval_top1": 0.5})
+    with Image.open(plot_curves(rows, tmp_path / "curves.png", title="run")) as im:
+        width, height = im.size
+    assert width <= 1600 and width / height < 2.5, (width, height)

@@ -81,3 +81,26 @@ def test_retrieval_and_caption_reports(tmp_path):
     assert json.loads(lines[0]) == {"key": "k0", "prediction": "photo 24", "references": ["photo 0", "picture 0"]}
     _assert_png(written["examples.png"])
     _no_temp_files(tmp_path / "cap")
+
+
+def test_compositional_examples_say_they_show_failures(tmp_path, monkeypatch):
+    import mmcl.eval.report as report
+
+    titles = []
+    monkeypatch.setattr(report, "_png", lambda fig, path: titles.append(fig.get_suptitle()))
+    ex = {"key": "a.jpg", "image": index_image(0, 32), "subset": "replace_att", "caption": "a red bus",
+          "negative": "a blue bus", "correct": False}  # fmt: skip
+    report.plot_examples({"task": "compositional", "examples": [ex]}, tmp_path / "examples.png")
+    assert "first failure" in titles[0] and "negative" in titles[0], titles
+    report.plot_examples({"task": "zeroshot", "examples": [{**ex, "label": "a", "pred": "b"}]}, tmp_path / "z.png")
+    assert titles[1] == ""  # a plain sample needs no such note
+
+
+def test_eval_progress_in_a_log_file_has_no_bar(capsys):
+    """stderr redirected to a file (pytest's capture is not a terminal): no tqdm carriage returns."""
+    from mmcl.eval.runner import iterate_batches
+
+    data = [EvalSample(key=f"img{i}", image=index_image(i, 8), label=0) for i in range(6)]
+    assert sum(len(b) for b in iterate_batches(data, 2, progress=True)) == 6
+    err = capsys.readouterr().err
+    assert "\r" not in err and "img/s" not in err, repr(err)
