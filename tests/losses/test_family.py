@@ -3,6 +3,8 @@ contrast of predicted queries with momentum keys; its key branch an EMA of the o
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -124,3 +126,101 @@ def test_invaspread_is_the_simclr_term_with_a_linear_embedding() -> None:
         others = [w.dot(z) / 0.1 for (j, u), w in views.items() if (j, u) != (i, v)]
         total = total - (positive - lse(others))
     assert term({"z1": a, "z2": b}, None)["loss"].item() == pytest.approx(float(total / 8), rel=1e-9)
+
+
+# ---------------------------------------------------------------- DINO
+
+
+def test_dino_matches_a_loop() -> None:
+    task = _task("[{name: dino, out_dim: 6, student_temp: 0.2, teacher_temp: 0.05}]")
+    term = task.terms["dino"].double()
+    term.center.copy_(torch.randn(6, dtype=torch.float64))
+    g = torch.Generator().manual_seed(3)
+    s1, s2, t1, t2 = (torch.randn(4, 6, generator=g, dtype=torch.float64) for _ in range(4))
+    out = term({"s1": s1, "s2": s2, "t1": t1, "t2": t2}, None)
+    total, entropy = 0.0, 0.0
+    for t, s in ((t1, s2), (t2, s1)):
+        for i in range(4):
+            e = [math.exp((t[i, k] - term.center[k]) / 0.05) for k in range(6)]
+            q = [x / sum(e) for x in e]
+            log_p = [s[i, k] / 0.2 - lse([s[i, j] / 0.2 for j in range(6)]) for k in range(6)]
+            total -= sum(q[k] * log_p[k] for k in range(6)) / 4
+            entropy -= sum(x * math.log(x) for x in q if x > 0) / 8
+    assert out["loss"].item() == pytest.approx(float(total / 2), rel=1e-9)
+    assert out["teacher_entropy"].item() == pytest.approx(entropy, rel=1e-6)
+
+
+def test_dino_schedules_centre_and_teacher() -> None:
+    opts = "out_dim: 8, momentum: 0.9, momentum_steps: 4, warmup_teacher_temp: 0.02, teacher_temp: 0.06"
+    task = _task(f"[{{name: dino, {opts}, teacher_temp_warmup_steps: 2}}]")
+    term = task.terms["dino"]
+    assert term.teacher_temp() == pytest.approx(0.02) and term.teacher_momentum() == pytest.approx(0.9)
+    t1, t2 = torch.randn(3, 8), torch.randn(3, 8)
+    head, teacher = (
+        [p.detach().clone() for p in term.head.parameters()],
+        [p.clone() for p in term.teacher_head.parameters()],
+    )
+    with torch.no_grad():
+        for p in term.head.parameters():
+            p.add_(1.0)
+    task.on_step_end(StepContext(step=1, features={"dino/t1": t1, "dino/t2": t2}))
+    torch.testing.assert_close(term.center, 0.1 * torch.cat([t1, t2]).mean(0))  # from zero, momentum 0.9
+    for p, o, t in zip(term.teacher_head.parameters(), head, teacher):
+        torch.testing.assert_close(p, 0.9 * t + 0.1 * (o + 1.0))
+    assert int(term.steps) == 1 and term.teacher_temp() == pytest.approx(0.04)  # half-way through the warm-up
+    assert term.teacher_momentum() == pytest.approx(1 - 0.1 * (math.cos(math.pi / 4) + 1) / 2)
+    term.steps.fill_(4)
+    assert term.teacher_momentum() == 1.0 and term.teacher_temp() == pytest.approx(0.06)
+    assert {"terms.dino.center", "terms.dino.steps"} <= set(task.state_for_checkpoint())
+
+
+def test_dino_centre_sees_every_micro_batch_of_the_step() -> None:
+    """A per-sample term's step statistic: with 2 micro-batches `on_step_end` gets the teacher rows of both."""
+    from mmcl.engine.accumulate import forward_backward
+
+    task = _task("[clip, {name: dino, out_dim: 8, center_momentum: 0.0}]")
+    size = task.model.preprocess_cfg()["image_size"]
+    ids, mask = task.model.tokenizer(["a red circle"] * 6)
+    batch = Batch(images=torch.randn(6, 3, size, size), text=ids, text_mask=mask, keys=[str(i) for i in range(6)])
+    batch.views = {f"dino/view{v}": torch.randn(6, 3, size, size) for v in (1, 2)}
+    forward_backward(task, batch.split(2))
+    assert task.step_features["dino/t1"].shape == (6, 8)
+    with torch.no_grad():
+        views = torch.cat([batch.views["dino/view1"], batch.views["dino/view2"]])
+        expected = task.terms["dino"].teacher_head(task.terms["dino"].teacher_tower(views)).mean(0)
+    task.on_step_end(StepContext(step=1, features=task.step_features))
+    torch.testing.assert_close(task.terms["dino"].center, expected, atol=1e-5, rtol=1e-5)
+
+
+def _dino_centre_worker(rank: int, port: int) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        task = _task("[{name: dino, out_dim: 4, center_momentum: 0.5}]")
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            parts = [torch.empty_like(t) for _ in range(WORLD)]
+            dist.all_gather(parts, t.contiguous())
+            return torch.cat(parts)
+
+        rows = {r: torch.full((3, 4), float(r + 1)) for r in range(WORLD)}  # rank r's teacher rows: all r + 1
+        task.on_step_end(StepContext(1, rank, WORLD, gather, {"dino/t1": rows[rank], "dino/t2": -rows[rank]}))
+        centre = task.terms["dino"].center
+        torch.testing.assert_close(centre, torch.zeros(4))  # (1 + 2 - 1 - 2) / 4 rows-means: the global mean
+        task.on_step_end(StepContext(2, rank, WORLD, gather, {"dino/t1": rows[rank], "dino/t2": rows[rank]}))
+        torch.testing.assert_close(centre, torch.full((4,), 0.5 * 1.5))  # the same on every rank
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dino_centre_is_the_mean_over_every_process() -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_dino_centre_worker, args=(port,), nprocs=WORLD, join=True, start_method="fork")
