@@ -224,3 +224,99 @@ def test_dino_centre_is_the_mean_over_every_process() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.start_processes(_dino_centre_worker, args=(port,), nprocs=WORLD, join=True, start_method="fork")
+
+
+# ---------------------------------------------------------------- SwAV
+
+
+def sinkhorn_loop(scores: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
+    """Sinkhorn-Knopp entry by entry, as the paper's algorithm states it."""
+    b, k = scores.shape
+    q = [[math.exp(float(scores[i, j]) / eps) for i in range(b)] for j in range(k)]  # (K, B)
+    total = sum(map(sum, q))
+    q = [[x / total for x in row] for row in q]
+    for _ in range(iters):
+        q = [[x / (sum(row) * k) for x in row] for row in q]
+        cols = [sum(q[j][i] for j in range(k)) for i in range(b)]
+        q = [[q[j][i] / (cols[i] * b) for i in range(b)] for j in range(k)]
+    return torch.tensor([[q[j][i] * b for j in range(k)] for i in range(b)], dtype=torch.float64)
+
+
+def test_sinkhorn_matches_a_loop_and_equipartitions() -> None:
+    from mmcl.losses.swav import sinkhorn
+
+    scores = _unit(6, 4, seed=7) @ _unit(3, 4, seed=8).T  # (B, K) cosine scores
+    codes = sinkhorn(scores, 0.05, 3)
+    torch.testing.assert_close(codes, sinkhorn_loop(scores, 0.05, 3))
+    torch.testing.assert_close(codes.sum(1), torch.ones(6, dtype=torch.float64))  # rows: distributions
+    long = sinkhorn(scores, 0.05, 200)
+    torch.testing.assert_close(long.sum(0), torch.full((3,), 2.0, dtype=torch.float64), atol=1e-5, rtol=0)  # equal use
+
+
+def test_swav_matches_a_loop() -> None:
+    task = _task("[{name: swav, prototypes: 3, temperature: 0.2}]")
+    term = task.terms["swav"].double()
+    p1, p2 = _unit(5, 3, seed=9), _unit(5, 3, seed=10)
+    out = term({"p1": p1, "p2": p2}, None)
+    q1, q2 = sinkhorn_loop(p1, 0.05, 3), sinkhorn_loop(p2, 0.05, 3)
+    total = 0.0
+    for q, p in ((q1, p2), (q2, p1)):
+        for i in range(5):
+            total -= sum(q[i, k] * (p[i, k] / 0.2 - lse([p[i, j] / 0.2 for j in range(3)])) for k in range(3)) / 5
+    assert out["loss"].item() == pytest.approx(float(total / 2), rel=1e-9)
+
+
+def test_swav_queue_joins_the_codes_once_full_and_prototypes_start_frozen() -> None:
+    task = _task("[{name: swav, prototypes: 4, proj_out: 8, queue_size: 6, freeze_prototypes_steps: 1}]")
+    term = task.terms["swav"].double()
+    p = _unit(3, 4, seed=11)
+    alone = term.codes(p, term.queues[0])
+    z = _unit(3, 8, seed=12)
+    task.on_step_end(StepContext(1, features={"swav/z1": z, "swav/z2": z}))
+    torch.testing.assert_close(term.codes(p, term.queues[0]), alone)  # 3 of 6 rows: not used yet
+    task.on_step_end(StepContext(2, features={"swav/z1": z, "swav/z2": z}))
+    with_queue = sinkhorn_loop(torch.cat([term.queues[0].feats @ term.prototypes.detach().T, p]), 0.05, 3)[-3:]
+    torch.testing.assert_close(term.codes(p, term.queues[0]), with_queue)
+    torch.testing.assert_close(term.prototypes.norm(dim=-1), torch.ones(4, dtype=torch.float64))
+
+    fresh = _task("[clip, {name: swav, prototypes: 4, freeze_prototypes_steps: 1}]")
+    swav = fresh.terms["swav"]
+    size = fresh.model.preprocess_cfg()["image_size"]
+    batch = Batch(views={"view1": torch.randn(4, 3, size, size), "view2": torch.randn(4, 3, size, size)})
+    feats = swav.features(fresh.model, batch, {})
+    swav(feats, batch)["loss"].backward()
+    assert swav.prototypes.grad is None and swav.projector[0].weight.grad is not None  # frozen for step 0
+    swav.steps.fill_(1)
+    swav(swav.features(fresh.model, batch, {}), batch)["loss"].backward()
+    assert swav.prototypes.grad is not None and swav.prototypes.grad.abs().sum() > 0
+
+
+def _swav_codes_worker(rank: int, port: int) -> None:
+    import torch.distributed as dist
+
+    from mmcl.losses.swav import sinkhorn
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        task = _task("[{name: swav, prototypes: 3, proj_out: 4, queue_size: 2}]")
+        term = task.terms["swav"].double()
+        term.queues[0].push(_unit(2, 4, seed=13))  # a full queue, the same on every rank
+        p = _unit(8, 3, seed=14)  # the global batch's scores
+        queue_scores = term.queues[0].feats @ term.prototypes.detach().T
+        full = sinkhorn(torch.cat([queue_scores, p]))[2:]  # one process, the whole batch
+        mine = term.codes(p[rank * 4 : (rank + 1) * 4], term.queues[0])
+        torch.testing.assert_close(mine, full[rank * 4 : (rank + 1) * 4])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_swav_codes_on_two_processes_are_the_full_batch_codes() -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_swav_codes_worker, args=(port,), nprocs=WORLD, join=True, start_method="fork")
