@@ -14,6 +14,7 @@ from mmcl.data.batch import Batch
 from mmcl.losses.base import StepContext
 from mmcl.models import build_model
 from mmcl.tasks import build_task
+from mmcl.utils import UserError
 
 
 def lse(values: list[torch.Tensor]) -> torch.Tensor:
@@ -320,3 +321,43 @@ def test_swav_codes_on_two_processes_are_the_full_batch_codes() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.start_processes(_swav_codes_worker, args=(port,), nprocs=WORLD, join=True, start_method="fork")
+
+
+# ---------------------------------------------------------------- CMC
+
+
+def _info_nce_loop(a: torch.Tensor, b: torch.Tensor, t: float) -> float:
+    n = a.shape[0]
+    ab = sum(-(a[i].dot(b[i]) / t - lse([a[i].dot(b[j]) / t for j in range(n)])) for i in range(n)) / n
+    ba = sum(-(b[i].dot(a[i]) / t - lse([b[i].dot(a[j]) / t for j in range(n)])) for i in range(n)) / n
+    return float((ab + ba) / 2)
+
+
+@pytest.mark.parametrize("graph", ["full", "core"])
+def test_cmc_matches_a_loop(graph: str) -> None:
+    task = _task(f"[{{name: cmc, image_views: 2, graph: {graph}, core: text, temperature: 0.1}}]")
+    term = task.terms["cmc"]
+    rows = {n: _unit(4, 8, seed=20 + i) for i, n in enumerate(["image", "text", "view1", "view2"])}
+    feats = {"image_features": rows["image"], "text_features": rows["text"], "view1": rows["view1"],
+             "view2": rows["view2"]}  # fmt: skip
+    names = list(rows)
+    pairs = (
+        [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+        if graph == "full"
+        else [("text", b) for b in names if b != "text"]
+    )
+    assert len(pairs) == (6 if graph == "full" else 3)
+    ref = sum(_info_nce_loop(rows[a], rows[b], 0.1) for a, b in pairs) / len(pairs)
+    assert term(feats, None)["loss"].item() == pytest.approx(ref, rel=1e-9)
+
+
+def test_cmc_with_two_views_and_the_models_scale_is_clip() -> None:
+    from mmcl.losses.clip_loss import ClipLoss
+
+    task = _task("[{name: cmc, image_views: 0, temperature: 0}]")
+    x, y = _unit(5, 8, seed=30), _unit(5, 8, seed=31)
+    scale = torch.tensor(9.0, dtype=torch.float64)
+    out = task.terms["cmc"]({"image_features": x, "text_features": y, "logit_scale": scale}, None)
+    assert out["loss"].item() == pytest.approx(ClipLoss()(x, y, scale)["loss"].item(), rel=1e-9)
+    with pytest.raises(UserError, match="core must be one of"):
+        _task("[{name: cmc, graph: core, core: colour}]")
