@@ -361,3 +361,48 @@ def test_cmc_with_two_views_and_the_models_scale_is_clip() -> None:
     assert out["loss"].item() == pytest.approx(ClipLoss()(x, y, scale)["loss"].item(), rel=1e-9)
     with pytest.raises(UserError, match="core must be one of"):
         _task("[{name: cmc, graph: core, core: colour}]")
+
+
+# ---------------------------------------------------------------- InstDisc
+
+
+@pytest.mark.parametrize("kind", ["softmax", "nce"])
+def test_instdisc_matches_a_loop(kind: str) -> None:
+    task = _task(f"[{{name: instdisc, bank_size: 10, dim: 6, negatives: 3, loss: {kind}, proximal: 2.0}}]")
+    term = task.terms["instdisc"].double()
+    bank = term.bank.double()
+    v, slots = _unit(4, 6, seed=40), torch.tensor([1, 7, 3, 1])
+    negatives = term.draw(["a", "b", "c", "d"])
+    out = term({"v": v, "slot": slots, "negatives": negatives}, None)
+    t, z, total = 0.07, float(term.z), 0.0
+    for i in range(4):
+        pos = float(v[i].dot(bank[slots[i]])) / t
+        negs = [float(v[i].dot(bank[j])) / t for j in negatives[i]]
+        if kind == "softmax":
+            li = -(pos - math.log(sum(math.exp(s) for s in [pos, *negs])))
+        else:
+            h = lambda s: (math.exp(s) / z) / (math.exp(s) / z + 3 / 10)  # noqa: E731
+            li = -math.log(h(pos)) - sum(math.log(1 - h(s)) for s in negs)
+        total += li + 2.0 * float((v[i] - bank[slots[i]]).pow(2).sum())
+    assert out["loss"].item() == pytest.approx(total / 4, rel=1e-6)
+
+
+def test_instdisc_bank_is_addressed_by_key_and_moves_after_the_step() -> None:
+    from mmcl.losses.instdisc import key_slot
+
+    task = _task("[clip, {name: instdisc, bank_size: 32, dim: 8, negatives: 4, momentum: 0.25}]")
+    term = task.terms["instdisc"]
+    assert term.bank.dtype == torch.float16 and key_slot("000007", 32) == key_slot("000007", 32)
+    assert torch.equal(term.draw(["k"]), term.draw(["k"])) and not torch.equal(term.draw(["k"]), term.draw(["j"]))
+    size = task.model.preprocess_cfg()["image_size"]
+    keys = ["s0", "s1", "s2"]
+    feats = term.features(task.model, Batch(images=torch.randn(3, 3, size, size), keys=keys), {})
+    assert feats["slot"].tolist() == [key_slot(k, 32) for k in keys]
+    before = term.bank.float().clone()
+    task.on_step_end(StepContext(1, features={"instdisc/v": feats["v"].detach(), "instdisc/slot": feats["slot"]}))
+    for i, s in enumerate(feats["slot"].tolist()):
+        expected = F.normalize(0.25 * before[s] + 0.75 * feats["v"][i].detach(), dim=0)
+        torch.testing.assert_close(term.bank[s].float(), expected, atol=2e-3, rtol=0)  # fp16 entries
+    untouched = [j for j in range(32) if j not in feats["slot"].tolist()]
+    assert torch.equal(term.bank[untouched].float(), before[untouched])
+    assert {"terms.instdisc.bank", "terms.instdisc.z", "terms.instdisc.steps"} <= set(task.state_for_checkpoint())
