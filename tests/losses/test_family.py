@@ -406,3 +406,37 @@ def test_instdisc_bank_is_addressed_by_key_and_moves_after_the_step() -> None:
     untouched = [j for j in range(32) if j not in feats["slot"].tolist()]
     assert torch.equal(term.bank[untouched].float(), before[untouched])
     assert {"terms.instdisc.bank", "terms.instdisc.z", "terms.instdisc.steps"} <= set(task.state_for_checkpoint())
+
+
+# ---------------------------------------------------------------- CPC
+
+
+def test_cpc_matches_a_loop() -> None:
+    task = _task("[{name: cpc, steps: 2, dim: 8}]")
+    term = task.terms["cpc"].double()
+    task.model.double().eval()
+    captions = ["a red circle at the top", "two blue squares", "a"]
+    ids, mask = task.model.tokenizer(captions)
+    batch = Batch(text=ids, text_mask=mask, captions=captions)
+    out = term(term.features(task.model, batch, {}), batch)
+    tower = task.model.text
+    total, count = 0.0, 0
+    for b in range(3):
+        length = int(mask[b].sum())
+        states = tower.token_states(ids[b : b + 1, :length], mask[b : b + 1, :length])[0]  # this caption alone
+        z = term.code(tower.token_embedding.weight[ids[b, :length]])
+        for k in (1, 2):
+            w = term.predict.weight[(k - 1) * 8 : k * 8]
+            bias = term.predict.bias[(k - 1) * 8 : k * 8]
+            for t in range(length - k):
+                pred = states[t] @ w.T + bias
+                s = [pred.dot(z[u]) for u in range(length)]
+                total -= float((s[t + k] - lse(s)).detach())
+                count += 1
+    assert count == term.count(batch)
+    assert out["loss"].item() == pytest.approx(total / count, rel=1e-6)
+
+
+def test_cpc_needs_a_causal_text_tower() -> None:
+    with pytest.raises(UserError, match="causal text tower"):
+        _task("[cpc]", "model.preset=lit-minilm-tiny")
