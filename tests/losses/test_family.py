@@ -440,3 +440,31 @@ def test_cpc_matches_a_loop() -> None:
 def test_cpc_needs_a_causal_text_tower() -> None:
     with pytest.raises(UserError, match="causal text tower"):
         _task("[cpc]", "model.preset=lit-minilm-tiny")
+
+
+# ---------------------------------------------------------------- SimCLRv2, as options of the simclr term
+
+
+def test_simclrv2_momentum_keys_and_queue_match_a_loop() -> None:
+    task = _task("[{name: simclr, momentum: 0.9, queue_size: 4, head_out: 8}]")
+    term = task.terms["simclr"].double()
+    assert len([m for m in term.head if isinstance(m, torch.nn.Linear)]) == 3  # SimCLRv2's 3-layer head
+    term.queue.push(_unit(3, 8, seed=50))
+    z1, z2, k1, k2 = (_unit(4, 8, seed=51 + i) for i in range(4))
+    out = term({"z1": z1, "z2": z2, "k1": k1, "k2": k2}, None)
+    queue, total = term.queue.valid(), 0.0
+    for q, k in ((z1, k2), (z2, k1)):
+        columns = [*k, *queue]
+        for i in range(4):
+            total -= float(q[i].dot(k[i]) / 0.1 - lse([q[i].dot(c) / 0.1 for c in columns])) / 8
+    assert out["loss"].item() == pytest.approx(total, rel=1e-9)
+
+    online = [p.detach().clone() for p in term.head.parameters()]
+    key = [p.detach().clone() for p in term.key_head.parameters()]
+    with torch.no_grad():
+        for p in term.head.parameters():
+            p.add_(1.0)
+    task.on_step_end(StepContext(1, features={"simclr/k1": k1, "simclr/k2": k2}))
+    for p, o, k in zip(term.key_head.parameters(), online, key):
+        torch.testing.assert_close(p, 0.9 * k + 0.1 * (o + 1.0))
+    assert int(term.queue.filled) == 4 and {"terms.simclr.queue.feats"} <= set(task.state_for_checkpoint())
