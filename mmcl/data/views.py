@@ -143,3 +143,39 @@ def pad_ids(rows: list[list[int]], pad: int, min_len: int = 0) -> tuple[torch.Te
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, : len(r)] = 1
     return ids, mask
+
+
+def repeat_words(caption: str, rate: float, rng: random.Random) -> str:
+    """ESimCSE's word repetition (Wu et al. 2021): a random number of the caption's words, up to
+    max(2, rate * n), each said twice in place, so a positive pair differs in length, not in meaning."""
+    words = caption.split()
+    if not words or rate <= 0:
+        return caption
+    count = min(rng.randint(0, max(2, int(rate * len(words)))), len(words))
+    chosen = set(rng.sample(range(len(words)), count))
+    return " ".join(w for i, word in enumerate(words) for w in ([word, word] if i in chosen else [word]))
+
+
+class RepeatedWordsView:
+    """Loader view: each caption with some words repeated (`repeat_words`), tokenized as `ids`, `mask` (B, L).
+    The repetition of a sample depends only on (its key, `seed`): resume and every process see the same.
+
+    Args:
+        tokenizer: the text tower's `mmcl.data.text.Tokenizer`.
+        rate: ESimCSE's duplication rate (0.32 in the paper).
+        seed: varies the repetitions.
+    """
+
+    kind = "batch"
+
+    def __init__(self, tokenizer, rate: float = 0.32, seed: int = 0) -> None:
+        self.tokenizer, self.rate, self.seed = tokenizer, rate, seed
+
+    def __call__(self, captions: list[str], keys: list[str] | None, has_images: bool = True) -> dict[str, Any]:
+        keys = list(keys) if keys else list(captions)
+        rows = []
+        for caption, key in zip(captions, keys):
+            digest = hashlib.blake2b(f"{self.seed}/repeat/{key}".encode(), digest_size=8).digest()
+            rows.append(repeat_words(caption, self.rate, random.Random(int.from_bytes(digest, "little"))))
+        ids, mask = self.tokenizer(rows)
+        return {"ids": ids, "mask": mask}

@@ -33,6 +33,7 @@ SETUPS = {name: (s.preset, s.terms, tuple(s.overrides)) for name, s in all_setup
     "clip+caption": ("joint-tiny", "[{name: clip, weight: 0.7}, {name: caption, weight: 2.0}]", ()),
     "mix": ("clip-tiny", "[clip, {name: simclr, weight: 0.5}, nnclr, byol, {name: negclip, weight: 0.3}]", ()),
     "simclrv2": ("clip-tiny", "[clip, {name: simclr, momentum: 0.9, queue_size: 16}]", ()),
+    "esimcse": ("clip-tiny", "[clip, {name: simcse, repetition: 0.32, queue_size: 16}]", ("model.text.dropout=0.1",)),
 }
 
 

@@ -468,3 +468,44 @@ def test_simclrv2_momentum_keys_and_queue_match_a_loop() -> None:
     for p, o, k in zip(term.key_head.parameters(), online, key):
         torch.testing.assert_close(p, 0.9 * k + 0.1 * (o + 1.0))
     assert int(term.queue.filled) == 4 and {"terms.simclr.queue.feats"} <= set(task.state_for_checkpoint())
+
+
+# ---------------------------------------------------------------- ESimCSE, as options of the simcse term
+
+
+def test_word_repetition_keeps_the_words_in_order_and_depends_on_the_key() -> None:
+    import random
+
+    from mmcl.data.views import RepeatedWordsView, repeat_words
+
+    caption = "a small red circle at the top left next to two blue squares"
+    lengths = set()
+    for seed in range(30):
+        out = repeat_words(caption, 0.32, random.Random(seed)).split()
+        assert [w for i, w in enumerate(out) if i == 0 or w != out[i - 1]] == caption.split()  # only doublings
+        lengths.add(len(out) - len(caption.split()))
+    assert 0 < max(lengths) <= max(2, int(0.32 * len(caption.split())))  # lengths differ, within the bound
+    task = _task("[{name: simcse, repetition: 0.32}]")
+    view = task.terms["simcse"].views(task.model)["repeated"]
+    assert isinstance(view, RepeatedWordsView)
+    a, b = view([caption, "two green stars"], ["k1", "k2"]), view(["two green stars", caption], ["k2", "k1"])
+    assert torch.equal(a["ids"][0], b["ids"][1])
+
+
+def test_esimcse_queue_matches_a_loop() -> None:
+    task = _task("[{name: simcse, repetition: 0.3, queue_size: 3, momentum: 0.5}]")
+    term = task.terms["simcse"].double()
+    term.queue.push(_unit(3, 64, seed=60))
+    y1, y2, keys = _unit(4, 64, seed=61), _unit(4, 64, seed=62), _unit(4, 64, seed=63)
+    out = term({"text_features": y1, "text2": y2, "keys": keys}, None)
+    columns = [*y2, *term.queue.valid()]
+    ref = sum(-(y1[i].dot(y2[i]) / 0.05 - lse([y1[i].dot(c) / 0.05 for c in columns])) for i in range(4)) / 4
+    assert out["loss"].item() == pytest.approx(float(ref), rel=1e-9)
+    online = [p.detach().clone() for p in task.model.text.parameters()]
+    with torch.no_grad():
+        for p in task.model.text.parameters():
+            p.add_(1.0)
+    task.on_step_end(StepContext(1, features={"simcse/keys": keys}))
+    for p, o in zip(term.text_m.parameters(), online):
+        torch.testing.assert_close(p, (0.5 * o + 0.5 * (o + 1.0)).to(p.dtype))
+    assert sorted(term.queue.valid()[:, 0].tolist()) == sorted(keys[1:, 0].tolist())  # the newest 3 keys
