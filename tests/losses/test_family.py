@@ -476,7 +476,7 @@ def test_simclrv2_momentum_keys_and_queue_match_a_loop() -> None:
 def test_word_repetition_keeps_the_words_in_order_and_depends_on_the_key() -> None:
     import random
 
-    from mmcl.data.views import RepeatedWordsView, repeat_words
+    from mmcl.data.views import EditedCaptionView, repeat_words
 
     caption = "a small red circle at the top left next to two blue squares"
     lengths = set()
@@ -486,8 +486,8 @@ def test_word_repetition_keeps_the_words_in_order_and_depends_on_the_key() -> No
         lengths.add(len(out) - len(caption.split()))
     assert 0 < max(lengths) <= max(2, int(0.32 * len(caption.split())))  # lengths differ, within the bound
     task = _task("[{name: simcse, repetition: 0.32}]")
-    view = task.terms["simcse"].views(task.model)["repeated"]
-    assert isinstance(view, RepeatedWordsView)
+    view = task.terms["simcse"].views(task.model)["edited"]
+    assert isinstance(view, EditedCaptionView)
     a, b = view([caption, "two green stars"], ["k1", "k2"]), view(["two green stars", caption], ["k2", "k1"])
     assert torch.equal(a["ids"][0], b["ids"][1])
 
@@ -509,3 +509,21 @@ def test_esimcse_queue_matches_a_loop() -> None:
     for p, o in zip(term.text_m.parameters(), online):
         torch.testing.assert_close(p, (0.5 * o + 0.5 * (o + 1.0)).to(p.dtype))
     assert sorted(term.queue.valid()[:, 0].tolist()) == sorted(keys[1:, 0].tolist())  # the newest 3 keys
+
+
+def test_consert_cutoff_and_shuffle_views() -> None:
+    import random
+
+    from mmcl.data.views import EditedCaptionView, cut_words, shuffle_words
+
+    caption = "a small red circle at the top left next to two blue squares"
+    for seed in range(20):
+        cut = cut_words(caption, 0.3, random.Random(seed)).split()
+        words = iter(caption.split())
+        assert cut and all(any(w == x for x in words) for w in cut)  # a subsequence: words dropped, order kept
+        assert sorted(shuffle_words(caption, random.Random(seed)).split()) == sorted(caption.split())
+    assert cut_words("dog", 1.0, random.Random(0)) == "dog"  # at least one word kept
+    task = _task("[{name: simcse, cutoff: 0.2, shuffle: true}]")  # no dropout needed: the views differ
+    view = task.terms["simcse"].views(task.model)["edited"]
+    assert isinstance(view, EditedCaptionView) and view.shuffle and view.cutoff == 0.2
+    assert view.edit(caption, "k") == view.edit(caption, "k") != caption
