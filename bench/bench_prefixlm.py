@@ -78,7 +78,7 @@ def make_batches(model: Any, n_batches: int, batch_size: int, start: int = 0) ->
                 images=torch.stack([tf(s.image) for s in samples]),
                 captions=captions,
                 keys=keys,
-                views=split(captions, keys, True),
+                views={f"caption/{k}": v for k, v in split(captions, keys, True).items()},  # the caption term's
             )
         )
     return batches
@@ -88,7 +88,7 @@ def target_tokens(model: Any, batch: Any) -> int:
     """Decoder target tokens of `batch` (suffix + EOS per caption), the ones the loss is computed on."""
     from mmcl.data.views import IGNORE_INDEX
 
-    return int((batch.views["lm_labels"] != IGNORE_INDEX).sum())
+    return int((batch.views["caption/lm_labels"] != IGNORE_INDEX).sum())
 
 
 # ----------------------------------------------------------------------------- training

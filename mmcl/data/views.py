@@ -143,3 +143,71 @@ def pad_ids(rows: list[list[int]], pad: int, min_len: int = 0) -> tuple[torch.Te
         ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, : len(r)] = 1
     return ids, mask
+
+
+def repeat_words(caption: str, rate: float, rng: random.Random) -> str:
+    """ESimCSE's word repetition (Wu et al. 2021): a random number of the caption's words, up to
+    max(2, rate * n), each said twice in place, so a positive pair differs in length, not in meaning."""
+    words = caption.split()
+    if not words or rate <= 0:
+        return caption
+    count = min(rng.randint(0, max(2, int(rate * len(words)))), len(words))
+    chosen = set(rng.sample(range(len(words)), count))
+    return " ".join(w for i, word in enumerate(words) for w in ([word, word] if i in chosen else [word]))
+
+
+def cut_words(caption: str, rate: float, rng: random.Random) -> str:
+    """ConSERT's token cutoff (Yan et al. 2021) at the word level: each word dropped with probability `rate`
+    (at least one word kept)."""
+    words = caption.split()
+    kept = [w for w in words if rng.random() >= rate]
+    return " ".join(kept or words[:1])
+
+
+def shuffle_words(caption: str, rng: random.Random) -> str:
+    """ConSERT's token shuffling at the word level: the caption's words in a random order."""
+    words = caption.split()
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+class EditedCaptionView:
+    """Loader view: each caption edited into a second text view, tokenized as `ids`, `mask` (B, L): ESimCSE's
+    word repetition (`repeat_words`, `repetition` > 0), ConSERT's token cutoff (`cut_words`, `cutoff` > 0)
+    and shuffling (`shuffle_words`), applied in that order. The edit of a sample depends only on (its key,
+    `seed`): resume and every process see the same.
+
+    Args:
+        tokenizer: the text tower's `mmcl.data.text.Tokenizer`.
+        repetition: ESimCSE's duplication rate (0.32 in the paper; 0 = off).
+        cutoff: share of words dropped (ConSERT's token cutoff; 0 = off).
+        shuffle: shuffle the words (ConSERT's token shuffling).
+        seed: varies the edits.
+    """
+
+    kind = "batch"
+
+    def __init__(
+        self, tokenizer, repetition: float = 0.0, cutoff: float = 0.0, shuffle: bool = False, seed: int = 0
+    ) -> None:
+        self.tokenizer, self.repetition, self.cutoff, self.shuffle, self.seed = (
+            tokenizer,
+            repetition,
+            cutoff,
+            shuffle,
+            seed,
+        )
+
+    def edit(self, caption: str, key: str) -> str:
+        digest = hashlib.blake2b(f"{self.seed}/edit/{key}".encode(), digest_size=8).digest()
+        rng = random.Random(int.from_bytes(digest, "little"))
+        if self.repetition > 0:
+            caption = repeat_words(caption, self.repetition, rng)
+        if self.cutoff > 0:
+            caption = cut_words(caption, self.cutoff, rng)
+        return shuffle_words(caption, rng) if self.shuffle else caption
+
+    def __call__(self, captions: list[str], keys: list[str] | None, has_images: bool = True) -> dict[str, Any]:
+        keys = list(keys) if keys else list(captions)
+        ids, mask = self.tokenizer([self.edit(c, k) for c, k in zip(captions, keys)])
+        return {"ids": ids, "mask": mask}

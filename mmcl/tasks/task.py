@@ -12,6 +12,7 @@ counters: the terms' parameters and buffers) is optimized and checkpointed with 
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Iterator, Mapping
 from dataclasses import fields, replace
@@ -248,4 +249,17 @@ def build_task(model: nn.Module, cfg: ExperimentConfig | LossConfig) -> Task:
         if not defaults:
             raise UserError(f"{type(model).__name__} has no default loss terms: set loss.terms")
         specs = [TermConfig.from_config(name, "loss.terms") for name in defaults]
-    return Task(model, [(s.name, s.weight, LOSSES.get(s.name)(model, s.options)) for s in specs])
+    built = []
+    for s in specs:
+        term_cls = LOSSES.get(s.name)
+        built.append((s.name, s.weight, term_cls(model, _own_options(term_cls, s.options))))
+    return Task(model, built)
+
+
+def _own_options(term_cls: type, options: Any) -> Any:
+    """`options` as an instance of the term's own `Options` class: the config holds the registry's copy of
+    the dataclass (read from the term file without importing it, `mmcl.registry`), with the same fields."""
+    real = getattr(term_cls, "Options", None)
+    if options is None or real is None or isinstance(options, real) or not dataclasses.is_dataclass(options):
+        return options
+    return real(**{f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.init})

@@ -32,6 +32,8 @@ CAPTIONS = [f"a {COLOURS[i % 4]} {SHAPES[(i // 4) % 4]} number {i}" for i in ran
 SETUPS = {name: (s.preset, s.terms, tuple(s.overrides)) for name, s in all_setups().items()} | {
     "clip+caption": ("joint-tiny", "[{name: clip, weight: 0.7}, {name: caption, weight: 2.0}]", ()),
     "mix": ("clip-tiny", "[clip, {name: simclr, weight: 0.5}, nnclr, byol, {name: negclip, weight: 0.3}]", ()),
+    "simclrv2": ("clip-tiny", "[clip, {name: simclr, momentum: 0.9, queue_size: 16}]", ()),
+    "esimcse": ("clip-tiny", "[clip, {name: simcse, repetition: 0.32, queue_size: 16}]", ("model.text.dropout=0.1",)),
 }
 
 

@@ -46,6 +46,7 @@ def test_term_trains_with_accumulation_and_its_state_is_checkpointed(demo_shards
     trainer = Trainer(cfg)
     term = trainer.task.terms[NAME]
     assert f"{NAME}/image_aug2" in trainer.task.views() and term.options.dim == 8
+    assert type(term.options) is type(term).Options  # the term gets its own options class, not the registry's copy
     head_before = term.head.weight.detach().clone()
     result = trainer.fit()
     rows = read_metrics(out / "metrics.jsonl")
