@@ -68,8 +68,8 @@ def demo_config(s: DemoSettings, extra: list[str] = ()) -> ExperimentConfig:
 def run_demo(settings: DemoSettings | None = None, extra: list[str] = ()) -> dict:
     """Run every stage (each one resumes if its output is already there) and return the final metrics."""
     from mmcl.data.writer import make_demo_data
-    from mmcl.engine.hooks import default_eval_hook
     from mmcl.engine.trainer import train
+    from mmcl.eval.hook import default_eval_hook
 
     s = settings or DemoSettings()
     started = time.perf_counter()

@@ -231,8 +231,8 @@ def write_wise_ft(rows: list[dict[str, float]], out: Path, title: str = "WiSE-FT
 
 def finetune(spec: FinetuneSpec, progress: bool = True) -> FinetuneResult:
     """Fine-tune `spec.start` on `spec.train_shards` in `spec.out_dir` (resumes there), then the WiSE-FT curve."""
-    from mmcl.engine.hooks import default_eval_hook
     from mmcl.engine.trainer import train
+    from mmcl.eval.hook import default_eval_hook
 
     if spec.wise_alphas and spec.target is None:
         raise UserError("--wise-alphas needs a target set (--target) to evaluate each alpha on")

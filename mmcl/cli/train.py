@@ -25,8 +25,8 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from mmcl.cli._paths import require_output_folder
     from mmcl.config import load_experiment
-    from mmcl.engine.hooks import default_eval_hook
     from mmcl.engine.trainer import train
+    from mmcl.eval.hook import default_eval_hook
 
     overrides = list(args.overrides) + ([f"train.output_dir={args.output_dir}"] if args.output_dir else [])
     cfg = load_experiment(None if args.config == "-" else args.config, overrides)

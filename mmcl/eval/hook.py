@@ -14,6 +14,11 @@ if TYPE_CHECKING:
     from mmcl.inference import Encoder
 
 
+def default_eval_hook(cfg: ExperimentConfig) -> Callable[[nn.Module, int], dict[str, float]] | None:
+    """The hook the trainer calls every `train.eval_every` steps and at the end, or None without eval shards."""
+    return make_eval_hook(cfg) if cfg.eval.shards else None
+
+
 def make_eval_hook(cfg: ExperimentConfig) -> Callable[[nn.Module, int], dict[str, float]]:
     """A hook `(model, step) -> metrics` evaluating on `cfg.eval.shards` with what the model can do."""
     from mmcl.eval.datasets import open_eval_dataset
