@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from clip_benchmark.metrics import zeroshot_retrieval as cbr
 from eval_helpers import HashTextEncoder, TableImageEncoder, index_image
 
+from mmcl.eval.alignment import alignment_uniformity
 from mmcl.eval.datasets import EvalSample
 from mmcl.eval.retrieval import retrieval_eval, top_texts
 from mmcl.eval.runner import run_retrieval
@@ -151,7 +152,7 @@ def test_run_retrieval_end_to_end():
     )
     texts = enc([c for cs in captions for c in cs])
     t2i = torch.tensor([i for i, cs in enumerate(captions) for _ in cs])
-    assert res["metrics"] == retrieval_eval(images, texts, t2i)
+    assert res["metrics"] == {**retrieval_eval(images, texts, t2i), **alignment_uniformity(images, texts, t2i)}
     assert [ex["key"] for ex in res["examples"]] == ["k0", "k1", "k2"]
     top = (images[1] @ texts.t()).argmax().item()
     assert res["examples"][1]["retrieved"][0]["correct"] == (t2i[top].item() == 1)
