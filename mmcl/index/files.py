@@ -153,3 +153,16 @@ class MetaRows(Sequence):
 def thumbs_dir(index_dir: str | Path) -> Path:
     """The folder of thumbnails inside an index folder (what the app may serve)."""
     return Path(index_dir) / THUMBS
+
+
+def read_faiss(path: Path, manifest: dict[str, Any], mmap: bool | None) -> Any:
+    """The faiss index in `path`, its inverted lists memory-mapped when the index was saved `on_disk`."""
+    import faiss
+
+    if not path.is_file():
+        raise FileNotFoundError(2, "missing", str(path))
+    mapped = manifest.get("on_disk", False) if mmap is None else mmap
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mapped else 0)
+    except RuntimeError as e:
+        raise UserError(f"{path}: unreadable faiss index ({str(e).splitlines()[0]})") from None

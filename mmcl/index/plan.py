@@ -245,3 +245,17 @@ def tune_search(
         log.warning("index: %s=%d reaches recall@%d %.3f only (target %.2f)", param, value, k, recall, target)
     log.info("index: %s=%d gives recall@%d %.3f on %d held-out queries", param, value, k, recall, len(queries))
     return {"param": param, "value": value, "recall": round(recall, 4), "aim": round(aim, 4), "tried": tried}
+
+
+def apply_tuning(index: Any, tuning: dict[str, Any]) -> None:
+    """Set the manifest's search breadth on a loaded faiss index (the manifest, not the faiss file, is the truth:
+    a re-tune rewrites only the manifest)."""
+    import faiss
+
+    if index is None or not tuning.get("value"):
+        return
+    ivf = faiss.try_extract_index_ivf(index)
+    if tuning.get("param") == "nprobe" and ivf is not None:
+        set_nprobe(ivf, int(tuning["value"]))
+    elif tuning.get("param") == "efSearch" and isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = int(tuning["value"])

@@ -33,10 +33,11 @@ from mmcl.index.files import (
     MetaRows,
     check_files,
     folder_lock,
+    read_faiss,
     read_manifest,
     sha256_file,
 )
-from mmcl.index.plan import exact_topk, plan_index, set_nprobe, tune_search
+from mmcl.index.plan import apply_tuning, exact_topk, plan_index, set_nprobe, tune_search
 from mmcl.utils import UserError, atomic_open, atomic_write_text
 
 log = logging.getLogger("mmcl")
@@ -438,7 +439,7 @@ class EmbeddingIndex:
                     raise UserError(f"{root}: {problem}; rebuild it (`mmcl index verify` checks an index)")
                 metas = MetaRows(root / manifest["meta_file"])
                 raw_index = (
-                    _read_faiss(root / manifest["index_file"], manifest, mmap) if manifest["index_file"] else None
+                    read_faiss(root / manifest["index_file"], manifest, mmap) if manifest["index_file"] else None
                 )
                 break
             except FileNotFoundError as e:
@@ -451,7 +452,7 @@ class EmbeddingIndex:
         index._trained_at = manifest.get("trained_at", 0)
         index.metas = metas
         index._index = raw_index
-        _apply_tuning(raw_index, index.tuning)
+        apply_tuning(raw_index, index.tuning)
         ntotal = index._index.ntotal if index._index is not None else 0
         if not (ntotal == len(index.metas) == manifest["count"]):
             raise UserError(
@@ -461,37 +462,10 @@ class EmbeddingIndex:
         return index
 
 
-def _apply_tuning(index: Any, tuning: dict[str, Any]) -> None:
-    """Set the manifest's search breadth on a loaded faiss index (the manifest, not the faiss file, is the truth:
-    a re-tune rewrites only the manifest)."""
-    import faiss
-
-    if index is None or not tuning.get("value"):
-        return
-    ivf = faiss.try_extract_index_ivf(index)
-    if tuning.get("param") == "nprobe" and ivf is not None:
-        set_nprobe(ivf, int(tuning["value"]))
-    elif tuning.get("param") == "efSearch" and isinstance(index, faiss.IndexHNSW):
-        index.hnsw.efSearch = int(tuning["value"])
-
-
 @functools.cache
 def _scan_pool(threads: int) -> ThreadPoolExecutor:
     """Threads that scan blocks of an exact index (kept: starting threads per query costs more than a scan)."""
     return ThreadPoolExecutor(threads, thread_name_prefix="mmcl-scan")
-
-
-def _read_faiss(path: Path, manifest: dict[str, Any], mmap: bool | None) -> Any:
-    """The faiss index in `path`, its inverted lists memory-mapped when the index was saved `on_disk`."""
-    import faiss
-
-    if not path.is_file():
-        raise FileNotFoundError(2, "missing", str(path))
-    mapped = manifest.get("on_disk", False) if mmap is None else mmap
-    try:
-        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mapped else 0)
-    except RuntimeError as e:
-        raise UserError(f"{path}: unreadable faiss index ({str(e).splitlines()[0]})") from None
 
 
 def _sample_rows(chunks: Sequence[np.ndarray], want: int, rng: np.random.Generator) -> np.ndarray:
