@@ -174,3 +174,23 @@ def test_two_processes_with_accumulation_equal_the_full_batch(tmp_path: Path) ->
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.start_processes(_ddp_worker, args=(port, str(tmp_path)), nprocs=WORLD, join=True, start_method="fork")
+
+
+def test_trains_from_shards_with_counterfactuals_through_the_trainer(tmp_path: Path) -> None:
+    """The shipped path: `mmcl shards synthetic --counterfactuals` shards, loader workers on, the real trainer."""
+    from mmcl.cli import main
+    from mmcl.engine.metrics import read_metrics
+    from mmcl.engine.trainer import Trainer
+
+    shards = tmp_path / "cf"
+    assert main(["shards", "synthetic", str(shards), "--n", "64", "--image-size", "32", "--counterfactuals",
+                 "--maxcount", "32", "--no-progress"]) == 0  # fmt: skip
+    cfg = load_experiment(None, ["model.preset=clip-tiny", "loss.terms=[counterfactual]", "train.trackers=[none]",
+                                 "train.progress=false", "train.steps=2", "train.log_every=1", "data.batch_size=8",
+                                 "train.grad_accum=2", f"data.train_shards=[{shards}]", "data.num_workers=1",
+                                 f"train.output_dir={tmp_path / 'run'}", "train.ckpt_every=2"])  # fmt: skip
+    Trainer(cfg).fit()
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    rate = next(k for k in rows[-1] if k.endswith("cf_rate"))
+    assert all(r[rate] > 0.5 for r in rows) and all(r["loss"] == r["loss"] for r in rows), rows
