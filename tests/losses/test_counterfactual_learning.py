@@ -16,9 +16,12 @@ Measured with `python tests/losses/test_counterfactual_learning.py`-style runs o
     400    1014     2        0.596 / 0.217 / 0.256 / 0.159          0.591 / 0.270 / 0.279 / 0.203
     400    1014     3        0.569 / 0.218 / 0.238 / 0.150          0.495 / 0.100 / 0.116 / 0.052
 
+With `cf_weight: 0.5` at 400 steps, seeds 1 / 2 / 3: group 0.150 / 0.196 / 0.010 (pair 0.530 / 0.607 / 0.454).
+
 In a few dozen steps neither arm separates a scene from its counterfactual (text and image scores below
 chance: both images of a group prefer the same caption); at 400 steps (~40-60 s per arm here) the term lifts
-the group score on seeds 1 and 2 (+0.05, +0.04) and lowers it on seed 3 (-0.10): not a margin to assert.
+the group score on seeds 1 and 2 (+0.05, +0.04) and lowers it on seed 3 (-0.10; -0.14 at cf_weight 0.5, where
+both images of a group again prefer one caption): not a margin to assert.
 The edited object is small at 32 px (3-5 px radius), the same limit under which nothing learns shape or
 position pairs in a minute (README, "Measured here").
 """
