@@ -68,6 +68,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--split", choices=["train", "val", "test"], default="train", help="random stream (disjoint)")
     s.add_argument("--seed", type=int, default=0, help="stream seed (default: %(default)s)")
     s.add_argument("--image-size", type=int, default=64, help="rendered image side in pixels (default: %(default)s)")
+    s.add_argument(
+        "--counterfactuals",
+        action="store_true",
+        help="also write KEY.cf.<ext>/KEY.cf.txt/KEY.cf.json: the scene with one seeded edit, and its caption",
+    )
     _add_common(s)
 
     f = sub.add_parser(
@@ -115,7 +120,9 @@ def run(args: argparse.Namespace) -> int:
 
     require_output_folder(args.out, "OUT")
     if args.source == "synthetic":
-        source = sources.SyntheticSource(args.n, split=args.split, seed=args.seed, image_size=args.image_size)
+        source = sources.SyntheticSource(
+            args.n, args.split, args.seed, args.image_size, counterfactuals=args.counterfactuals
+        )
     elif args.source == "folder":
         missing = "empty" if args.allow_missing_captions else "error"
         source = sources.FolderSource(args.dir, args.class_from_parent, args.caption_ext, missing)

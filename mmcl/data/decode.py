@@ -124,6 +124,36 @@ def decode_json(sample: dict[str, Any]) -> dict[str, Any]:
     return meta if isinstance(meta, dict) else {}
 
 
+def decode_counterfactual(
+    sample: dict[str, Any], max_pixels: int = MAX_PIXELS, target_size: int = 0
+) -> tuple[Image.Image, str] | None:
+    """The sample's counterfactual (`KEY.cf.<image ext>` + `KEY.cf.txt`, see README "Counterfactual images"):
+    (RGB image, first non-blank caption line), or None when the sample has none.
+
+    Raises:
+        SkipSample: 'bad_counterfactual' when a part is there but unusable (an image without a caption or
+            the other way round, a corrupt or oversized image, an undecodable or blank caption). The caller
+            keeps the sample without its counterfactual and counts the reason.
+    """
+    data = next((sample[f"cf.{ext}"] for ext in IMAGE_EXTS if f"cf.{ext}" in sample), None)
+    text = sample.get("cf.txt")
+    if data is None and text is None:
+        return None
+    if data is None or text is None:
+        raise SkipSample("bad_counterfactual", "a counterfactual caption without its image" if data is None else
+                         "a counterfactual image without its caption")  # fmt: skip
+    try:
+        caption = next((line.strip() for line in text.decode("utf-8").splitlines() if line.strip()), "")
+    except UnicodeDecodeError:
+        raise SkipSample("bad_counterfactual", "cf.txt is not UTF-8") from None
+    if not caption:
+        raise SkipSample("bad_counterfactual", "empty cf.txt")
+    try:
+        return decode_image(data, max_pixels, target_size), caption
+    except SkipSample as e:
+        raise SkipSample("bad_counterfactual", f"cf image: {e.reason}") from None
+
+
 CLASS_PROMPTS = "class_prompts:"  # caption_key prefix: the sample's class name in templates (FLYP, mmcl.finetune)
 
 

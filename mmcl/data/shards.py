@@ -274,6 +274,8 @@ class ShardStream(IterableDataset):
             except SkipSample as e:
                 counter.add(e.reason, where=f"{raw.get('__url__', '?')}:{raw['__key__']}", detail=e.detail)
                 continue
+            for note in pending[-1].pop("notes", ()):  # a part left out, the sample kept (e.g. bad_counterfactual)
+                counter.add(note.reason, where=f"{raw.get('__url__', '?')}:{raw['__key__']}", detail=note.detail)
             if len(pending) == self.batch_size:
                 yield self._finish(pending, worker, consumed, counter, epoch, tracker.position(consumed, buffer))
                 pending = []
@@ -370,7 +372,8 @@ class SampleDecoder:
     output and the `Collator` normalises the whole batch at once (given `normalize=transform.normalize`):
     a third of the per-image cost of normalising sample by sample and stacking.
     `image_views` (name -> `mmcl.data.views.ImageView`) are more transforms of the same decoded
-    image, drawn from the same per-sample RNG after the main one. Picklable.
+    image, drawn from the same per-sample RNG after the main one; a view with `reads_raw` (`CounterfactualView`)
+    reads other members of the raw sample: named tensors (`name/part`) and parts left out (counted). Picklable.
     """
 
     def __init__(
@@ -395,12 +398,20 @@ class SampleDecoder:
         meta = decode_json(raw)
         caption = decode_caption(raw, meta, self.caption_key, rng) if self.need_caption else ""
         label = decode_label(raw, meta, self.label_key)
-        image, views = None, {}
+        image, views, notes = None, {}, []
         if self.need_image:
             pil = decode_image(image_bytes(raw), self.max_pixels, self.image_size)
+            replay = rng.getstate()  # a raw view's image gets the main image's augmentation draws
             image = self.image_fn(pil, rng)
-            views = {name: view(pil, rng) for name, view in self.image_views.items()}
-        return {"image": image, "caption": caption, "label": label, "key": raw["__key__"], "views": views}
+            for name, view in self.image_views.items():
+                if getattr(view, "reads_raw", False):
+                    parts, left_out = view.from_raw(raw, replay, self.transform, self.max_pixels)
+                    views.update({f"{name}/{part}": v for part, v in parts.items()})
+                    notes += left_out
+                else:
+                    views[name] = view(pil, rng)
+        out = {"image": image, "caption": caption, "label": label, "key": raw["__key__"], "views": views}
+        return {**out, "notes": notes} if notes else out
 
 
 class Collator:

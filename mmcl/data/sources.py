@@ -47,6 +47,8 @@ class RawSample:
         source: where the sample came from (file path, "synthetic/train/0/17"): the json `url`.
         caption: the text that goes into `KEY.txt`.
         meta: extra json fields (`label`, `classname`, `attributes`, ...).
+        counterfactual: the sample's counterfactual (image + caption, `meta` its `KEY.cf.json`), written
+            beside it as `KEY.cf.<ext>` / `KEY.cf.txt` / `KEY.cf.json` (README, "Counterfactual images").
     """
 
     source: str
@@ -56,6 +58,7 @@ class RawSample:
     data: bytes | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     loader: Callable[[], RawSample] | None = None
+    counterfactual: RawSample | None = None
 
     def resolve(self) -> RawSample:
         """The sample with its content present (runs `loader` if there is one)."""
@@ -310,7 +313,7 @@ def _read_table(path: Path):
     raise UserError(f"{path}: unknown table format '{suffix}' (use .csv, .tsv or .parquet)")
 
 
-def _synthetic_sample(index: int, seed: int, split: str, image_size: int) -> RawSample:
+def _synthetic_sample(index: int, seed: int, split: str, image_size: int, counterfactuals: bool = False) -> RawSample:
     from mmcl.data.synthetic import generate
 
     s = generate(index, seed=seed, image_size=image_size, split=split)
@@ -322,13 +325,40 @@ def _synthetic_sample(index: int, seed: int, split: str, image_size: int) -> Raw
         "distractor_position": s.distractor_position,
         **s.meta,
     }
-    return RawSample(f"synthetic/{split}/{seed}/{index}", s.caption, image=s.image, meta=meta)
+    cf = _synthetic_counterfactual(index, seed, split, image_size) if counterfactuals else None
+    return RawSample(f"synthetic/{split}/{seed}/{index}", s.caption, image=s.image, meta=meta, counterfactual=cf)
+
+
+def _synthetic_counterfactual(index: int, seed: int, split: str, image_size: int) -> RawSample | None:
+    """The sample re-rendered with one edit applicable to it (`mmcl.data.counterfactual.EDITS`), chosen by a
+    seeded shuffle of the edits (the first that applies); None when none applies."""
+    import random
+
+    from mmcl.data.counterfactual import EDITS, counterfactual
+
+    edits = list(EDITS)
+    random.Random(f"mmcl-counterfactual-choice/{split}/{seed}/{index}").shuffle(edits)
+    for edit in edits:
+        cf = counterfactual(index, edit, seed=seed, image_size=image_size, split=split)
+        if cf is not None:
+            return RawSample(
+                f"synthetic/{split}/{seed}/{index}/{edit}", cf.caption, image=cf.image, meta={"edit": edit}
+            )
+    return None
 
 
 class SyntheticSource:
     """`n` samples of the built-in generator (`mmcl.data.synthetic`), rendered in the workers."""
 
-    def __init__(self, n: int, split: str = "train", seed: int = 0, image_size: int = 64, start: int = 0):
+    def __init__(
+        self,
+        n: int,
+        split: str = "train",
+        seed: int = 0,
+        image_size: int = 64,
+        start: int = 0,
+        counterfactuals: bool = False,
+    ):
         from mmcl.data.synthetic import CLASSNAMES, SPLITS
 
         if n < 0 or start < 0 or image_size < 8:
@@ -338,6 +368,7 @@ class SyntheticSource:
         if split not in SPLITS:
             raise UserError(f"synthetic source: unknown split '{split}' (choose from {', '.join(SPLITS)})")
         self.n, self.split, self.seed, self.image_size, self.start = n, split, seed, image_size, start
+        self.counterfactuals = counterfactuals  # each sample also gets one edited scene (`_synthetic_counterfactual`)
         self.classnames = list(CLASSNAMES)
 
     def __len__(self) -> int:
@@ -351,11 +382,14 @@ class SyntheticSource:
             "seed": self.seed,
             "image_size": self.image_size,
             "start": self.start,
+            **({"counterfactuals": True} if self.counterfactuals else {}),  # older runs' stats stay comparable
         }
 
     def __iter__(self) -> Iterator[RawSample]:
         for i in range(self.start, self.start + self.n):
-            loader = functools.partial(_synthetic_sample, i, self.seed, self.split, self.image_size)
+            loader = functools.partial(
+                _synthetic_sample, i, self.seed, self.split, self.image_size, self.counterfactuals
+            )
             yield RawSample(f"synthetic/{self.split}/{self.seed}/{i}", loader=loader)
 
 

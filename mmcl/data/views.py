@@ -211,3 +211,46 @@ class EditedCaptionView:
         keys = list(keys) if keys else list(captions)
         ids, mask = self.tokenizer([self.edit(c, k) for c, k in zip(captions, keys)])
         return {"ids": ids, "mask": mask}
+
+
+class CounterfactualView:
+    """The sample's counterfactual (`KEY.cf.<image ext>` + `KEY.cf.txt`, README "Counterfactual images"):
+    its image through the main image's transform with the main image's augmentation draws (so the pair
+    differs by the edit only), its caption tokenized, and whether the sample has one.
+
+    A per-sample view that reads the raw sample (`reads_raw`: `SampleDecoder` calls `from_raw`); its parts
+    are collated under `NAME/image` (B, 3, S, S) float, `NAME/text`, `NAME/mask` (B, L) long and
+    `NAME/valid` (B,) bool. A sample without a counterfactual, or whose counterfactual is unusable (then
+    counted as 'bad_counterfactual', the sample kept), gets a zero image, an empty caption and valid=False.
+
+    Args:
+        tokenizer: the text tower's `mmcl.data.text.Tokenizer`.
+    """
+
+    kind = "sample"
+    reads_raw = True
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def from_raw(
+        self, raw: dict[str, Any], rng_state: tuple, transform, max_pixels: int
+    ) -> tuple[dict[str, torch.Tensor], list[Exception]]:
+        """(parts, reasons left out) of one raw sample; `rng_state` is the per-sample RNG's state before the main
+        image's transform, `transform(pil, rng)` the main image's (normalised float output)."""
+        from mmcl.data.decode import SkipSample, decode_counterfactual
+
+        left_out: list[Exception] = []
+        try:
+            cf = decode_counterfactual(raw, max_pixels)
+        except SkipSample as e:
+            cf, left_out = None, [e]
+        rng = random.Random()
+        rng.setstate(rng_state)
+        if cf is None:  # a blank stand-in of the transform's output shape, masked out by the loss
+            image = torch.zeros_like(transform(Image.new("RGB", (8, 8)), rng))
+        else:
+            image = transform(cf[0], rng)
+        ids, mask = self.tokenizer([cf[1] if cf is not None else ""])
+        parts = {"image": image, "text": ids[0], "mask": mask[0], "valid": torch.tensor(cf is not None)}
+        return parts, left_out

@@ -1,6 +1,6 @@
 """Write image-text samples as WebDataset shards in img2dataset's layout.
 
-    out/00000.tar         000000000.jpg .txt .json, 000000001.jpg ...  (key f"{shard:05d}{index:04d}")
+    out/00000.tar         000000000.jpg .txt .json [.cf.jpg .cf.txt .cf.json], 000000001.jpg ...  (key f"{shard:05d}{index:04d}")
     out/00000_stats.json  img2dataset stats: count, successes, failed_to_*, status_dict, times
     out/sizes.json        {"00000.tar": samples, ...}: sample counts without reading tars
     out/classnames.txt    one class per line, when the source is labelled
@@ -99,19 +99,12 @@ def _encode(task: tuple[int, RawSample]) -> tuple[int, str, dict[str, Any] | Inp
             raise
         except Exception as e:  # a generator or loader bug: count it like an unreadable input
             raise InputError("failed_to_download", "cannot load sample", f"{type(e).__name__}: {e}") from e
-        image = sample.load_image(_OPTIONS["max_pixels"])
-        original = image.size
-        image = _resize(image, _OPTIONS["image_size"], _OPTIONS["resize_mode"])
-        buf = io.BytesIO()
-        fmt = _OPTIONS["image_format"]
-        kwargs = {"quality": _OPTIONS["quality"]} if fmt in ("jpg", "webp") else {}
-        try:
-            image.save(buf, FORMATS[fmt], **kwargs)
-        except Exception as e:
-            raise InputError("failed_to_resize", "cannot encode image", f"{type(e).__name__}: {e}") from e
+        original, image, data = _encoded_image(sample)
+        # a counterfactual that cannot be encoded fails its input: it was asked for, so the sample is incomplete
+        c = sample.counterfactual
+        cf = {"image": _encoded_image(c)[2], "caption": c.caption, "json": c.meta} if c is not None else None
     except InputError as f:
         return index, source, f
-    data = buf.getvalue()
     fields = {
         "status": "success",
         "error_message": None,
@@ -126,7 +119,21 @@ def _encode(task: tuple[int, RawSample]) -> tuple[int, str, dict[str, Any] | Inp
     }
     for k, v in sample.meta.items():
         fields.setdefault(k, v)
-    return index, source, {"image": data, "caption": sample.caption, "json": fields}
+    return index, source, {"image": data, "caption": sample.caption, "json": fields, **({"cf": cf} if cf else {})}
+
+
+def _encoded_image(sample: RawSample) -> tuple[tuple[int, int], Image.Image, bytes]:
+    """(original size, resized image, its encoded bytes) of a resolved sample; raises InputError."""
+    image = sample.load_image(_OPTIONS["max_pixels"])
+    original = image.size
+    image = _resize(image, _OPTIONS["image_size"], _OPTIONS["resize_mode"])
+    buf, fmt = io.BytesIO(), _OPTIONS["image_format"]
+    kwargs = {"quality": _OPTIONS["quality"]} if fmt in ("jpg", "webp") else {}
+    try:
+        image.save(buf, FORMATS[fmt], **kwargs)
+    except Exception as e:
+        raise InputError("failed_to_resize", "cannot encode image", f"{type(e).__name__}: {e}") from e
+    return original, image, buf.getvalue()
 
 
 class _ShardWriter:
@@ -149,12 +156,11 @@ class _ShardWriter:
     def _members(self, item: dict[str, Any]) -> dict[str, Any]:
         key = f"{self.shard:05d}{self.inputs:0{self.options['key_digits']}d}"
         fields = json.dumps({"key": key, **item["json"]}, default=str).encode()
-        return {
-            "__key__": key,
-            self.options["image_format"]: item["image"],
-            "txt": item["caption"].encode(),
-            "json": fields,
-        }
+        fmt, cf = self.options["image_format"], item.get("cf")
+        members = {"__key__": key, fmt: item["image"], "txt": item["caption"].encode(), "json": fields}
+        if cf is not None:  # KEY.cf.<fmt> / KEY.cf.txt / KEY.cf.json: the sample's counterfactual
+            members |= {f"cf.{fmt}": cf["image"], "cf.txt": cf["caption"].encode(), "cf.json": json.dumps(cf["json"]).encode()}  # fmt: skip
+        return members
 
     def size_with(self, item: dict[str, Any]) -> int:
         """The tar's size if `item` were its last sample (end-of-archive blocks and record padding included)."""
@@ -447,18 +453,13 @@ def write_shards(
 
 
 def write_synthetic_shards(
-    out_dir: str | Path,
-    n: int,
-    split: str = "train",
-    seed: int = 0,
-    image_size: int = 64,
-    maxcount: int = 10000,
-    **kwargs: Any,
-) -> WriteSummary:
-    """`n` built-in synthetic samples (see `mmcl.data.synthetic`) as shards; kwargs go to `write_shards`."""
-    return write_shards(
-        SyntheticSource(n, split=split, seed=seed, image_size=image_size), out_dir, maxcount=maxcount, **kwargs
-    )
+    out_dir: str | Path, n: int, split: str = "train", seed: int = 0, image_size: int = 64, maxcount: int = 10000,
+    counterfactuals: bool = False, **kwargs: Any,
+) -> WriteSummary:  # fmt: skip
+    """`n` built-in synthetic samples (see `mmcl.data.synthetic`; with `counterfactuals`, each with one edited
+    scene) as shards; kwargs go to `write_shards`."""
+    source = SyntheticSource(n, split, seed, image_size, counterfactuals=counterfactuals)
+    return write_shards(source, out_dir, maxcount=maxcount, **kwargs)
 
 
 def write_real_shards(
@@ -486,13 +487,7 @@ def make_demo_data(
     from mmcl.data.synthetic import CLASSNAMES
 
     root = Path(root)
-    kw = {
-        "seed": seed,
-        "image_size": image_size,
-        "maxcount": maxcount,
-        "num_workers": num_workers,
-        "progress": progress,
-    }
+    kw = {"seed": seed, "image_size": image_size, "maxcount": maxcount, "num_workers": num_workers, "progress": progress}  # fmt: skip
     write_synthetic_shards(root / "train", n_train, split="train", **kw)
     write_synthetic_shards(root / "val", n_val, split="val", **kw)
     atomic_write_text(root / "classnames.txt", "".join(c + "\n" for c in CLASSNAMES))
