@@ -362,6 +362,8 @@ class ImageTowerConfig:
     preprocess: dict[str, Any] = field(default_factory=dict)
     # FLIP (Li et al. 2023): share of a ViT's patch tokens dropped at random in training (timm's patch_drop_rate)
     patch_dropout: float = 0.0
+    # MoCo v3 (Chen, Xie & He 2021): keep a ViT's random patch projection frozen (steadies training)
+    freeze_patch_embed: bool = False
     lock: bool = False  # LiT: freeze the tower
     unlocked_layers: int = 0  # with lock: keep the last N blocks trainable
     # PrefixLM conv stem: a timm CNN cut after `stem_out_index` (stride 16 for ResNets at index 3)
@@ -381,6 +383,10 @@ class ImageTowerConfig:
                 "patch_dropout": (0 <= self.patch_dropout < 1, f"in [0, 1) (got {self.patch_dropout})"),
                 "unlocked_layers": (self.unlocked_layers >= 0, f">= 0 (got {self.unlocked_layers})"),
                 "pool_heads": (self.pool_heads >= 1, f">= 1 (got {self.pool_heads})"),
+                "freeze_patch_embed": (
+                    not (self.freeze_patch_embed and self.kind == "hf_clip"),
+                    "false for kind 'hf_clip' (it applies to timm ViTs)",
+                ),
             },
         )
 
