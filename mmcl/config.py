@@ -285,6 +285,18 @@ def save_yaml(obj: Any, path: str | Path) -> None:
 
 
 @dataclass
+class BalanceConfig:
+    """MetaCLIP's long-tail balancing of the training stream (mmcl.data.balance); t 0 = off."""
+
+    t: int = 0  # keep about t captions of each concept (the paper: 20k of 400M pairs)
+    vocabulary: str = ""  # a file of concepts, one per line ("" = every word of the captions)
+    counts: str = ""  # the concept counts (JSON): read when it exists, else counted over the shards and saved there
+
+    def validate(self) -> None:
+        _require_ranges("data.balance", {"t": (self.t >= 0, f">= 0 (got {self.t})")})
+
+
+@dataclass
 class DataConfig:
     """Where samples come from and how they are batched."""
 
@@ -313,6 +325,7 @@ class DataConfig:
     # remote shards arriving slower than this (bytes/s, over windows of http_timeout s of waiting) are retried, then
     # skipped: a trickling server never stalls a read, yet never delivers (0 = no minimum)
     http_min_speed: float = 1024.0
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
 
     def validate(self) -> None:
         if self.train_weights and len(self.train_weights) != len(self.train_shards):
