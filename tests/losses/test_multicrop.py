@@ -137,9 +137,9 @@ def test_swav_with_local_crops_codes_the_globals_and_predicts_every_view() -> No
     assert out["loss"].item() == pytest.approx(total / pairs, rel=1e-7)
 
 
-@pytest.mark.parametrize("term", [DINO, SWAV])
-def test_training_with_local_crops_accumulates_to_the_full_batch(term: str) -> None:
-    task, _ = _task(f"[clip, {term}]")
+@pytest.mark.parametrize("terms", [DINO, SWAV, f"{DINO}, {SWAV}"])
+def test_training_with_local_crops_accumulates_to_the_full_batch(terms: str) -> None:
+    task, _ = _task(f"[clip, {terms}]")
     size, n = 32, 8
     samples = [generate(i, image_size=size) for i in range(n)]
     ids, mask = task.model.tokenizer([s.caption for s in samples])
@@ -159,3 +159,32 @@ def test_training_with_local_crops_accumulates_to_the_full_batch(term: str) -> N
     for name in full:
         torch.testing.assert_close(acc[name], full[name], atol=2e-5, rtol=1e-4, msg=name)
     assert acc_out["loss"] == pytest.approx(full_out["loss"], rel=1e-5)
+
+
+def test_terms_asking_for_identical_views_share_the_views_and_the_tower_pass() -> None:
+    task, _ = _task(f"[clip, {DINO}, {SWAV}]")
+    views = task.views()
+    # swav (a batch term) comes first and owns the two global views and the first two local ones
+    assert sorted(views) == ["dino/local2", "swav/local0", "swav/local1", "swav/view1", "swav/view2"]
+    g = torch.Generator().manual_seed(0)
+    shapes = {"view1": 32, "view2": 32, "local0": 16, "local1": 16, "local2": 16}
+    batch = Batch(
+        images=torch.randn(3, 3, 32, 32, generator=g),
+        keys=["a", "b", "c"],
+        views={n: torch.randn(3, 3, shapes[n.split("/")[1]], shapes[n.split("/")[1]], generator=g) for n in views},
+    )
+    batch.text, batch.text_mask = task.model.tokenizer(["x", "y", "z"])
+    assert torch.equal(task.scoped_batch("dino", batch).views["view1"], batch.views["swav/view1"])
+    assert torch.equal(task.scoped_batch("dino", batch).views["local2"], batch.views["dino/local2"])
+    calls: list[tuple[int, ...]] = []
+    hook = task.model.image.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    feats = task(batch)
+    hook.remove()
+    # clip's images, the globals (2n) once, swav's locals (2n), dino's locals (3n): dino's are new tensors
+    assert calls.count((6, 3, 32, 32)) == 1, calls
+    # the shared pass gives each term what its own pass would
+    for name in ("dino", "swav"):
+        term = task.terms[name]
+        own = term.features(task.model, task.scoped_batch(name, batch), {})
+        for key, value in own.items():
+            torch.testing.assert_close(feats[f"{name}/{key}"], value, msg=f"{name}/{key}")
