@@ -46,7 +46,7 @@ from torch import nn
 
 from mmcl.data.augment import AugmentConfig
 from mmcl.data.batch import Batch
-from mmcl.data.multicrop import local_names, multicrop_views
+from mmcl.data.multicrop import enable_dynamic_size, local_names, multicrop_views
 from mmcl.losses.base import LossTerm, StepContext
 from mmcl.losses.heads import mlp
 from mmcl.registry import LOSSES
@@ -94,6 +94,8 @@ class DINOTerm(LossTerm):
     def __init__(self, model: nn.Module, options: DINOOptions | None = None) -> None:
         super().__init__(model, options)
         o = self.options
+        if o.local_crops > 0:  # a ViT takes the small crops at their own size (the model's size unchanged)
+            enable_dynamic_size(model.image, o.local_size)
         self.head = DINOHead(model.cfg.embed_dim, o.hidden, o.bottleneck, o.out_dim)
         self.teacher_tower, self.teacher_head = copy.deepcopy(model.image), copy.deepcopy(self.head)
         for p in [*self.teacher_tower.parameters(), *self.teacher_head.parameters()]:

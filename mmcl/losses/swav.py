@@ -39,7 +39,7 @@ from torch import nn
 
 from mmcl.data.augment import AugmentConfig
 from mmcl.data.batch import Batch
-from mmcl.data.multicrop import local_names, multicrop_views
+from mmcl.data.multicrop import enable_dynamic_size, local_names, multicrop_views
 from mmcl.losses.base import LossTerm, StepContext
 from mmcl.losses.distributed import all_gather_cat, world_info
 from mmcl.losses.heads import mlp
@@ -88,6 +88,8 @@ class SwAVTerm(LossTerm):
     def __init__(self, model: nn.Module, options: SwAVOptions | None = None) -> None:
         super().__init__(model, options)
         o = self.options
+        if o.local_crops > 0:  # a ViT takes the small crops at their own size (the model's size unchanged)
+            enable_dynamic_size(model.image, o.local_size)
         self.projector = mlp(model.cfg.embed_dim, o.proj_hidden, o.proj_out, 2)
         self.prototypes = nn.Parameter(F.normalize(torch.randn(o.prototypes, o.proj_out), dim=-1))
         self.queues = nn.ModuleList([FeatureQueue(max(o.queue_size, 1), o.proj_out) for _ in range(2)])
