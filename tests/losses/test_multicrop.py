@@ -12,7 +12,7 @@ import torch
 from mmcl.config import load_experiment
 from mmcl.data.batch import Batch
 from mmcl.data.pipeline import build_stream
-from mmcl.data.shards import StreamState
+from mmcl.data.shards import StreamState, make_loader
 from mmcl.data.synthetic import generate
 from mmcl.engine.accumulate import forward_backward
 from mmcl.models import build_model
@@ -59,15 +59,17 @@ def test_views_are_two_global_and_n_local_crops() -> None:
 def test_crops_depend_on_the_sample_key_and_a_resumed_stream_repeats_them() -> None:
     task, cfg = _task(f"[clip, {DINO}]", "data.batch_size=4", "data.shuffle_buffer=8")
 
-    def stream(state: StreamState):
+    def loader(state: StreamState):  # the trainer's loader, its worker processes on
         s = build_stream(cfg.data, task.model, ["builtin:shapes/val"], train=True, seed=3, views=task.views())
-        s.start(state, 0)
-        return iter(s)
+        return make_loader(s, 2, state)
 
-    state, first = StreamState(), stream(StreamState())
-    batches = [next(first) for _ in range(3)]
-    state.record(batches[0], 1)
-    resumed = stream(StreamState.from_dict(state.to_dict()))
+    first = loader(StreamState())
+    it = iter(first)
+    batches = [next(it) for _ in range(3)]
+    del it
+    state = StreamState()
+    state.record(batches[0], first.num_workers)
+    resumed = iter(loader(StreamState.from_dict(state.to_dict())))
     for expected in batches[1:]:
         got = next(resumed)
         assert got.keys == expected.keys
