@@ -15,6 +15,18 @@ log = logging.getLogger("mmcl.config")
 
 
 @dataclass
+class BalanceConfig:
+    """MetaCLIP's long-tail balancing of the training stream (mmcl.data.balance); t 0 = off."""
+
+    t: int = 0  # keep about t captions of each concept (the paper: 20k of 400M pairs)
+    vocabulary: str = ""  # a file of concepts, one per line ("" = every word of the captions)
+    counts: str = ""  # the concept counts (JSON): read when it exists, else counted over the shards and saved there
+
+    def validate(self) -> None:
+        _require_ranges("data.balance", {"t": (self.t >= 0, f">= 0 (got {self.t})")})
+
+
+@dataclass
 class DataConfig:
     """Where samples come from and how they are batched."""
 
@@ -43,6 +55,7 @@ class DataConfig:
     # remote shards arriving slower than this (bytes/s, over windows of http_timeout s of waiting) are retried, then
     # skipped: a trickling server never stalls a read, yet never delivers (0 = no minimum)
     http_min_speed: float = 1024.0
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
 
     def validate(self) -> None:
         if self.train_weights and len(self.train_weights) != len(self.train_shards):
@@ -92,6 +105,8 @@ class ImageTowerConfig:
     preprocess: dict[str, Any] = field(default_factory=dict)
     # FLIP (Li et al. 2023): share of a ViT's patch tokens dropped at random in training (timm's patch_drop_rate)
     patch_dropout: float = 0.0
+    # MoCo v3 (Chen, Xie & He 2021): keep a ViT's random patch projection frozen (steadies training)
+    freeze_patch_embed: bool = False
     lock: bool = False  # LiT: freeze the tower
     unlocked_layers: int = 0  # with lock: keep the last N blocks trainable
     # PrefixLM conv stem: a timm CNN cut after `stem_out_index` (stride 16 for ResNets at index 3)
@@ -111,6 +126,10 @@ class ImageTowerConfig:
                 "patch_dropout": (0 <= self.patch_dropout < 1, f"in [0, 1) (got {self.patch_dropout})"),
                 "unlocked_layers": (self.unlocked_layers >= 0, f">= 0 (got {self.unlocked_layers})"),
                 "pool_heads": (self.pool_heads >= 1, f">= 1 (got {self.pool_heads})"),
+                "freeze_patch_embed": (
+                    not (self.freeze_patch_embed and self.kind == "hf_clip"),
+                    "false for kind 'hf_clip' (it applies to timm ViTs)",
+                ),
             },
         )
 

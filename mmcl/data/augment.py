@@ -56,6 +56,8 @@ class StrongAugment:
         self.size, self.cfg = image_size, cfg or AugmentConfig()
         self.mean = torch.tensor(mean).view(3, 1, 1) * 255
         self.std = torch.tensor(std).view(3, 1, 1) * 255
+        # what makes two views identical (`ImageView.spec`): terms asking for equal ones share them
+        self.spec = ("strong", image_size, repr(self.cfg), tuple(map(float, mean)), tuple(map(float, std)))
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
         import torchvision.transforms.functional as TF

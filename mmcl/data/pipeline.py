@@ -56,8 +56,13 @@ def build_stream(
             image_views=image_views,
             pixels=True,  # uint8 per sample, normalised per batch by the Collator
         )
+    urls = [expand_shards(p) for p in shards]
+    if train and cfg.balance.t > 0:  # MetaCLIP: drop samples of head concepts before they are decoded
+        from mmcl.data.balance import balanced
+
+        decoder = balanced(decoder, cfg, [u for group in urls for u in group], seed)
     return ShardStream(
-        [expand_shards(p) for p in shards],
+        urls,
         decoder,
         Collator(getattr(model, "tokenizer", None) if need_caption else None, batch_views, transform.normalize),
         batch_size or cfg.batch_size,

@@ -38,6 +38,11 @@ class ImageView:
     def __init__(self, transform) -> None:
         self.transform = transform
 
+    @property
+    def spec(self) -> Any:
+        """The transform's `spec` (hashable; equal specs draw equal views), None when it has none (never shared)."""
+        return getattr(self.transform, "spec", None)
+
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
         return self.transform(image, rng)
 

@@ -19,9 +19,16 @@ and t_t warms up linearly from `warmup_teacher_temp` to `teacher_temp` over `tea
 Centring stops one output from dominating, sharpening stops the uniform one: the term logs the entropy of
 the teacher targets (`teacher_entropy`, in nats; log K = uniform collapse, 0 = one-hot collapse).
 
+Multi-crop (`local_crops` N > 0, `mmcl.data.multicrop`): the N small local views l_1..l_N (n, 3, s, s)
+go to the student only; every teacher target is matched by every other view of the student:
+
+    L = 1 / (2 (N + 1)) sum_{v in {1, 2}} [ H(q_v, s_{3-v}) + sum_j H(q_v, s_{l_j}) ]
+
+(N = 0 is the two-view loss above). Global views then crop `global_scale` of the image, local ones
+`local_scale` at `local_size` px.
+
 A per-sample loss: gradient accumulation averages micro-batches, and the centre is a per-step statistic
-read from `ctx.features` (the step's teacher outputs of every micro-batch, `step_features`). Only the two
-global views are used here (the paper adds small local crops for the student). Heads use LayerNorm, not
+read from `ctx.features` (the step's teacher outputs of every micro-batch, `step_features`). Heads use LayerNorm, not
 BatchNorm, so accumulation stays exact (`heads.mlp`). Teacher, centre and step counter are task state:
 checkpointed and restored exactly.
 """
@@ -37,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.data.augment import AugmentConfig, StrongAugment
+from mmcl.data.augment import AugmentConfig
 from mmcl.data.batch import Batch
-from mmcl.data.views import ImageView
+from mmcl.data.multicrop import enable_dynamic_size, local_names, multicrop_views
 from mmcl.losses.base import LossTerm, StepContext
 from mmcl.losses.heads import mlp
 from mmcl.registry import LOSSES
@@ -58,6 +65,10 @@ class DINOOptions:
     momentum: float = 0.996  # teacher EMA m0
     momentum_steps: int = 0  # cosine schedule of m to 1 over this many steps (0 = constant m0)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    local_crops: int = 0  # N small views for the student (the paper: 8 at 96 px of 224)
+    local_size: int = 16
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    global_scale: tuple[float, float] = (0.4, 1.0)  # the global views' crop when local_crops > 0
 
 
 class DINOHead(nn.Module):
@@ -83,6 +94,8 @@ class DINOTerm(LossTerm):
     def __init__(self, model: nn.Module, options: DINOOptions | None = None) -> None:
         super().__init__(model, options)
         o = self.options
+        if o.local_crops > 0:  # a ViT takes the small crops at their own size (the model's size unchanged)
+            enable_dynamic_size(model.image, o.local_size)
         self.head = DINOHead(model.cfg.embed_dim, o.hidden, o.bottleneck, o.out_dim)
         self.teacher_tower, self.teacher_head = copy.deepcopy(model.image), copy.deepcopy(self.head)
         for p in [*self.teacher_tower.parameters(), *self.teacher_head.parameters()]:
@@ -92,16 +105,20 @@ class DINOTerm(LossTerm):
         object.__setattr__(self, "_online", model.image)  # not a submodule: the model owns and saves it
 
     def views(self, model: nn.Module) -> dict[str, Any]:
-        pre = model.preprocess_cfg()
-        augment = StrongAugment(pre["image_size"], self.options.augment, pre["mean"], pre["std"])
-        return {"view1": ImageView(augment), "view2": ImageView(augment)}
+        o = self.options
+        return multicrop_views(model, o.augment, o.local_crops, o.local_size, o.local_scale, o.global_scale)
 
     def features(self, model: nn.Module, batch: Batch, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         views = torch.cat([batch.views["view1"], batch.views["view2"]])  # (2n, 3, S, S): one pass for both
         s1, s2 = self.head(model.encode_image(views, normalize=False)).chunk(2)
         with torch.no_grad():
             t1, t2 = self.teacher_head(self.teacher_tower(views)).chunk(2)
-        return {"s1": s1, "s2": s2, "t1": t1, "t2": t2}
+        out = {"s1": s1, "s2": s2, "t1": t1, "t2": t2}
+        names = local_names(self.options.local_crops)
+        if names:  # (N n, 3, s, s) in one pass -> (n, N, K), the student only
+            local = self.head(model.encode_image(torch.cat([batch.views[v] for v in names]), normalize=False))
+            out["s_local"] = torch.stack(local.chunk(len(names)), dim=1)
+        return out
 
     def teacher_temp(self) -> float:
         o, k = self.options, int(self.steps)
@@ -121,7 +138,13 @@ class DINOTerm(LossTerm):
         tt, ts = self.teacher_temp(), self.options.student_temp
         q1, q2 = (F.softmax((feats[t].detach() - self.center) / tt, dim=-1) for t in ("t1", "t2"))
         log_s1, log_s2 = (F.log_softmax(feats[s] / ts, dim=-1) for s in ("s1", "s2"))
-        loss = (-(q1 * log_s2).sum(-1).mean() - (q2 * log_s1).sum(-1).mean()) / 2
+        loss = -(q1 * log_s2).sum(-1).mean() - (q2 * log_s1).sum(-1).mean()
+        pairs = 2
+        if "s_local" in feats:  # (n, N, K): each local view against both teacher targets
+            log_local = F.log_softmax(feats["s_local"] / ts, dim=-1)
+            loss = loss - ((q1 + q2)[:, None] * log_local).sum(-1).sum(1).mean()
+            pairs += 2 * log_local.shape[1]
+        loss = loss / pairs
         with torch.no_grad():
             q = torch.cat([q1, q2])
             entropy = -(q * q.clamp_min(1e-12).log()).sum(-1).mean()

@@ -12,7 +12,13 @@ rows kept at unit norm), codes from the Sinkhorn-Knopp algorithm over the scores
                  columns /= column sums, /= B }; return (B * Q)^T    (each row sums to 1, clusters equal)
     L   = 1/2 [ H(Q_1, p_2 / t) + H(Q_2, p_1 / t) ],  H(q, s) = -1/n sum_i sum_k q_ik log softmax(s_i)_k
 
-with the paper's eps = 0.05, 3 iterations, t = 0.1. The prototypes get no gradient for the first
+with the paper's eps = 0.05, 3 iterations, t = 0.1. Multi-crop (`local_crops` N > 0, `mmcl.data.multicrop`):
+codes come from the two global views only, predictions from every view, N small local ones l_j included:
+
+    L = 1 / (2 (N + 1)) sum_{v in {1, 2}} [ H(Q_v, p_{3-v} / t) + sum_j H(Q_v, p_{l_j} / t) ]
+
+(N = 0 is the loss above); global views then crop `global_scale` of the image, local ones `local_scale`
+at `local_size` px. The prototypes get no gradient for the first
 `freeze_prototypes_steps` optimizer steps (the paper: its first epoch, 313 iterations) and are
 re-normalised after each step (`on_step_end`), when the step's embeddings of every process also enter the
 queues (one per view; the paper adds a queue when the batch is smaller than K, e.g. 3840 rows).
@@ -31,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.data.augment import AugmentConfig, StrongAugment
+from mmcl.data.augment import AugmentConfig
 from mmcl.data.batch import Batch
-from mmcl.data.views import ImageView
+from mmcl.data.multicrop import enable_dynamic_size, local_names, multicrop_views
 from mmcl.losses.base import LossTerm, StepContext
 from mmcl.losses.distributed import all_gather_cat, world_info
 from mmcl.losses.heads import mlp
@@ -52,6 +58,10 @@ class SwAVOptions:
     queue_size: int = 0  # past embeddings per view added to the codes' batch (0 = none)
     freeze_prototypes_steps: int = 0  # the paper: 313
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    local_crops: int = 0  # N small views, predicted but never coded (the paper: 6 at 96 px of 224)
+    local_size: int = 16
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    global_scale: tuple[float, float] = (0.4, 1.0)  # the global views' crop when local_crops > 0
 
 
 @torch.no_grad()
@@ -78,15 +88,18 @@ class SwAVTerm(LossTerm):
     def __init__(self, model: nn.Module, options: SwAVOptions | None = None) -> None:
         super().__init__(model, options)
         o = self.options
+        if o.local_crops > 0:  # a ViT takes the small crops at their own size (the model's size unchanged)
+            enable_dynamic_size(model.image, o.local_size)
         self.projector = mlp(model.cfg.embed_dim, o.proj_hidden, o.proj_out, 2)
         self.prototypes = nn.Parameter(F.normalize(torch.randn(o.prototypes, o.proj_out), dim=-1))
         self.queues = nn.ModuleList([FeatureQueue(max(o.queue_size, 1), o.proj_out) for _ in range(2)])
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        if o.local_crops > 0:  # the local scores are rows of the batch too
+            self.batch_features = ("p1", "p2", "p_local")
 
     def views(self, model: nn.Module) -> dict[str, Any]:
-        pre = model.preprocess_cfg()
-        augment = StrongAugment(pre["image_size"], self.options.augment, pre["mean"], pre["std"])
-        return {"view1": ImageView(augment), "view2": ImageView(augment)}
+        o = self.options
+        return multicrop_views(model, o.augment, o.local_crops, o.local_size, o.local_scale, o.global_scale)
 
     def features(self, model: nn.Module, batch: Batch, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         views = torch.cat([batch.views["view1"], batch.views["view2"]])  # (2n, 3, S, S): one pass for both
@@ -94,7 +107,14 @@ class SwAVTerm(LossTerm):
         frozen = int(self.steps) < self.options.freeze_prototypes_steps
         p1, p2 = (z @ (self.prototypes.detach() if frozen else self.prototypes).T).chunk(2)
         z1, z2 = z.detach().chunk(2)
-        return {"p1": p1, "p2": p2, "z1": z1, "z2": z2}
+        out = {"p1": p1, "p2": p2, "z1": z1, "z2": z2}
+        names = local_names(self.options.local_crops)
+        if names:  # (N n, 3, s, s) in one pass -> scores (n, N, K)
+            local = torch.cat([batch.views[v] for v in names])
+            zl = F.normalize(self.projector(model.encode_image(local, normalize=False)), dim=-1)
+            pl = zl @ (self.prototypes.detach() if frozen else self.prototypes).T
+            out["p_local"] = torch.stack(pl.chunk(len(names)), dim=1)
+        return out
 
     def codes(self, p: torch.Tensor, queue: FeatureQueue) -> torch.Tensor:
         """Codes of this rank's rows `p` (n, K), from the scores of every rank and the (full) queue."""
@@ -111,10 +131,15 @@ class SwAVTerm(LossTerm):
         q1, q2 = self.codes(feats["p1"], self.queues[0]), self.codes(feats["p2"], self.queues[1])
         loss12 = -(q1 * F.log_softmax(feats["p2"] / t, dim=-1)).sum(-1).mean()
         loss21 = -(q2 * F.log_softmax(feats["p1"] / t, dim=-1)).sum(-1).mean()
+        loss, pairs = loss12 + loss21, 2
+        if "p_local" in feats:  # (n, N, K): each local view predicts both global codes
+            log_local = F.log_softmax(feats["p_local"] / t, dim=-1)
+            loss = loss - ((q1 + q2)[:, None] * log_local).sum(-1).sum(1).mean()
+            pairs += 2 * log_local.shape[1]
         with torch.no_grad():
             q = torch.cat([q1, q2])
             entropy = -(q * q.clamp_min(1e-12).log()).sum(-1).mean()
-        return {"loss": (loss12 + loss21) / 2, "code_entropy": entropy, "queue": self.queues[0].filled.float()}
+        return {"loss": loss / pairs, "code_entropy": entropy, "queue": self.queues[0].filled.float()}
 
     @torch.no_grad()
     def on_step_end(self, ctx: StepContext) -> None:

@@ -175,6 +175,15 @@ class ImageTower(nn.Module):
         self.class_token_shortcut = self.attn_pool is None and _class_token_shortcut_ok(self.trunk)
         if not cfg.pretrained and cfg.init == "clip" and self.class_token_shortcut:
             clip_init_vit(self.trunk)
+        if cfg.freeze_patch_embed:
+            self.freeze_patch_embed()
+
+    def freeze_patch_embed(self) -> None:
+        """MoCo v3's stability trick: the patch projection stays at its (random) init, out of the optimizer."""
+        patch_embed = getattr(self.trunk, "patch_embed", None)
+        if not isinstance(patch_embed, nn.Module):
+            raise UserError(f"model.image.freeze_patch_embed needs a ViT; {self.cfg.timm_name} has no patch_embed")
+        patch_embed.requires_grad_(False)
 
     def _create_trunk(self, cfg: ImageTowerConfig, num_classes: int | None) -> nn.Module:
         return _create_timm(cfg, num_classes)

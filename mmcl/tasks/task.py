@@ -46,6 +46,7 @@ class Task(nn.Module):
         self.weights = {name: weight for name, weight, _ in ordered}
         self._model_inputs = _forward_params(model)
         self.step_features: dict[str, torch.Tensor] = {}  # the last step's step features (set by the accumulator)
+        self._view_alias: dict[str, str] | None = None  # `term/view` -> the identical view another term owns
         for name, term in self.terms.items():
             missing = [i for i in term.inputs if i not in self._model_inputs]
             if missing:
@@ -58,16 +59,35 @@ class Task(nn.Module):
 
     def views(self) -> dict[str, Any]:
         """The named inputs every term needs from the loader (`mmcl.data.views`), under `term/name`:
-        a sample view's output is stored under its key, a batch view's outputs under the term's name."""
+        a sample view's output is stored under its key, a batch view's outputs under the term's name.
+
+        Identical views are built once: the k-th view of a term with a given `spec` (`ImageView.spec`: the
+        transform and its settings) is the k-th view of that spec of the first term asking for it, and is
+        handed to both (`scoped_batch`); e.g. dino and swav with the same augmentation share their two views.
+        """
         views: dict[str, Any] = {}
+        owners: dict[tuple, str] = {}
+        self._view_alias = {}
         for name, term in self.terms.items():
+            seen: dict[Any, int] = {}
             for view, builder in term.views(self.model).items():
+                spec = getattr(builder, "spec", None) if builder.kind == "sample" else None
+                if spec is not None:
+                    k = seen[spec] = seen.get(spec, -1) + 1
+                    owner = owners.setdefault((spec, k), f"{name}/{view}")
+                    if owner != f"{name}/{view}":
+                        self._view_alias[f"{name}/{view}"] = owner
+                        continue
                 views[f"{name}/{view}"] = builder if builder.kind == "sample" else ScopedBatchView(name, builder)
         return views
 
     def scoped_batch(self, name: str, batch: Batch) -> Batch:
-        """`batch` as term `name` sees it: its own views by their plain names."""
-        return replace(batch, views=TermScope(name, "view", batch.views, {}))
+        """`batch` as term `name` sees it: its own views by their plain names (shared ones included)."""
+        if self._view_alias is None:
+            self.views()
+        shared = {a: batch.views[o] for a, o in self._view_alias.items() if a not in batch.views and o in batch.views}
+        store = {**batch.views, **shared} if shared else batch.views
+        return replace(batch, views=TermScope(name, "view", store, {}))
 
     def scoped_features(self, name: str, feats: Mapping[str, torch.Tensor]) -> TermScope:
         """`feats` as term `name` sees it: its own features and the model's, by plain name."""
@@ -117,8 +137,9 @@ class Task(nn.Module):
                 f"the batch has no {absent} for the loss terms {list(self.terms)} (keys {batch.keys[:2]}...)"
             )
         feats = dict(self.model(**inputs)) if inputs else {}  # image-image terms may need views only
+        model = SharedPasses(self.model)  # one image-tower pass for terms encoding the same views
         for name, term in terms.items():
-            extra = term.features(self.model, self.scoped_batch(name, batch), self.scoped_features(name, feats))
+            extra = term.features(model, self.scoped_batch(name, batch), self.scoped_features(name, feats))
             feats.update({f"{name}/{k}": v for k, v in extra.items()})
         return feats
 
@@ -187,6 +208,29 @@ class Task(nn.Module):
         own step features (`ctx.features`: the step's rows, `step_feature_rows`) by plain name."""
         for name, term in self.terms.items():
             term.on_step_end(replace(ctx, features=self.scoped_features(name, ctx.features)))
+
+
+class SharedPasses:
+    """The model as the terms' `features` see it in one forward: `encode_image` of images some term already
+    encoded (equal values, e.g. the same shared views) returns that pass's features (and graph) instead of
+    running the tower again. Everything else is the model's."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self._model, self._passes = model, []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._model, name)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        out = next((o for x, o in self._passes if _same(x, images)), None)
+        if out is None:
+            out = self._model.encode_image(images, normalize=False)
+            self._passes.append((images, out))
+        return torch.nn.functional.normalize(out, dim=-1) if normalize else out
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
 
 
 class TermKeyError(UserError, KeyError):
