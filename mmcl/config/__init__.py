@@ -22,6 +22,7 @@ from mmcl.config.experiment import (
 )
 from mmcl.config.schema import (
     MAX_WARMUP_FRACTION,
+    BalanceConfig,
     DataConfig,
     DecoderConfig,
     EvalConfig,
@@ -54,6 +55,7 @@ __all__ = [
     "parse_overrides",
     "load_yaml",
     "save_yaml",
+    "BalanceConfig",
     "DataConfig",
     "ImageTowerConfig",
     "TextTowerConfig",
