@@ -146,7 +146,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mmcl.eval.datasets import open_eval_dataset
-    from mmcl.eval.report import write_report
     from mmcl.eval.runner import evaluate_captions, evaluate_retrieval, evaluate_zero_shot
     from mmcl.eval.templates import load_templates
     from mmcl.inference import load_pipeline
@@ -198,8 +197,14 @@ def run(args: argparse.Namespace) -> int:
         settings.update(gen)
         pipeline = load_pipeline(args.run)
         results = evaluate_captions(pipeline, dataset, generate_kwargs=gen, **common)
-    out = report_dir(args, task)
-    written = write_report(results, out, title=f"{task} evaluation of {args.run}", settings=settings)
+    return report_metrics(args, task, results, settings)
+
+
+def report_metrics(args: argparse.Namespace, task: str, results: dict, settings: dict) -> int:
+    """Write the report of `results` and print its metrics, what was skipped and where the report is."""
+    from mmcl.eval.report import write_report
+
+    written = write_report(results, report_dir(args, task), title=f"{task} evaluation of {args.run}", settings=settings)
     for k, v in results["metrics"].items():
         print(f"{k:>24}  {v:.4f}" if isinstance(v, float) else f"{k:>24}  {v}")
     if results.get("skipped"):
@@ -253,7 +258,6 @@ def run_compositional(args: argparse.Namespace) -> int:
 def run_probe(args: argparse.Namespace) -> int:
     from mmcl.eval.datasets import open_eval_dataset
     from mmcl.eval.linear_probe import ProbeSettings
-    from mmcl.eval.report import write_report
     from mmcl.eval.runner import evaluate_probe
     from mmcl.inference import load_pipeline
 
@@ -291,14 +295,7 @@ def run_probe(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         **options,
     )
-    out = report_dir(args, args.eval_task)
-    written = write_report(results, out, title=f"{args.eval_task} evaluation of {args.run}", settings=settings)
-    for k, v in results["metrics"].items():
-        print(f"{k:>24}  {v:.4f}" if isinstance(v, float) else f"{k:>24}  {v}")
-    if results.get("skipped"):
-        print(f"{'skipped':>24}  {describe_counts(results['skipped'])}")
-    print(f"report: {written['eval.md']}")
-    return 0
+    return report_metrics(args, args.eval_task, results, settings)
 
 
 def run_group_scores(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ddp_runner import DDPRunner
 
 from mmcl.config import load_experiment
 from mmcl.data.batch import Batch
@@ -149,24 +150,6 @@ def test_dropout_is_replayed_in_the_recompute_pass() -> None:
 # ---------------------------------------------------------------- DDP: 2 processes x 2 micro-batches
 
 WORLD = 2
-
-
-class DDPRunner:
-    """The parts of an Accelerator the accumulator uses, over a plain DistributedDataParallel."""
-
-    def __init__(self, ddp) -> None:
-        self.ddp, self.device = ddp, torch.device("cpu")
-
-    def no_sync(self, module):
-        return module.no_sync()
-
-    def autocast(self):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
 
 
 def _ddp_worker(rank: int, port: int, root: str) -> None:

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from ddp_runner import DDPRunner
 
 from mmcl.config import load_experiment
 from mmcl.data.batch import Batch
@@ -120,24 +121,6 @@ def test_accumulated_gradient_equals_the_full_batch() -> None:
     for name in full:
         torch.testing.assert_close(acc[name], full[name], atol=2e-5, rtol=1e-4, msg=name)
     assert acc_out["loss"] == pytest.approx(full_out["loss"], rel=1e-5)
-
-
-class DDPRunner:
-    """What `forward_backward` asks of the accelerator, for a bare DDP module."""
-
-    def __init__(self, ddp) -> None:
-        self.ddp, self.device = ddp, torch.device("cpu")
-
-    def no_sync(self, module):
-        return module.no_sync()
-
-    def autocast(self):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
 
 
 def _ddp_worker(rank: int, port: int, root: str) -> None:

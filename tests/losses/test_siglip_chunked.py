@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ddp_runner import DDPRunner
 from loss_reference import LOG_SCALE, accuracy_reference, random_features, siglip_loss_reference
 
 from mmcl.config import load_experiment
@@ -153,24 +154,6 @@ def test_term_option_under_accumulation_equals_the_gather_full_batch() -> None:
         torch.testing.assert_close(acc[name], full[name], atol=2e-5, rtol=1e-4, msg=name)
     for name in ("loss", "siglip_loss", "acc_i2t", "acc_t2i"):
         assert acc_out[name] == pytest.approx(full_out[name], rel=1e-5, abs=1e-6), name
-
-
-class DDPRunner:
-    """The parts of an Accelerator the accumulator uses, over a plain DistributedDataParallel."""
-
-    def __init__(self, ddp) -> None:
-        self.ddp, self.device = ddp, torch.device("cpu")
-
-    def no_sync(self, module):
-        return module.no_sync()
-
-    def autocast(self):
-        import contextlib
-
-        return contextlib.nullcontext()
-
-    def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
 
 
 def _ddp_worker(rank: int, port: int, root: str) -> None:
