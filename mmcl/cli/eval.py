@@ -66,7 +66,7 @@ def report_dir(args: argparse.Namespace, task: str) -> Path:
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval",
-        help="evaluate a trained model: zero-shot, retrieval, captioning, compositional",
+        help="evaluate a model: zero-shot, retrieval, captioning, compositional, linear probe, k-NN",
         description="Evaluate a run folder (or checkpoint folder) and write eval.json, eval.md and plots.",
     )
     sub = p.add_subparsers(dest="eval_task", metavar="TASK", required=True)

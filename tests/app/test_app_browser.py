@@ -161,6 +161,12 @@ def test_every_element_of_every_tab(served, tmp_path):
             expect(uploaded).to_have_count(0, timeout=WAIT)
             page.locator("#zs_image button[aria-label='Capture from camera']").click()
             page.locator("#zs_image").get_by_text("Click to Access Webcam").click()
+            # capture only once the camera delivers frames (a click before the stream starts captures nothing)
+            page.wait_for_function(
+                "() => { const v = document.querySelector('#zs_image video');"
+                " return v !== null && v.readyState >= 2 && v.videoWidth > 0; }",
+                timeout=WAIT,
+            )
             page.locator("#zs_image button[aria-label='capture photo']").click()
             expect(uploaded.first).to_be_visible(timeout=WAIT)
             page.locator("#classify").click()
