@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from mmcl.utils import UserError
+
 log = logging.getLogger("mmcl")
 
 LOCAL_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -56,6 +58,15 @@ def split_host(value: str) -> tuple[str, int | None] | None:
         return parts.hostname.lower(), parts.port  # .port raises ValueError on 'host:abc' or a port > 65535
     except ValueError:
         return None
+
+
+def _allowed_name(value: str) -> str:
+    """The host name of an `--allow-host` value: 'box.lan', 'box.lan:7860' (as an address bar shows it, the port
+    ignored: the guard is about names) or '[fd00::5]:80'; a URL or anything else is refused in one line."""
+    parsed = split_host(value)
+    if parsed is None:
+        raise UserError(f"--allow-host '{value[:200]}': not a host name (give NAME or NAME:PORT, e.g. box.lan:7860)")
+    return parsed[0]
 
 
 def _is_ip(name: str) -> bool:
@@ -104,7 +115,7 @@ class HostGuard:
     ) -> None:
         self.app = app
         self.bound = bound.strip().strip("[]").lower()
-        self.allowed = {a.strip().strip("[]").lower() for a in allowed}
+        self.allowed = {_allowed_name(a) for a in allowed}
         self.share_url = share_url
         self.report = _OncePerValue()
 

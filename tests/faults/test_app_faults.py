@@ -117,6 +117,18 @@ def test_host_guard_policy(bound, host, ok):
     assert HostGuard(None, bound=bound).host_ok(host) is ok
 
 
+def test_allow_host_takes_a_name_with_a_port_and_refuses_a_url_in_one_line():
+    """`--allow-host box.lan:7860` (how the address bar shows it) allows the name; a URL is a mistake, said so."""
+    from mmcl.app.guard import HostGuard
+    from mmcl.utils import UserError
+
+    guard = HostGuard(None, allowed=["Box.LAN:7860", "[fd00::5]:80"])
+    assert guard.host_ok("box.lan:7860") and guard.host_ok("box.lan") and guard.host_ok("[fd00::5]:7860")
+    assert not guard.host_ok("other.lan:7860")
+    with pytest.raises(UserError, match=r"--allow-host 'http://box.lan/': .*a host name"):
+        HostGuard(None, allowed=["http://box.lan/"])
+
+
 def test_host_guard_accepts_the_share_link_once_it_exists():
     from mmcl.app.guard import HostGuard
 
