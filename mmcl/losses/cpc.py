@@ -12,8 +12,9 @@ the code k tokens ahead, scored against every other position u of the same capti
 
 (InfoNCE over the caption's positions; the paper also draws negatives from other sequences.) A per-sample
 loss (each caption's positives and negatives are its own): accumulation weighs micro-batches by their
-number of predictions (`count`). Image rows (Henaff et al. 2019) need per-patch states the image towers do
-not expose; a bidirectional text tower (`kind: hf`) would see the future it predicts and is refused.
+number of predictions (`count`). The image side (Hénaff et al. 2019: rows of image patches predicting the rows
+below) is the `cpc_image` term; a bidirectional text tower (`kind: hf`) would see the future it predicts
+and is refused.
 """
 
 from __future__ import annotations

@@ -399,7 +399,8 @@ def test_instdisc_bank_is_addressed_by_key_and_moves_after_the_step() -> None:
     feats = term.features(task.model, Batch(images=torch.randn(3, 3, size, size), keys=keys), {})
     assert feats["slot"].tolist() == [key_slot(k, 32) for k in keys]
     before = term.bank.float().clone()
-    task.on_step_end(StepContext(1, features={"instdisc/v": feats["v"].detach(), "instdisc/slot": feats["slot"]}))
+    step = {"instdisc/v": feats["v"].detach(), "instdisc/slot": feats["slot"], "instdisc/owner": feats["owner"]}
+    task.on_step_end(StepContext(1, features=step))
     for i, s in enumerate(feats["slot"].tolist()):
         expected = F.normalize(0.25 * before[s] + 0.75 * feats["v"][i].detach(), dim=0)
         torch.testing.assert_close(term.bank[s].float(), expected, atol=2e-3, rtol=0)  # fp16 entries
