@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     DATA,
+    OPENCLIP_TINY_NAME,
     RESULTS,
     machine_info,
     machine_markdown,
@@ -136,13 +137,33 @@ def bench_args(args: argparse.Namespace):
     return argparse.Namespace(workers=args.workers, run_timeout=args.run_timeout)
 
 
-def mmcl_overrides(objective: str, tower: str, steps: int) -> list[str]:
+def mmcl_overrides(objective: str, tower: str, steps: int, image_size: int = 64) -> list[str]:
     terms, extra, _ = OBJECTIVES[objective]
     warmup = [f"train.warmup_steps={min(30, max(1, steps // 10))}"]
-    return [*RECIPE, *warmup, f"loss.terms={terms}", *extra]
+    return [*RECIPE, *warmup, f"loss.terms={terms}", f"model.image.image_size={image_size}", *extra]
 
 
-def evaluate(pipe: Any, val: Path, classnames_file: Path, compositional: bool = True) -> dict[str, Any]:
+def open_clip_model(tower: str, image_size: int) -> str:
+    """open_clip's name of the tower's twin at `image_size`: the 64 px config, or a copy of it at another size
+    written to `DATA/open_clip_configs/` (which `common.patch_open_clip` registers in every process)."""
+    name = TOWERS[tower][1]
+    if image_size == 64:
+        return name
+    from common import REPO, openclip_tiny_config
+
+    source = openclip_tiny_config() if name == OPENCLIP_TINY_NAME else REPO / "bench" / "configs" / f"{name}.json"
+    cfg = json.loads(source.read_text())
+    cfg["vision_cfg"]["image_size"] = image_size
+    sized = name.removesuffix("-64") + f"-{image_size}"
+    path = DATA / "open_clip_configs" / f"{sized}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cfg, indent=2))
+    return sized
+
+
+def evaluate(
+    pipe: Any, val: Path, classnames_file: Path, compositional: bool = True, image_size: int = 64
+) -> dict[str, Any]:
     """Zero-shot, its colour / shape breakdown (built-in shapes' 8 x 5 label order), text->image R@5 and
     the compositional subsets of held-out built-in samples (`compositional`)."""
     from mmcl.eval.datasets import open_eval_dataset
@@ -167,7 +188,7 @@ def evaluate(pipe: Any, val: Path, classnames_file: Path, compositional: bool = 
         return out
     from mmcl.eval.compositional import evaluate_compositional, generated_pairs, synthetic_samples
 
-    pairs = generated_pairs(synthetic_samples(2000, split="val", image_size=64), max_per_subset=200)
+    pairs = generated_pairs(synthetic_samples(2000, split="val", image_size=image_size), max_per_subset=200)
     res = evaluate_compositional(pipe, pairs, batch_size=256, num_examples=0)
     out.update({f"comp_{k}": float(v) for k, v in res["metrics"].items() if k != "n_pairs"})
     return out
@@ -207,11 +228,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from mmcl.inference import load_pipeline
 
     n_train, n_val = (1200, 200) if args.tiny else (20000, 1000)
+    S = args.image_size
     if args.captions == "shapeless":
-        train = shapeless_shards(DATA / f"shapeless_train_64px_{n_train}", n_train, 64, max(n_train // 20, 1))
+        train = shapeless_shards(DATA / f"shapeless_train_{S}px_{n_train}", n_train, S, max(n_train // 20, 1))
     else:
-        train = synthetic_shards(DATA / f"synthetic_train_64px_{n_train}", n_train, "train", 64, max(n_train // 20, 1))
-    val = synthetic_shards(DATA / f"synthetic_val_64px_{n_val}", n_val, "val", 64, 250)
+        train = synthetic_shards(DATA / f"synthetic_train_{S}px_{n_train}", n_train, "train", S, max(n_train // 20, 1))
+    val = synthetic_shards(DATA / f"synthetic_val_{S}px_{n_val}", n_val, "val", S, 250)
     work = Path(tempfile.mkdtemp(prefix="bench_objectives_"))
     bench = Bench(bench_args(args), work)
     B = args.batch_size
@@ -242,10 +264,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             name = f"calib_{tower}_{objective}".replace("+", "p")
             if kind == "mmcl":
                 argv = bench.mmcl_args(
-                    name, TOWERS[tower][0], train, calib_steps, B, mmcl_overrides(objective, tower, calib_steps)
+                    name, TOWERS[tower][0], train, calib_steps, B, mmcl_overrides(objective, tower, calib_steps, S)
                 )
             else:
-                argv = bench.open_clip_args(name, TOWERS[tower][1], train, calib_steps, B)
+                argv = bench.open_clip_args(name, open_clip_model(tower, S), train, calib_steps, B)
             res = bench.launch(name, kind, argv, B, skip=min(6, calib_steps // 2))
             results["calibration"][key] = {k: res.get(k) for k in ("samples_per_s", "loadavg_1min_after", "error")}
             shutil.rmtree(work / name, ignore_errors=True)
@@ -267,9 +289,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 name = f"{tower}_{objective}_s{seed}".replace("+", "p")
                 if kind == "mmcl":
                     argv = bench.mmcl_args(name, TOWERS[tower][0], train, steps, B,
-                                           [*mmcl_overrides(objective, tower, steps), f"train.seed={seed}"])  # fmt: skip
+                                           [*mmcl_overrides(objective, tower, steps, S), f"train.seed={seed}"])  # fmt: skip
                 else:
-                    argv = bench.open_clip_args(name, TOWERS[tower][1], train, steps, B, ["--seed", str(seed)])
+                    argv = bench.open_clip_args(name, open_clip_model(tower, S), train, steps, B, ["--seed", str(seed)])
                 res = bench.launch(name, kind, argv, B, skip=min(6, steps // 2))
                 row = {"tower": tower, "objective": objective, "seed": seed, "steps": steps, "kind": kind,
                        "samples_per_s": sps or res.get("samples_per_s"), "train_wall_s": res.get("wall_s"),
@@ -278,9 +300,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     row["error"] = res["error"][-500:]
                 else:
                     pipe = (
-                        load_pipeline(work / name) if kind == "mmcl" else open_clip_pipe(work, name, TOWERS[tower][1])
+                        load_pipeline(work / name)
+                        if kind == "mmcl"
+                        else open_clip_pipe(work, name, open_clip_model(tower, S))
                     )
-                    row.update(evaluate(pipe, val, train / "classnames.txt"))
+                    row.update(evaluate(pipe, val, train / "classnames.txt", image_size=S))
                 print(json.dumps(row), flush=True)
                 results["runs"].append(row)
                 shutil.rmtree(work / name, ignore_errors=True)
@@ -334,11 +358,11 @@ def to_markdown(res: dict[str, Any]) -> str:
     ]  # fmt: skip
     s = res["settings"]
     if s.get("budget_s"):
-        title = "# Contrastive objectives at equal wall time (built-in shapes, 64 px)"
+        title = f"# Contrastive objectives at equal wall time (built-in shapes, {s['image_size']} px)"
         budget = (f"Each configuration trains for the steps it runs in {s['budget_s']:.0f} s at its calibrated speed "
                   "on this machine")  # fmt: skip
     else:
-        title = f"# Contrastive objectives at equal steps (built-in shapes, 64 px, {s['steps']} steps)"
+        title = f"# Contrastive objectives at equal steps (built-in shapes, {s['image_size']} px, {s['steps']} steps)"
         budget = (f"Each configuration trains for {s['steps']} optimizer steps (samples/s: measured in the run itself, "
                   "under the load recorded below, so compare speeds within the table only)")  # fmt: skip
     return "\n\n".join([
@@ -368,6 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--captions", choices=["full", "shapeless"], default="full",
                    help="shapeless: training captions never name the shape (evaluation unchanged); results go to "
                    "objectives_shapeless.{json,md}")  # fmt: skip
+    p.add_argument("--image-size", type=int, default=64, help="pixels (data, both libraries' towers)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--calib-steps", type=int, default=16)

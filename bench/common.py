@@ -126,6 +126,9 @@ def patch_open_clip() -> None:
     register_timm_narrow_cnn()
     for config in sorted((REPO / "bench" / "configs").glob("*.json")):  # configs the exporter cannot derive
         open_clip.add_model_config(str(config))  # e.g. open_clip-tiny-cnn-64: a timm resnet10t tower
+    sized = DATA / "open_clip_configs"  # the same at other image sizes (bench_objectives --image-size)
+    if sized.is_dir():
+        open_clip.add_model_config(str(sized))
 
 
 NARROW_CNN_CHANNELS = (38, 76, 152, 304)  # = mmcl's clip-tiny-cnn-narrow-64 preset (timm_kwargs.channels)
