@@ -96,14 +96,18 @@ class FILIPTerm(LossTerm):
     def forward(self, feats: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
         rank, _ = world_info()
         x, y, mask, t = feats["image_tokens"], feats["text_tokens"], feats["text_token_mask"], feats["logit_scale"]
-        all_x, all_y = all_gather_cat(x), all_gather_cat(y)
+        n, k, d = x.shape
+        # one differentiable gather for both sides: two would be two collectives in backward, whose order
+        # autograd does not fix across ranks (gloo emulates the reduce-scatter with ordered scatters)
+        both = all_gather_cat(torch.cat([x.flatten(1), y.flatten(1)], dim=1))  # (P*n, N*D + L*D)
+        all_x, all_y = both[:, : k * d].view(-1, k, d), both[:, k * d :].view(-1, y.shape[1], d)
         all_mask = all_gather_cat(mask, with_grad=False)
         length = int(all_mask.any(0).nonzero().max()) + 1  # the global batch's longest caption: the rest is padding
         y, mask, all_y, all_mask = y[:, :length], mask[:, :length], all_y[:, :length], all_mask[:, :length]
         s_i2t, t_max = token_similarity(x, y, all_x, all_y, all_mask)  # (n, P*n), (n, P*n, L)
         m = mask.to(t_max.dtype)  # the rows' captions: s_t2i(j, i) for this rank's caption j against image i
         s_t2i = (t_max * m[:, None, :]).sum(-1) / m.sum(-1, keepdim=True).clamp(min=1)  # (n, P*n)
-        labels = torch.arange(x.shape[0], device=x.device) + rank * x.shape[0]
+        labels = torch.arange(n, device=x.device) + rank * n
         logits_i2t, logits_t2i = t * s_i2t, t * s_t2i
         loss = (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
         with torch.no_grad():
