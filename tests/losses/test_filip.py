@@ -184,3 +184,17 @@ def test_a_tiny_model_learns_with_filip_alone() -> None:
         opt.step()
     after = pair_ranking(task.eval(), val)
     assert max(before) < 0.56 and min(after) >= 0.7, (before, after)
+
+
+@pytest.mark.parametrize("preset", ["clip-tiny", "clip-tiny-cnn-narrow-64"])
+def test_alone_every_parameter_gets_a_gradient(preset: str) -> None:
+    """DDP (no `find_unused_parameters`) needs every trainable parameter in the graph: with the term alone the
+    pooled features are computed but unused, so the tokens alone must reach the whole model (the attention
+    pool's query and key slices share one weight with its values)."""
+    task = _task("[filip]", f"model.preset={preset}", *(["model.image.pool=attention"] if "cnn" in preset else []))
+    size = task.model.preprocess_cfg()["image_size"]
+    ids, mask = task.model.tokenizer(["a red square", "a blue star left of a green circle"])
+    batch = Batch(images=torch.randn(2, 3, size, size), text=ids, text_mask=mask)
+    forward_backward(task.train(), [batch])
+    missing = [n for n, p in task.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
