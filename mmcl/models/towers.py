@@ -140,7 +140,8 @@ def attention_pool(trunk: nn.Module, cfg: ImageTowerConfig) -> nn.Module:
 def _attention_pool_values(pool: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
     """Each position's value through timm's `AttentionPool2d` (no attention): (B, C, h, w) -> (B, h*w, C_out).
 
-    The pool's output is `proj(sum_k a_hk v_k)` per head h; these are the `proj(v_k)` it averages.
+    The pool's output is `proj(sum_k a_hk v_k)` per head h (k over the mean token and the positions); these
+    are the positions' `proj(v_k)`.
     """
     from timm.layers import resample_abs_pos_embed
 
@@ -233,8 +234,9 @@ class ImageTower(nn.Module):
         the pooled output). With the attention pool, each position's value through the pool (map + its 2-D
         position embedding -> value projection -> the pool's output projection), then the projection, as
         MaskCLIP (Zhou et al. 2022) takes CLIP's ModifiedResNet's dense features: the pooled vector is, head
-        by head, an attention-weighted average of exactly these values, so tokens and pooled output share
-        one space; a separate linear map would start in another space and train only through the token term.
+        by head, an attention-weighted average of these values (and of the mean query token's own), so tokens
+        and pooled output share one space; a separate linear map would start in another space and train only
+        through the token term. (A ViT with an average-pooling head gets its `fc_norm` per token.)
         """
         trunk = self.trunk
         if getattr(trunk, "patch_embed", None) is not None:  # ViT (timm, hybrid): (B, prefix + N, C)
@@ -439,7 +441,7 @@ class ClipTextTower(nn.Module):
         The mask keeps the real tokens up to the EOS but not a leading BOS: in a causal tower its state sees
         only itself, the same vector for every caption.
         """
-        b, n = text.shape
+        n = text.shape[1]
         idx = eos_index(text, text_mask, self.eos_id, self.pad_id)  # (B,)
         states = self.token_states(text, text_mask) @ self.text_projection  # (B, longest, D)
         tokens = F.pad(states, (0, 0, 0, n - states.shape[1]))
