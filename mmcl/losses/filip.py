@@ -18,6 +18,10 @@ random subset of k tokens per image in training (the same k for every image, dra
 gradient accumulation replays the draw). Caption tokens are the tower's real tokens up to the EOS, without
 a causal tower's BOS (its state is the same for every caption).
 
+Memory: the (n, P*n, N, L) token similarities are materialised with their gradient, n*P*n*N*L floats (toy
+towers: 64*64*16*32 = 2M; ViT-B/16 at 224 px with 256 rows per device out of 1024 and 77 tokens: 4G, too many):
+at that scale keep fewer image tokens (`image_tokens`) or compute the columns in chunks.
+
 Beside `clip` (`loss.terms: [clip, filip]`) it adds the fine-grained term to the pooled one, sharing the
 temperature; alone it trains the towers' tokens only (zero-shot eval and retrieval still read the pooled
 features, which then train only through what the towers share).
