@@ -101,8 +101,9 @@ class FILIPTerm(LossTerm):
         rank, _ = world_info()
         x, y, mask, t = feats["image_tokens"], feats["text_tokens"], feats["text_token_mask"], feats["logit_scale"]
         n, k, d = x.shape
-        # one differentiable gather for both sides: two would be two collectives in backward, whose order
-        # autograd does not fix across ranks (gloo emulates the reduce-scatter with ordered scatters)
+        # one differentiable gather of both sides, sliced: the gradient reaching the gather is then contiguous.
+        # Gathering x and y apart, the einsums hand torch.distributed.nn's all_gather non-contiguous gradients,
+        # which its gloo backward (scatters into `empty_like` buffers) mixes up: wrong gradients, right loss.
         both = all_gather_cat(torch.cat([x.flatten(1), y.flatten(1)], dim=1))  # (P*n, N*D + L*D)
         all_x, all_y = both[:, : k * d].view(-1, k, d), both[:, k * d :].view(-1, y.shape[1], d)
         all_mask = all_gather_cat(mask, with_grad=False)
