@@ -14,6 +14,7 @@ from mmcl.data.text import Tokenizer, build_tokenizer
 from mmcl.models.lock import set_locked_eval
 from mmcl.models.towers import build_image_tower, build_text_tower
 from mmcl.registry import MODELS
+from mmcl.utils import UserError
 
 
 class CLIP(nn.Module):
@@ -68,6 +69,20 @@ class CLIP(nn.Module):
         features = self.text(text, text_mask)
         return F.normalize(features, dim=-1) if normalize else features
 
+    def encode_image_tokens(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N, D) per-patch / per-position features in the joint space (unit length with
+        `normalize`), for token-level objectives (FILIP); towers without them: a one-line UserError."""
+        tokens = _token_method(self.image, "image", self.cfg.image.kind)(images)
+        return F.normalize(tokens, dim=-1) if normalize else tokens
+
+    def encode_text_tokens(
+        self, text: torch.Tensor, text_mask: torch.Tensor | None = None, normalize: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L) ids (+ mask) -> ((B, L, D) per-token features in the joint space, unit length with `normalize`
+        and zero at padding; (B, L) bool mask of the tokens that carry the caption)."""
+        tokens, mask = _token_method(self.text, "text", self.cfg.text.kind)(text, text_mask)
+        return (F.normalize(tokens, dim=-1) if normalize else tokens), mask
+
     def scale_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(exp of the clamped logit_scale, logit_bias or None)."""
         return self.logit_scale.clamp(max=self.max_log_scale).exp(), self.logit_bias
@@ -112,6 +127,17 @@ class CLIP(nn.Module):
         """Recompute tower activations in the backward pass (memory for compute)."""
         self.image.set_grad_checkpointing(enable)
         self.text.set_grad_checkpointing(enable)
+
+
+def _token_method(tower: nn.Module, side: str, kind: str):
+    """The tower's `forward_tokens`, or a one-line UserError naming the tower."""
+    method = getattr(tower, "forward_tokens", None)
+    if method is None:
+        raise UserError(
+            f"the {side} tower {type(tower).__name__} (model.{side}.kind '{kind}') has no per-token outputs; "
+            "token-level terms need a timm/hybrid image tower and a clip/hf text tower"
+        )
+    return method
 
 
 @MODELS.register("clip")

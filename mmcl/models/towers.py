@@ -137,6 +137,25 @@ def attention_pool(trunk: nn.Module, cfg: ImageTowerConfig) -> nn.Module:
     return AttentionPool2d(width, feat_size=side, out_features=0, num_heads=cfg.pool_heads)
 
 
+def _attention_pool_values(pool: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
+    """Each position's value through timm's `AttentionPool2d` (no attention): (B, C, h, w) -> (B, h*w, C_out).
+
+    The pool's output is `proj(sum_k a_hk v_k)` per head h (k over the mean token and the positions); these
+    are the positions' `proj(v_k)`.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    b, _, h, w = fmap.shape
+    pos = resample_abs_pos_embed(pool.pos_embed.unsqueeze(0), (h, w), old_size=pool.feat_size, num_prefix_tokens=1)
+    x = fmap.flatten(2).transpose(1, 2) + pos[:, 1:]  # (B, h*w, C): the positions, without the mean query token
+    if pool.qkv is None:
+        v = pool.v(x)
+    else:
+        dim = pool.embed_dim
+        v = F.linear(x, pool.qkv.weight[2 * dim :], None if pool.qkv.bias is None else pool.qkv.bias[2 * dim :])
+    return pool.proj(v)
+
+
 @IMAGE_TOWERS.register("timm")
 class ImageTower(nn.Module):
     """A timm backbone and a bias-free linear projection to the joint embedding.
@@ -205,6 +224,28 @@ class ImageTower(nn.Module):
             else _class_token_block(last, x)
         )
         return self.proj(trunk.forward_head(trunk.norm(x), pre_logits=True))  # (B, 1, C) -> (B, embed_dim)
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Per-position features in the pooled output's space, for token-level objectives (FILIP):
+        (B, 3, H, W) -> (B, N, embed_dim) unnormalised; the pooled path (`forward`) is untouched.
+
+        ViT: the patch tokens after the final norm, through the projection the pooled token takes.
+        CNN: the final map's h*w positions through the projection (average pooling: their mean is exactly
+        the pooled output). With the attention pool, each position's value through the pool (map + its 2-D
+        position embedding -> value projection -> the pool's output projection), then the projection, as
+        MaskCLIP (Zhou et al. 2022) takes CLIP's ModifiedResNet's dense features: the pooled vector is, head
+        by head, an attention-weighted average of these values (and of the mean query token's own), so tokens
+        and pooled output share one space; a separate linear map would start in another space and train only
+        through the token term. (A ViT with an average-pooling head gets its `fc_norm` per token.)
+        """
+        trunk = self.trunk
+        if getattr(trunk, "patch_embed", None) is not None:  # ViT (timm, hybrid): (B, prefix + N, C)
+            x = trunk.forward_features(images)[:, getattr(trunk, "num_prefix_tokens", 0) :]
+            return self.proj(getattr(trunk, "fc_norm", nn.Identity())(x))
+        fmap = trunk.forward_features(images)  # (B, C, h, w)
+        if self.attn_pool is None:
+            return self.proj(fmap.flatten(2).transpose(1, 2))
+        return self.proj(_attention_pool_values(self.attn_pool, fmap))
 
     def lock(self, unlocked_layers: int = 0) -> None:
         """Freeze the backbone except its last `unlocked_layers` layer groups; the projection stays trainable."""
@@ -342,7 +383,7 @@ class ClipTextTower(nn.Module):
             )
         self.cfg = cfg
         self.pooling = cfg.pooling
-        self.eos_id, self.pad_id = tokenizer.eos_id, tokenizer.pad_id
+        self.eos_id, self.pad_id, self.bos_id = tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id
         self.context_length = cfg.context_length
         self.width = cfg.width  # of the per-token states (`token_states`)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
@@ -390,6 +431,25 @@ class ClipTextTower(nn.Module):
         text = text[:, : int(idx.max()) + 1]
         x = self.token_embedding(text) + self.positional_embedding[: text.shape[1]]  # (B, n, W)
         return self.ln_final(self.transformer(x))
+
+    def forward_tokens(
+        self, text: torch.Tensor, text_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token's final state through the projection the pooled (EOS) state takes, for token-level
+        objectives (FILIP): (B, L) -> ((B, L, embed_dim) unnormalised, zeros at padding; (B, L) bool mask).
+
+        The mask keeps the real tokens up to the EOS but not a leading BOS: in a causal tower its state sees
+        only itself, the same vector for every caption.
+        """
+        n = text.shape[1]
+        idx = eos_index(text, text_mask, self.eos_id, self.pad_id)  # (B,)
+        states = self.token_states(text, text_mask) @ self.text_projection  # (B, longest, D)
+        tokens = F.pad(states, (0, 0, 0, n - states.shape[1]))
+        pos = torch.arange(n, device=text.device)[None, :]
+        mask = pos <= idx[:, None]
+        if self.bos_id is not None:
+            mask &= ~((pos == 0) & (text[:, :1] == self.bos_id) & (idx[:, None] > 0))
+        return tokens * mask[..., None].to(tokens.dtype), mask
 
     def get_input_embeddings(self) -> nn.Embedding:
         """The token embedding (vocab_size, W): what a masked-token head ties its decoder to."""
@@ -462,6 +522,16 @@ class HFTextTower(nn.Module):
         mask = text_mask if text_mask is not None else (text != self.pad_id).long()
         n = int(mask.sum(dim=1).max())
         return self.model(input_ids=text[:, :n], attention_mask=mask[:, :n]).last_hidden_state
+
+    def forward_tokens(
+        self, text: torch.Tensor, text_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every real token's last hidden state through the projection (FILIP): (B, L) -> ((B, L, embed_dim)
+        unnormalised, zeros at padding; (B, L) bool mask of the real tokens)."""
+        mask = (text_mask if text_mask is not None else (text != self.pad_id).long()).bool()
+        states = self.proj(self.token_states(text, mask.long()))  # (B, longest, D)
+        tokens = F.pad(states, (0, 0, 0, text.shape[1] - states.shape[1]))
+        return tokens * mask[..., None].to(tokens.dtype), mask
 
     def get_input_embeddings(self) -> nn.Embedding:
         """The encoder's token embedding: what a masked-token head ties its decoder to."""
