@@ -7,11 +7,12 @@ from torch import nn
 
 from mmcl.config import ModelConfig
 from mmcl.models import (
-    clip,  # noqa: F401  (registers "clip"; `towers` registers the "timm", "clip" and "hf" towers)
+    clip,  # noqa: F401  (registers "clip"; `towers` registers the "timm" image tower)
     hf_towers,  # noqa: F401  (registers the "hf_clip" towers)
     hybrid_tower,  # noqa: F401  (registers the "hybrid" image tower)
     joint,  # noqa: F401  (registers "joint")
     prefix_lm,  # noqa: F401  (registers "prefix_lm")
+    text_towers,  # noqa: F401  (registers the "clip" and "hf" text towers)
 )
 from mmcl.registry import MODELS
 

@@ -262,7 +262,7 @@ def _check_exportable(model: nn.Module) -> None:
 
     from mmcl.data.text import ClipTokenizer
     from mmcl.models.clip import CLIP
-    from mmcl.models.towers import ClipTextTower
+    from mmcl.models.text_towers import ClipTextTower
 
     if not isinstance(model, CLIP):
         raise UserError(f"only CLIP models export to open_clip, not {type(model).__name__}")
