@@ -36,11 +36,24 @@ def all_gather_cat(x: torch.Tensor, with_grad: bool = True) -> torch.Tensor:
     if with_grad:
         import torch.distributed.nn.functional as dist_fn
 
-        return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+        return torch.cat([_ContiguousGrad.apply(p) for p in dist_fn.all_gather(x.contiguous())], dim=0)
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.detach().contiguous())
     parts[rank] = x
     return torch.cat(parts, dim=0)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: the gloo backward of torch.distributed.nn's
+    all_gather sums a non-contiguous incoming gradient (a transpose after the gather) into the wrong rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
 
 
 def gather_features(

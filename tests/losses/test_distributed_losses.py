@@ -75,3 +75,34 @@ def test_two_process_losses_equal_full_batch() -> None:
     # fork, not spawn: the children inherit the imported modules (spawn re-imports torch: ~10x slower here);
     # each child runs single-threaded, which keeps OpenMP fork-safe
     mp.start_processes(_worker, args=(free_port(),), nprocs=WORLD, join=True, start_method="fork")
+
+
+def _gather_worker(rank: int, port: int) -> None:
+    from mmcl.losses.distributed import all_gather_cat
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        x = torch.randn(N, 3, 5, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        w = torch.randn(3, 5, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+        n = N // WORLD
+        own = slice(rank * n, (rank + 1) * n)
+        # losses whose gradient reaches the gathered rows non-contiguous: broadcast (stride 0, as FILIP's
+        # token sums give) and a permuted slice; gloo's all_gather backward once summed them into the wrong rows
+        losses = {
+            "broadcast": lambda rows: (rows * w).sum(),
+            "permuted slice": lambda rows: (rows.permute(2, 0, 1)[:, :, :2] ** 2).sum(),
+        }
+        for name, loss in losses.items():
+            full = x.clone().requires_grad_(True)
+            loss(full).backward()
+            local = x[own].clone().requires_grad_(True)
+            loss(all_gather_cat(local)).backward()
+            # every rank computes the same loss over the gathered batch: each reaches this rank's rows
+            torch.testing.assert_close(local.grad, WORLD * full.grad[own], msg=f"{name}, rank {rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_with_grad_routes_non_contiguous_gradients_to_their_rows() -> None:
+    mp.start_processes(_gather_worker, args=(free_port(),), nprocs=WORLD, join=True, start_method="fork")
