@@ -247,6 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"calibration": {}, "runs": []}
     if args.resume and partial.is_file():
         results = json.loads(partial.read_text())
+        results["runs"] = [r for r in results["runs"] if "error" not in r]  # a failed run is tried again
         print(f"resuming from {partial}: {len(results['calibration'])} calibrations, {len(results['runs'])} runs")
     done = {(r["tower"], r["objective"], r["seed"]) for r in results["runs"]}
 
