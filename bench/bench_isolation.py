@@ -1,8 +1,8 @@
 """Why mmcl and open_clip learn differently at equal steps: crop scale, gradient clipping, AdamW's beta2/eps.
 
-    python bench/bench_isolation.py                      # ~20 min on 2 cores; results/isolation.{json,md}
-    python bench/bench_isolation.py --variants base crop-0.9 --seeds 0
-    python bench/bench_isolation.py --tiny               # seconds-long check of the script (temp folder)
+    python -m bench.bench_isolation                      # ~20 min on 2 cores; results/isolation.{json,md}
+    python -m bench.bench_isolation --variants base crop-0.9 --seeds 0
+    python -m bench.bench_isolation --tiny               # seconds-long check of the script (temp folder)
 
 mmcl's small-data defaults differ from open_clip's in three places that could matter for captions about
 position or count: the training crop keeps 0.8-1 of the image (open_clip 0.9-1: a tighter range can cut off
@@ -32,9 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
     DATA,
     RESULTS,
     machine_info,
@@ -75,8 +73,7 @@ def data(tiny: bool) -> dict[str, tuple[Path, Path]]:
 
 def train_and_evaluate(dataset: str, variant: str, seed: int, steps: int, shards: tuple[Path, Path], work: Path,
                        batch: int) -> dict[str, Any]:  # fmt: skip
-    from bench_objectives import evaluate
-
+    from bench.bench_objectives import evaluate
     from mmcl.config import load_experiment
     from mmcl.engine.trainer import train
     from mmcl.inference import load_pipeline

@@ -1,7 +1,7 @@
 """Data loader throughput: mmcl's training pipeline against open_clip's webdataset pipeline, same shards.
 
-    python bench/bench_loader.py              # full run (~10 min); writes bench/results/loader.json + loader.md
-    python bench/bench_loader.py --tiny       # a quick check of the script (results go to a temp folder)
+    python -m bench.bench_loader              # full run (~10 min); writes bench/results/loader.json + loader.md
+    python -m bench.bench_loader --tiny       # a quick check of the script (results go to a temp folder)
 
 Both pipelines do the same work per sample: read the tar, decode the JPEG, a random-resized crop to the
 model's size, normalise, tokenize the caption (CLIP BPE, context 32), batch 128. Each uses its own code:
@@ -28,15 +28,12 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
     DATA,
     RESULTS,
     brace_pattern,

@@ -45,9 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
     DATA,
     RESULTS,
     machine_info,
@@ -123,9 +121,9 @@ def evaluate(pipe: Any, val: Path, classnames_file: Path, compositional: bool = 
 
 def open_clip_pipe(work: Path, name: str, model: str) -> Any:
     import torch
-    from bench_train import _open_clip_checkpoint
-    from common import patch_open_clip
 
+    from bench.bench_train import _open_clip_checkpoint
+    from bench.common import patch_open_clip
     from mmcl.inference import OpenClipPipeline
 
     patch_open_clip()
@@ -137,8 +135,7 @@ def open_clip_pipe(work: Path, name: str, model: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from bench_train import Bench
-
+    from bench.bench_train import Bench
     from mmcl.inference import load_pipeline
 
     n_train, n_val = (1200, 200) if args.tiny else (20000, 1000)

@@ -1,8 +1,8 @@
 """Small-data recipe sweep: which init, learning rate, temperature, batch and image tower learn fastest.
 
-    python bench/bench_recipe.py                         # all but long-1200, ~30 min; results/recipe.{json,md}
-    python bench/bench_recipe.py --trials init-timm init-clip lr-1e-3
-    python bench/bench_recipe.py --tiny                  # seconds-long check of the script (temp folder)
+    python -m bench.bench_recipe                         # all but long-1200, ~30 min; results/recipe.{json,md}
+    python -m bench.bench_recipe --trials init-timm init-clip lr-1e-3
+    python -m bench.bench_recipe --tiny                  # seconds-long check of the script (temp folder)
 
 Each trial trains one mmcl CLIP in this process on the same 64 px built-in synthetic shards as
 `bench_train.py` (20,000 samples, 40 classes = 8 colours x 5 shapes) for a fixed number of optimizer
@@ -25,9 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
     DATA,
     machine_info,
     machine_markdown,

@@ -6,8 +6,8 @@ shuffle buffer of every worker) and replaying the stream without decoding (what 
 does, and what mmcl did before positions existed). Both resumed runs must deliver the same first batch.
 Results: bench/results/resume.{json,md}.
 
-    python bench/bench_resume.py            # N = 1,000,000 small images (resampled over 100k on disk)
-    python bench/bench_resume.py --tiny     # a seconds-long check of the script, not a measurement
+    python -m bench.bench_resume            # N = 1,000,000 small images (resampled over 100k on disk)
+    python -m bench.bench_resume --tiny     # a seconds-long check of the script, not a measurement
 """
 
 from __future__ import annotations
@@ -16,17 +16,13 @@ import argparse
 import io
 import json
 import os
-import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
     DATA,
     RESULTS,
     machine_info,
@@ -206,7 +202,7 @@ first batch of a new run (worker start-up and shuffle-buffer fill), the floor fo
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common import publish
+    from bench.common import publish
 
     args = parse_args(argv)
     res = run(args)

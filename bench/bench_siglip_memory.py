@@ -10,8 +10,8 @@ per process:
 - saved for backward: bytes of the tensors autograd keeps between forward and backward
   (`torch.autograd.graph.saved_tensors_hooks`), exact and independent of the allocator.
 
-    python bench/bench_siglip_memory.py          # ~1 min -> results/siglip_memory.{json,md}
-    python bench/bench_siglip_memory.py --tiny   # seconds, results to a temp folder
+    python -m bench.bench_siglip_memory          # ~1 min -> results/siglip_memory.{json,md}
+    python -m bench.bench_siglip_memory --tiny   # seconds, results to a temp folder
 """
 
 from __future__ import annotations
@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from bench import common
 
 WORLD = 2
 

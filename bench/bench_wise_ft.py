@@ -1,7 +1,7 @@
 """WiSE-FT on built-in data: pretrain a small CLIP on shapes, fine-tune it on digits, interpolate back.
 
-    python bench/bench_wise_ft.py            # a few minutes on 2 CPU cores; bench/results/wise_ft.{json,md,png}
-    python bench/bench_wise_ft.py --tiny     # seconds-long check of the script (temp folder)
+    python -m bench.bench_wise_ft            # a few minutes on 2 CPU cores; bench/results/wise_ft.{json,md,png}
+    python -m bench.bench_wise_ft --tiny     # seconds-long check of the script (temp folder)
 
 1. Pretrain `clip-tiny-nfnet` (timm's normalizer-free test_nfnet image tower at 32 px: a tiny ViT cannot
    learn shape on this budget, see recipe.md) on the built-in synthetic shapes (40 colour-shape classes).
@@ -17,14 +17,11 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import DATA, RESULTS, machine_info, machine_markdown, markdown_table, reproduce_command  # noqa: E402
+from bench.common import DATA, RESULTS, machine_info, machine_markdown, markdown_table, reproduce_command
 
 
 def main() -> None:

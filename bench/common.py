@@ -334,7 +334,8 @@ def median(values: Sequence[float]) -> float:
 
 def reproduce_command(script: str, argv: Sequence[str] | None = None) -> str:
     args = sys.argv[1:] if argv is None else list(argv)
-    return "source .venv/bin/activate && python " + shlex.join([f"bench/{script}", *args])
+    module = "bench." + script.removesuffix(".py")  # run from the repository root as a module: no sys.path edits
+    return "source .venv/bin/activate && python -m " + shlex.join([module, *args])
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -43,10 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import common  # noqa: E402
+from bench import common
 
 # dense bf16 tensor-core peaks (no sparsity), TFLOPS, from the vendors' data sheets; first match in the name wins
 PEAK_TFLOPS: list[tuple[str, float]] = [

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from common import clustered_queries, clustered_vectors  # noqa: E402
+from bench.common import clustered_queries, clustered_vectors
 
 
 def test_clustered_vectors_are_unit_float16_chunks_written_once(tmp_path: Path) -> None:
@@ -51,9 +48,9 @@ def test_narrow_cnn_preset_is_clip_tiny_64_sized_and_open_clip_builds_the_same_t
     """bench_objectives' CNN: at most clip-tiny-64's parameters and image FLOPs, the same trunk in open_clip."""
     import open_clip
     import torch
-    from common import patch_open_clip
     from torch.utils.flop_counter import FlopCounterMode
 
+    from bench.common import patch_open_clip
     from mmcl.config import model_config
     from mmcl.models import build_model
 
