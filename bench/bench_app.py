@@ -48,10 +48,10 @@ from bench.common import (
     machine_info,
     machine_markdown,
     markdown_table,
-    publish,
     reproduce_command,
     reproduce_markdown,
     wait_for_quiet,
+    write_files,
 )
 
 LABELS = "red circle, blue square, green triangle, yellow star, purple cross, orange circle, white square, "
@@ -458,7 +458,7 @@ stopped. *HTTP + Gradio*: gradio_client minus handler, at p50. Index search: one
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     res = run(args)
-    publish("app", res, to_markdown(res), args.results)
+    write_files("app", res, to_markdown(res), args.results)
     if args.tiny:
         shutil.rmtree(args.data_dir, ignore_errors=True)
     return 0

@@ -42,10 +42,10 @@ from bench.common import (
     machine_info,
     machine_markdown,
     markdown_table,
-    publish,
     reproduce_command,
     reproduce_markdown,
     wait_for_quiet,
+    write_files,
 )
 
 
@@ -451,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_only:
         print(json.dumps([{k: r[k] for k in ("data", "n", "budget", "folder", "build")} for r in res["rows"]]))
         return 0
-    publish("index", res, to_markdown(res), args.results)
+    write_files("index", res, to_markdown(res), args.results)
     if args.tiny:
         shutil.rmtree(args.data_dir, ignore_errors=True)
     return 0

@@ -36,8 +36,6 @@ from bench.common import (
     DATA,
     RESULTS,
     machine_info,
-    machine_markdown,
-    markdown_table,
     reproduce_command,
     synthetic_shards,
     write_results,
@@ -116,7 +114,9 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def to_markdown(res: dict[str, Any]) -> str:
+def write(res: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """bench/results/isolation.{json,md} (or `out`) through the one results writer."""
+
     def cell(v: dict[str, float] | None) -> str:
         return "-" if not v else f"{100 * v['mean']:.1f} ({100 * v['min']:.0f}-{100 * v['max']:.0f})"
 
@@ -125,18 +125,16 @@ def to_markdown(res: dict[str, Any]) -> str:
     rows = [[r["dataset"], r["variant"], VARIANTS[r["variant"]][1], r["seeds"], r["steps"],
              f"{r['grad_norm_median']:.2f}", *(cell(r.get(m)) for m in METRICS)] for r in res["summary"]]  # fmt: skip
     s = res["settings"]
-    return "\n\n".join([
-        "# Crop scale, gradient clipping and AdamW's beta2/eps, one at a time (mmcl, equal steps)",
+    intro = (
         f"{s['steps']} steps x {s['batch_size']} per run, seeds {s['seeds']} (mean, range in brackets). shapes: "
         "clip-tiny-64 at 64 px on 20,000 built-in samples, zero-shot on 1,000 held-out images ('short' templates, "
         "40 classes, chance 2.5%), compositional subsets on held-out generator pairs (chance 50%). digits: the same "
         "architecture at 32 px on scikit-learn's 1,437 training digits, zero-shot on the 360 test digits (10 classes, "
-        "chance 10%). Every variant changes one setting of mmcl's recipe to open_clip's.",
-        markdown_table(headers, rows),
-        res.get("conclusion", ""),
-        machine_markdown(res["machine"]),
-        f"Reproduce: `{res['command']}`",
-    ])  # fmt: skip
+        "chance 10%). Every variant changes one setting of mmcl's recipe to open_clip's."
+    )
+    title = "Crop scale, gradient clipping and AdamW's beta2/eps, one at a time (mmcl, equal steps)"
+    return write_results("isolation", rows, headers, title, res.get("conclusion", ""), res["machine"], intro=intro,
+                         data=res, command=res["command"], out_dir=out)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
            "machine": machine_info(), "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "wall_s": round(time.perf_counter() - t0, 1), "runs": runs, "summary": summarise(runs)}  # fmt: skip
     out = args.results or (Path(tempfile.mkdtemp(prefix="bench_isolation_results_")) if args.tiny else RESULTS)
-    print("wrote", *write_results("isolation", res, to_markdown(res), out))
+    write(res, out)
     return 0
 
 

@@ -42,10 +42,10 @@ from bench.common import (
     markdown_table,
     median,
     patch_open_clip,
-    publish,
     reproduce_command,
     synthetic_shards,
     wait_for_quiet,
+    write_files,
 )
 
 OPENCLIP_MODEL = "open_clip-tiny-64"  # tokenizer: CLIP BPE, context 32
@@ -313,7 +313,7 @@ Per-repeat values are in `loader.json` (`summary[*].*_all`, `runs`). Reproduce:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     res = run(args)
-    publish("loader", res, to_markdown(res), args.results)
+    write_files("loader", res, to_markdown(res), args.results)
     return 0
 
 

@@ -53,7 +53,9 @@ from bench.common import (
     markdown_table,
     reproduce_command,
     synthetic_shards,
-    write_results,
+)
+from bench.common import (
+    write_files as write_results,
 )
 
 TOWERS = {"vit": ("clip-tiny-64", "open_clip-tiny-64"),

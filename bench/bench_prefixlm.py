@@ -33,8 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, machine_info, machine_markdown, markdown_table, median, reproduce_command
-from bench.common import write_results as write_results_common
+from bench.common import RESULTS, machine_info, machine_markdown, markdown_table, median, reproduce_command, write_files
 
 DEFAULT_PRESETS = ("prefixlm-tiny-conv", "prefixlm-small")
 # Warm-up steps and steps per timed repeat (prefixlm-small: 4-20 s a step on 2 shared cores, load-dependent).
@@ -410,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = p.parse_args(argv)
     res = run(args)
-    js, md = write_results_common("prefixlm", res, to_markdown(res), out_dir=args.out)
+    js, md = write_files("prefixlm", res, to_markdown(res), out_dir=args.out, echo=False)
     print(f"[prefixlm] wrote {js} and {md}", flush=True)
     return 0
 

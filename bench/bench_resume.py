@@ -202,11 +202,11 @@ first batch of a new run (worker start-up and shuffle-buffer fill), the floor fo
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.common import publish
+    from bench.common import write_files
 
     args = parse_args(argv)
     res = run(args)
-    publish("resume", res, to_markdown(res), args.results)
+    write_files("resume", res, to_markdown(res), args.results)
     return 0
 
 

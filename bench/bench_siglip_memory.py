@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     ])  # fmt: skip
     data = {"settings": {"world": WORLD, "dim": args.dim, "dtype": "float32", "batches": batches},
             "rows": rows, "by_world": by_world, "machine": info}  # fmt: skip
-    common.publish("siglip_memory", data, markdown, Path(tempfile.mkdtemp()) if args.tiny else None)
+    common.write_files("siglip_memory", data, markdown, Path(tempfile.mkdtemp()) if args.tiny else None)
 
 
 if __name__ == "__main__":

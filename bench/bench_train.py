@@ -49,7 +49,7 @@ from bench.common import (
     reproduce_command,
     synthetic_shards,
     wait_for_quiet,
-    write_results,
+    write_files,
 )
 
 PHASES = ("throughput", "bf16", "vit", "zeroshot")
@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     res = run(args)
     md = to_markdown(res)
-    js, mdp = write_results("train", res, md, args.results)
+    js, mdp = write_files("train", res, md, args.results, echo=False)
     print(md)
     print(f"wrote {js} and {mdp}")
     return 0
