@@ -26,11 +26,9 @@ from bench.common import (
     DATA,
     RESULTS,
     machine_info,
-    machine_markdown,
-    markdown_table,
     reproduce_command,
-    reproduce_markdown,
     wait_for_quiet,
+    write_results,
 )
 
 
@@ -167,46 +165,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def to_markdown(res: dict[str, Any]) -> str:
+def write(res: dict[str, Any], out: Path | None) -> tuple[Path, Path]:
+    """bench/results/resume.{json,md} (or `out`) through the one results writer."""
     s, sec = res["settings"], res["seconds"]
-    table = markdown_table(
-        ["resumed at sample", "seek (s)", "replay (s)", "replay / seek", "fresh start (s)", "data state (bytes)"],
-        [
-            [
-                f"{res['position']['total']:,}",
-                f"{sec['resume_seek']:.2f}",
-                f"{sec['resume_replay']:.2f}",
-                f"{sec['resume_replay'] / max(sec['resume_seek'], 1e-9):.0f}x",
-                f"{sec['fresh_first_batch']:.2f}",
-                f"{res['checkpoint_bytes_data_state']:,}",
-            ]
-        ],
-    )
-    note = "\n**--tiny run: a check of the script, not a measurement.**\n" if res["tiny"] else ""
-    return f"""# Resume: seek vs replay (resampled stream)
-{note}
-Time from building the loader to its first batch after a restart at the position shown: `seek` uses the
+    row = [
+        f"{res['position']['total']:,}",
+        f"{sec['resume_seek']:.2f}",
+        f"{sec['resume_replay']:.2f}",
+        f"{sec['resume_replay'] / max(sec['resume_seek'], 1e-9):.0f}x",
+        f"{sec['fresh_first_batch']:.2f}",
+        f"{res['checkpoint_bytes_data_state']:,}",
+    ]
+    note = "**--tiny run: a check of the script, not a measurement.**\n\n" if res["tiny"] else ""
+    intro = f"""{note}Time from building the loader to its first batch after a restart at the position shown: `seek` uses the
 positions saved in the checkpoint (per worker: shard, byte offset, shuffle buffer of {s["shuffle_buffer"]}
 entries re-read one seek each); `replay` is a checkpoint without positions (reads, never decodes, every
 sample up to there). Both deliver the same first batch (checked). {s["workers"]} loader worker(s), batch
 {s["batch_size"]}, {s["shards"]} shards x {s["per_shard"]} JPEGs of {s["image_px"]} px drawn with
 replacement; no decoding in either path (the cost measured is reaching the position). "fresh start" is the
-first batch of a new run (worker start-up and shuffle-buffer fill), the floor for any resume.
-
-{table}
-
-{machine_markdown(res["machine"], res["load"])}
-
-{reproduce_markdown(res["command"])}
-"""
+first batch of a new run (worker start-up and shuffle-buffer fill), the floor for any resume."""
+    columns = ["resumed at sample", "seek (s)", "replay (s)", "replay / seek", "fresh start (s)", "data state (bytes)"]
+    return write_results("resume", [row], columns, "Resume: seek vs replay (resampled stream)",
+                         machine=res["machine"], intro=intro, data=res, load=res["load"], command=res["command"],
+                         out_dir=out)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.common import write_files
-
     args = parse_args(argv)
-    res = run(args)
-    write_files("resume", res, to_markdown(res), args.results)
+    write(run(args), args.results)
     return 0
 
 
