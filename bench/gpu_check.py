@@ -330,7 +330,7 @@ class Check:
             torch.compile = original
 
     def run_loaders(self, shards: Path) -> None:
-        import gpu_decode_check
+        from bench import gpu_decode_check
 
         device = "cuda" if self.cuda else "cpu"
         batch = 16 if self.args.smoke else 128
