@@ -16,9 +16,9 @@ subprocess) and, once it answers, timed one request at a time (warm-up calls exc
 The model: `--run` (e.g. a trained `mmcl demo` run), by default a `clip-demo` run folder with random weights
 made in a temp folder (latency does not depend on the weights). Results: bench/results/app.{json,md}.
 
-    python bench/bench_app.py                          # 1M images (waits for a quiet machine)
-    python bench/bench_app.py --run runs/demo --sizes 100000 1000000
-    python bench/bench_app.py --tiny                   # a 1-2 minute check of the script, not a measurement
+    python -m bench.bench_app                          # 1M images (waits for a quiet machine)
+    python -m bench.bench_app --run runs/demo --sizes 100000 1000000
+    python -m bench.bench_app --tiny                   # a 1-2 minute check of the script, not a measurement
 """
 
 from __future__ import annotations
@@ -40,10 +40,7 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
     DATA,
     REPO,
     RESULTS,
@@ -51,10 +48,10 @@ from common import (  # noqa: E402
     machine_info,
     machine_markdown,
     markdown_table,
-    publish,
     reproduce_command,
     reproduce_markdown,
     wait_for_quiet,
+    write_files,
 )
 
 LABELS = "red circle, blue square, green triangle, yellow star, purple cross, orange circle, white square, "
@@ -461,7 +458,7 @@ stopped. *HTTP + Gradio*: gradio_client minus handler, at p50. Index search: one
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     res = run(args)
-    publish("app", res, to_markdown(res), args.results)
+    write_files("app", res, to_markdown(res), args.results)
     if args.tiny:
         shutil.rmtree(args.data_dir, ignore_errors=True)
     return 0

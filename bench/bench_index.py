@@ -11,8 +11,8 @@ process's own memory and the pages of memory-mapped index files). Exact search i
 floor (the fastest single read of the same stored vectors: a torch sum or a numpy max over them) in the same
 run. Results: bench/results/index.{json,md}.
 
-    python bench/bench_index.py                      # demo embeddings + 1M in memory + 10M on disk (2 GiB)
-    python bench/bench_index.py --tiny               # a seconds-long check of the script, not a measurement
+    python -m bench.bench_index                      # demo embeddings + 1M in memory + 10M on disk (2 GiB)
+    python -m bench.bench_index --tiny               # a seconds-long check of the script, not a measurement
 """
 
 from __future__ import annotations
@@ -32,11 +32,9 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
     DATA,
+    REPO,
     RESULTS,
     VECTOR_CHUNK,
     clustered_queries,
@@ -44,10 +42,10 @@ from common import (  # noqa: E402
     machine_info,
     machine_markdown,
     markdown_table,
-    publish,
     reproduce_command,
     reproduce_markdown,
     wait_for_quiet,
+    write_files,
 )
 
 
@@ -277,7 +275,11 @@ def measure_size(
     if args.build_only:
         return row
     out = subprocess.run(
-        [sys.executable, __file__, "--measure", str(folder)], capture_output=True, text=True, check=False
+        [sys.executable, "-m", "bench.bench_index", "--measure", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=REPO,
     )
     if out.returncode:
         raise SystemExit(f"measuring {folder} failed:\n{out.stderr[-3000:]}")
@@ -449,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.build_only:
         print(json.dumps([{k: r[k] for k in ("data", "n", "budget", "folder", "build")} for r in res["rows"]]))
         return 0
-    publish("index", res, to_markdown(res), args.results)
+    write_files("index", res, to_markdown(res), args.results)
     if args.tiny:
         shutil.rmtree(args.data_dir, ignore_errors=True)
     return 0

@@ -1,8 +1,8 @@
 """Why mmcl and open_clip learn differently at equal steps: crop scale, gradient clipping, AdamW's beta2/eps.
 
-    python bench/bench_isolation.py                      # ~20 min on 2 cores; results/isolation.{json,md}
-    python bench/bench_isolation.py --variants base crop-0.9 --seeds 0
-    python bench/bench_isolation.py --tiny               # seconds-long check of the script (temp folder)
+    python -m bench.bench_isolation                      # ~20 min on 2 cores; results/isolation.{json,md}
+    python -m bench.bench_isolation --variants base crop-0.9 --seeds 0
+    python -m bench.bench_isolation --tiny               # seconds-long check of the script (temp folder)
 
 mmcl's small-data defaults differ from open_clip's in three places that could matter for captions about
 position or count: the training crop keeps 0.8-1 of the image (open_clip 0.9-1: a tighter range can cut off
@@ -32,14 +32,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
     DATA,
     RESULTS,
     machine_info,
-    machine_markdown,
-    markdown_table,
     reproduce_command,
     synthetic_shards,
     write_results,
@@ -75,8 +71,7 @@ def data(tiny: bool) -> dict[str, tuple[Path, Path]]:
 
 def train_and_evaluate(dataset: str, variant: str, seed: int, steps: int, shards: tuple[Path, Path], work: Path,
                        batch: int) -> dict[str, Any]:  # fmt: skip
-    from bench_objectives import evaluate
-
+    from bench.bench_objectives import evaluate
     from mmcl.config import load_experiment
     from mmcl.engine.trainer import train
     from mmcl.inference import load_pipeline
@@ -119,7 +114,9 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def to_markdown(res: dict[str, Any]) -> str:
+def write(res: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """bench/results/isolation.{json,md} (or `out`) through the one results writer."""
+
     def cell(v: dict[str, float] | None) -> str:
         return "-" if not v else f"{100 * v['mean']:.1f} ({100 * v['min']:.0f}-{100 * v['max']:.0f})"
 
@@ -128,18 +125,16 @@ def to_markdown(res: dict[str, Any]) -> str:
     rows = [[r["dataset"], r["variant"], VARIANTS[r["variant"]][1], r["seeds"], r["steps"],
              f"{r['grad_norm_median']:.2f}", *(cell(r.get(m)) for m in METRICS)] for r in res["summary"]]  # fmt: skip
     s = res["settings"]
-    return "\n\n".join([
-        "# Crop scale, gradient clipping and AdamW's beta2/eps, one at a time (mmcl, equal steps)",
+    intro = (
         f"{s['steps']} steps x {s['batch_size']} per run, seeds {s['seeds']} (mean, range in brackets). shapes: "
         "clip-tiny-64 at 64 px on 20,000 built-in samples, zero-shot on 1,000 held-out images ('short' templates, "
         "40 classes, chance 2.5%), compositional subsets on held-out generator pairs (chance 50%). digits: the same "
         "architecture at 32 px on scikit-learn's 1,437 training digits, zero-shot on the 360 test digits (10 classes, "
-        "chance 10%). Every variant changes one setting of mmcl's recipe to open_clip's.",
-        markdown_table(headers, rows),
-        res.get("conclusion", ""),
-        machine_markdown(res["machine"]),
-        f"Reproduce: `{res['command']}`",
-    ])  # fmt: skip
+        "chance 10%). Every variant changes one setting of mmcl's recipe to open_clip's."
+    )
+    title = "Crop scale, gradient clipping and AdamW's beta2/eps, one at a time (mmcl, equal steps)"
+    return write_results("isolation", rows, headers, title, res.get("conclusion", ""), res["machine"], intro=intro,
+                         data=res, command=res["command"], out_dir=out)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
            "machine": machine_info(), "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "wall_s": round(time.perf_counter() - t0, 1), "runs": runs, "summary": summarise(runs)}  # fmt: skip
     out = args.results or (Path(tempfile.mkdtemp(prefix="bench_isolation_results_")) if args.tiny else RESULTS)
-    print("wrote", *write_results("isolation", res, to_markdown(res), out))
+    write(res, out)
     return 0
 
 

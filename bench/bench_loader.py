@@ -1,7 +1,7 @@
 """Data loader throughput: mmcl's training pipeline against open_clip's webdataset pipeline, same shards.
 
-    python bench/bench_loader.py              # full run (~10 min); writes bench/results/loader.json + loader.md
-    python bench/bench_loader.py --tiny       # a quick check of the script (results go to a temp folder)
+    python -m bench.bench_loader              # full run (~10 min); writes bench/results/loader.json + loader.md
+    python -m bench.bench_loader --tiny       # a quick check of the script (results go to a temp folder)
 
 Both pipelines do the same work per sample: read the tar, decode the JPEG, a random-resized crop to the
 model's size, normalise, tokenize the caption (CLIP BPE, context 32), batch 128. Each uses its own code:
@@ -28,27 +28,22 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
     DATA,
     RESULTS,
     brace_pattern,
     machine_info,
-    machine_markdown,
-    markdown_table,
     median,
     patch_open_clip,
-    publish,
     reproduce_command,
     synthetic_shards,
     wait_for_quiet,
+    write_results,
 )
 
 OPENCLIP_MODEL = "open_clip-tiny-64"  # tokenizer: CLIP BPE, context 32
@@ -259,7 +254,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def to_markdown(res: dict[str, Any]) -> str:
+def write(res: dict[str, Any], out: Path | None) -> tuple[Path, Path]:
+    """bench/results/loader.{json,md} (or `out`) through the one results writer."""
     s = res["settings"]
     samples = ", ".join(f"{n} samples at {px} px" for px, n in s["samples"].items())
     rows = [
@@ -275,22 +271,9 @@ def to_markdown(res: dict[str, Any]) -> str:
         ]
         for c in res["summary"]
     ]
-    table = markdown_table(
-        [
-            "image px",
-            "shard px",
-            "workers",
-            "open_clip img/s",
-            "mmcl img/s",
-            "mmcl / open_clip",
-            "CPU ms/img (oc / mmcl)",
-            "first batch s (oc / mmcl)",
-        ],
-        rows,
-    )
-    return f"""# Loader throughput: mmcl vs open_clip (same shards)
-
-Images/s after tar read + JPEG decode + random-resized crop + normalise + tokenize (CLIP BPE, context 32)
+    columns = ["image px", "shard px", "workers", "open_clip img/s", "mmcl img/s", "mmcl / open_clip",
+               "CPU ms/img (oc / mmcl)", "first batch s (oc / mmcl)"]  # fmt: skip
+    intro = f"""Images/s after tar read + JPEG decode + random-resized crop + normalise + tokenize (CLIP BPE, context 32)
 + batch {s["batch_size"]}, median of {s["repeats"]} repeats; the two pipelines alternate in one process.
 open_clip: `open_clip_train.data.get_wds_dataset` with `open_clip.image_transform(is_train=True)`;
 mmcl: `mmcl.data.pipeline.build_stream` + `mmcl.data.shards.make_loader`. Built-in synthetic shards
@@ -299,24 +282,17 @@ after {s["warmup_batches_per_worker"]} warm-up batches per worker; "first batch"
 (worker start + shuffle-buffer fill + first batch). Workers = DataLoader worker processes
 (0 = in the main process). "CPU ms/img" = user + system CPU time of the main process and its workers over
 the timed span per image: what the loader costs the machine, and less sensitive than images/s to other
-jobs sharing the CPUs (on 2 cores, every loader CPU-ms is taken from the training step).
-
-{table}
-
-{machine_markdown(res["machine"], res["load"], [r.get("loadavg_1min_after") for r in res["runs"]])}
-
-Per-repeat values are in `loader.json` (`summary[*].*_all`, `runs`). Reproduce:
-
-```
-{res["command"]}
-```
-"""
+jobs sharing the CPUs (on 2 cores, every loader CPU-ms is taken from the training step)."""
+    return write_results("loader", rows, columns, "Loader throughput: mmcl vs open_clip (same shards)",
+                         "Per-repeat values are in `loader.json` (`summary[*].*_all`, `runs`).", res["machine"],
+                         intro=intro, data=res, load=res["load"],
+                         during=[r.get("loadavg_1min_after") for r in res["runs"]], command=res["command"],
+                         out_dir=out)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    res = run(args)
-    publish("loader", res, to_markdown(res), args.results)
+    write(run(args), args.results)
     return 0
 
 

@@ -51,9 +51,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
     DATA,
     OPENCLIP_TINY_NAME,
     RESULTS,
@@ -62,7 +60,9 @@ from common import (  # noqa: E402
     markdown_table,
     reproduce_command,
     synthetic_shards,
-    write_results,
+)
+from bench.common import (
+    write_files as write_results,
 )
 
 TOWERS = {"vit": ("clip-tiny-64", "open_clip-tiny-64"),
@@ -209,9 +209,9 @@ def probes(pipe: Any, val: Path, classnames: list[str]) -> dict[str, float]:
 
 def open_clip_pipe(work: Path, name: str, model: str) -> Any:
     import torch
-    from bench_train import _open_clip_checkpoint
-    from common import patch_open_clip
 
+    from bench.bench_train import _open_clip_checkpoint
+    from bench.common import patch_open_clip
     from mmcl.inference import OpenClipPipeline
 
     patch_open_clip()
@@ -223,8 +223,7 @@ def open_clip_pipe(work: Path, name: str, model: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from bench_train import Bench
-
+    from bench.bench_train import Bench
     from mmcl.inference import load_pipeline
 
     n_train, n_val = (1200, 200) if args.tiny else (20000, 1000)

@@ -1,7 +1,7 @@
 """PrefixLM (SimVLM) on CPU: training throughput and caption generation latency, fp32.
 
-    python bench/bench_prefixlm.py                      # ~5-6 min; writes bench/results/prefixlm.json + prefixlm.md
-    python bench/bench_prefixlm.py --presets prefixlm-tiny-conv --repeats 1 --out /tmp/plm   # a quick check
+    python -m bench.bench_prefixlm                      # ~5-6 min; writes bench/results/prefixlm.json + prefixlm.md
+    python -m bench.bench_prefixlm --presets prefixlm-tiny-conv --repeats 1 --out /tmp/plm   # a quick check
 
 For each preset (default `prefixlm-tiny-conv` and `prefixlm-small`), randomly initialised (seed 0),
 generation first (on the untrained initialisation), then training:
@@ -28,16 +28,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import RESULTS, machine_info, machine_markdown, markdown_table, median, reproduce_command  # noqa: E402
-from common import write_results as write_results_common  # noqa: E402
+from bench.common import RESULTS, machine_info, machine_markdown, markdown_table, median, reproduce_command, write_files
 
 DEFAULT_PRESETS = ("prefixlm-tiny-conv", "prefixlm-small")
 # Warm-up steps and steps per timed repeat (prefixlm-small: 4-20 s a step on 2 shared cores, load-dependent).
@@ -413,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = p.parse_args(argv)
     res = run(args)
-    js, md = write_results_common("prefixlm", res, to_markdown(res), out_dir=args.out)
+    js, md = write_files("prefixlm", res, to_markdown(res), out_dir=args.out, echo=False)
     print(f"[prefixlm] wrote {js} and {md}", flush=True)
     return 0
 

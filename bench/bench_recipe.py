@@ -1,8 +1,8 @@
 """Small-data recipe sweep: which init, learning rate, temperature, batch and image tower learn fastest.
 
-    python bench/bench_recipe.py                         # all but long-1200, ~30 min; results/recipe.{json,md}
-    python bench/bench_recipe.py --trials init-timm init-clip lr-1e-3
-    python bench/bench_recipe.py --tiny                  # seconds-long check of the script (temp folder)
+    python -m bench.bench_recipe                         # all but long-1200, ~30 min; results/recipe.{json,md}
+    python -m bench.bench_recipe --trials init-timm init-clip lr-1e-3
+    python -m bench.bench_recipe --tiny                  # seconds-long check of the script (temp folder)
 
 Each trial trains one mmcl CLIP in this process on the same 64 px built-in synthetic shards as
 `bench_train.py` (20,000 samples, 40 classes = 8 colours x 5 shapes) for a fixed number of optimizer
@@ -25,13 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
     DATA,
+    Table,
     machine_info,
-    machine_markdown,
-    markdown_table,
     reproduce_command,
     synthetic_shards,
     write_results,
@@ -152,7 +149,9 @@ def shape_probe(run: Path, val: Path, classnames_file: Path) -> float:
     return float(probe.score(features[cut:], shapes[cut:]))
 
 
-def to_markdown(res: dict[str, Any]) -> str:
+def write(res: dict[str, Any], out: Path | None) -> tuple[Path, Path]:
+    """bench/results/recipe.{json,md} (or `out`) through the one results writer."""
+
     pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
     rows = [
         [r["trial"], r["what"], r["preset"], r["steps"], r["batch"], " ".join(r["overrides"]), r["final_loss"],
@@ -164,18 +163,20 @@ def to_markdown(res: dict[str, Any]) -> str:
                   for r in res["results"] if r["trial"] in SUPERVISED]  # fmt: skip
     headers = ["trial", "tests", "preset", "steps", "batch", "overrides", "final loss", "top-1", "top-5",
                "t2i R@5", "colour acc", "shape acc", "shape probe", "train s"]  # fmt: skip
-    return "\n\n".join([
-        "# Small-data recipe sweep (mmcl CLIP, built-in shapes, 64 px)",
-        "Fixed optimizer steps per trial; held-out split of 1,000 images, 40 classes (chance 2.5%), 'short' "
-        "templates. colour / shape acc: the zero-shot prediction's colour / shape is right (chance 12.5% / 20%); "
-        "shape probe: logistic regression from image embeddings to shape on held-out images (chance 20%).",
-        markdown_table(headers, rows),
+    supervised_table = Table(
+        ["trial", "preset", "steps", "batch", "final loss", "shape acc", "train s"],
+        supervised,
         "Can the image tower see shape at all? Trained on the shape labels directly (cross-entropy, AdamW 1e-3, "
         "fresh built-in samples each step), held-out shape accuracy on 500 images (chance 20%):",
-        markdown_table(["trial", "preset", "steps", "batch", "final loss", "shape acc", "train s"], supervised),
-        machine_markdown(res["machine"]),
-        f"Reproduce: `{res['command']}`",
-    ])  # fmt: skip
+    )
+    intro = (
+        "Fixed optimizer steps per trial; held-out split of 1,000 images, 40 classes (chance 2.5%), 'short' "
+        "templates. colour / shape acc: the zero-shot prediction's colour / shape is right (chance 12.5% / 20%); "
+        "shape probe: logistic regression from image embeddings to shape on held-out images (chance 20%)."
+    )
+    title = "Small-data recipe sweep (mmcl CLIP, built-in shapes, 64 px)"
+    return write_results("recipe", rows, headers, title, machine=res["machine"], intro=intro,
+                         tables=[supervised_table], data=res, command=res["command"], out_dir=out)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     res = {"benchmark": "recipe", "command": reproduce_command("bench_recipe.py"), "machine": machine_info(),
            "results": results}  # fmt: skip
     out = args.results or (Path(tempfile.mkdtemp(prefix="bench_recipe_results_")) if args.tiny else None)
-    paths = write_results("recipe", res, to_markdown(res), *([out] if out else []))
-    print("wrote", *paths)
+    write(res, out)
     return 0
 
 

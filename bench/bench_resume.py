@@ -6,8 +6,8 @@ shuffle buffer of every worker) and replaying the stream without decoding (what 
 does, and what mmcl did before positions existed). Both resumed runs must deliver the same first batch.
 Results: bench/results/resume.{json,md}.
 
-    python bench/bench_resume.py            # N = 1,000,000 small images (resampled over 100k on disk)
-    python bench/bench_resume.py --tiny     # a seconds-long check of the script, not a measurement
+    python -m bench.bench_resume            # N = 1,000,000 small images (resampled over 100k on disk)
+    python -m bench.bench_resume --tiny     # a seconds-long check of the script, not a measurement
 """
 
 from __future__ import annotations
@@ -16,25 +16,19 @@ import argparse
 import io
 import json
 import os
-import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
     DATA,
     RESULTS,
     machine_info,
-    machine_markdown,
-    markdown_table,
     reproduce_command,
-    reproduce_markdown,
     wait_for_quiet,
+    write_results,
 )
 
 
@@ -171,46 +165,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def to_markdown(res: dict[str, Any]) -> str:
+def write(res: dict[str, Any], out: Path | None) -> tuple[Path, Path]:
+    """bench/results/resume.{json,md} (or `out`) through the one results writer."""
     s, sec = res["settings"], res["seconds"]
-    table = markdown_table(
-        ["resumed at sample", "seek (s)", "replay (s)", "replay / seek", "fresh start (s)", "data state (bytes)"],
-        [
-            [
-                f"{res['position']['total']:,}",
-                f"{sec['resume_seek']:.2f}",
-                f"{sec['resume_replay']:.2f}",
-                f"{sec['resume_replay'] / max(sec['resume_seek'], 1e-9):.0f}x",
-                f"{sec['fresh_first_batch']:.2f}",
-                f"{res['checkpoint_bytes_data_state']:,}",
-            ]
-        ],
-    )
-    note = "\n**--tiny run: a check of the script, not a measurement.**\n" if res["tiny"] else ""
-    return f"""# Resume: seek vs replay (resampled stream)
-{note}
-Time from building the loader to its first batch after a restart at the position shown: `seek` uses the
+    row = [
+        f"{res['position']['total']:,}",
+        f"{sec['resume_seek']:.2f}",
+        f"{sec['resume_replay']:.2f}",
+        f"{sec['resume_replay'] / max(sec['resume_seek'], 1e-9):.0f}x",
+        f"{sec['fresh_first_batch']:.2f}",
+        f"{res['checkpoint_bytes_data_state']:,}",
+    ]
+    note = "**--tiny run: a check of the script, not a measurement.**\n\n" if res["tiny"] else ""
+    intro = f"""{note}Time from building the loader to its first batch after a restart at the position shown: `seek` uses the
 positions saved in the checkpoint (per worker: shard, byte offset, shuffle buffer of {s["shuffle_buffer"]}
 entries re-read one seek each); `replay` is a checkpoint without positions (reads, never decodes, every
 sample up to there). Both deliver the same first batch (checked). {s["workers"]} loader worker(s), batch
 {s["batch_size"]}, {s["shards"]} shards x {s["per_shard"]} JPEGs of {s["image_px"]} px drawn with
 replacement; no decoding in either path (the cost measured is reaching the position). "fresh start" is the
-first batch of a new run (worker start-up and shuffle-buffer fill), the floor for any resume.
-
-{table}
-
-{machine_markdown(res["machine"], res["load"])}
-
-{reproduce_markdown(res["command"])}
-"""
+first batch of a new run (worker start-up and shuffle-buffer fill), the floor for any resume."""
+    columns = ["resumed at sample", "seek (s)", "replay (s)", "replay / seek", "fresh start (s)", "data state (bytes)"]
+    return write_results("resume", [row], columns, "Resume: seek vs replay (resampled stream)",
+                         machine=res["machine"], intro=intro, data=res, load=res["load"], command=res["command"],
+                         out_dir=out)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
-    from common import publish
-
     args = parse_args(argv)
-    res = run(args)
-    publish("resume", res, to_markdown(res), args.results)
+    write(run(args), args.results)
     return 0
 
 

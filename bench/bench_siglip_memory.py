@@ -10,22 +10,19 @@ per process:
 - saved for backward: bytes of the tensors autograd keeps between forward and backward
   (`torch.autograd.graph.saved_tensors_hooks`), exact and independent of the allocator.
 
-    python bench/bench_siglip_memory.py          # ~1 min -> results/siglip_memory.{json,md}
-    python bench/bench_siglip_memory.py --tiny   # seconds, results to a temp folder
+    python -m bench.bench_siglip_memory          # ~1 min -> results/siglip_memory.{json,md}
+    python -m bench.bench_siglip_memory --tiny   # seconds, results to a temp folder
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+from bench import common
 
 WORLD = 2
 
@@ -127,25 +124,30 @@ def main(argv: list[str] | None = None) -> None:
                                 f"{g['peak_rss_growth_mib']:.1f}", f"{r['peak_rss_growth_mib']:.1f}",
                                 f"{g['saved_for_backward_mib']:.2f}", f"{r['saved_for_backward_mib']:.2f}"])  # fmt: skip
             print(world_table[-1], flush=True)
-    info["loadavg_end"] = list(os.getloadavg())
     headers = ["global batch", "per process", "gather: peak RSS growth MiB", "ring: peak RSS growth MiB",
                "gather: saved for backward MiB", "ring: saved for backward MiB", "gather: step s", "ring: step s"]  # fmt: skip
-    markdown = "\n\n".join([
-        "# SigLIP loss memory: all-gather vs chunked ring (2 gloo processes, CPU)",
+    intro = (
         f"One forward + backward of `SigLipLoss` on float32 features of width {args.dim}, per process "
         "(the larger of the two). Peak RSS growth: Linux `VmHWM` reset before the step minus the RSS before "
-        "it (fresh forked processes per cell, after a 4-row warm-up step that sets up the libraries). Saved for backward: bytes autograd keeps between forward and "
-        "backward (`saved_tensors_hooks`), exact. Step time is one step on one thread per process.",
-        common.markdown_table(headers, table),
-        f"The same {local} rows per process on 1, 2 and 4 processes (4 processes share the 2 cores):",
-        common.markdown_table(["processes", "per process", "global batch", *headers[2:6]], world_table),
-        common.machine_markdown(info) + " The machine is shared with other jobs (about 7 other sessions): "
-        "times are noisy; memory is per process and not affected by them.",
-        common.reproduce_markdown(common.reproduce_command("bench_siglip_memory.py")),
-    ])  # fmt: skip
-    data = {"settings": {"world": WORLD, "dim": args.dim, "dtype": "float32", "batches": batches},
-            "rows": rows, "by_world": by_world, "machine": info}  # fmt: skip
-    common.publish("siglip_memory", data, markdown, Path(tempfile.mkdtemp()) if args.tiny else None)
+        "it (fresh forked processes per cell, after a 4-row warm-up step that sets up the libraries). Saved for "
+        "backward: bytes autograd keeps between forward and backward (`saved_tensors_hooks`), exact. Step time is "
+        "one step on one thread per process."
+    )
+    common.write_results(
+        "siglip_memory",
+        table,
+        headers,
+        "SigLIP loss memory: all-gather vs chunked ring (2 gloo processes, CPU)",
+        "The machine is shared with other jobs: times are noisy; memory is per process and not affected by them.",
+        info,
+        intro=intro,
+        tables=[common.Table(["processes", "per process", "global batch", *headers[2:6]], world_table,
+                             f"The same {local} rows per process on 1, 2 and 4 processes (4 processes share the 2 cores):")],
+        data={"settings": {"world": WORLD, "dim": args.dim, "dtype": "float32", "batches": batches},
+              "measurements": rows, "by_world": by_world},
+        command=common.reproduce_command("bench_siglip_memory.py"),
+        out_dir=Path(tempfile.mkdtemp()) if args.tiny else None,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Training side by side: open_clip's trainer against mmcl's, same shards, same architecture, one run.
 
-    python bench/bench_train.py             # full run (~13 min); writes bench/results/train.json + train.md
-    python bench/bench_train.py --tiny      # a quick check of the script (results go to a temp folder)
-    python bench/bench_train.py --phases throughput vit
+    python -m bench.bench_train             # full run (~13 min); writes bench/results/train.json + train.md
+    python -m bench.bench_train --tiny      # a quick check of the script (results go to a temp folder)
+    python -m bench.bench_train --phases throughput vit
 
-Each training run is a child process (`python bench/bench_train.py --child KIND OUT -- ARGS`) that runs
+Each training run is a child process (`python -m bench.bench_train --child KIND OUT -- ARGS`) that runs
 the real trainer — open_clip: `open_clip_train.main.main(argv)` after the webdataset workaround of
 `common.patch_open_clip` (webdataset's end-of-file marker turned off: open_clip #935) and registering `open_clip-tiny-64` (mmcl's clip-tiny-64 preset through the open_clip exporter, `common.openclip_tiny_config`); mmcl: `mmcl.engine.trainer.train`
 on `load_experiment(None, overrides)` — with a global optimizer-step hook that records when every
@@ -36,9 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import (  # noqa: E402
+from bench.common import (
     DATA,
     REPO,
     RESULTS,
@@ -51,7 +49,7 @@ from common import (  # noqa: E402
     reproduce_command,
     synthetic_shards,
     wait_for_quiet,
-    write_results,
+    write_files,
 )
 
 PHASES = ("throughput", "bf16", "vit", "zeroshot")
@@ -110,7 +108,7 @@ class Bench:
         """Run one trainer in a child process; returns timing, memory and paths."""
         out = self.work / f"{name}.steps.json"
         log_path = self.work / f"{name}.log"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", kind, str(out), "--", *trainer_args]
+        cmd = [sys.executable, "-m", "bench.bench_train", "--child", kind, str(out), "--", *trainer_args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         print(f"[train] {name}: {kind} {' '.join(trainer_args)}", flush=True)
         t0 = time.perf_counter()
@@ -527,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     res = run(args)
     md = to_markdown(res)
-    js, mdp = write_results("train", res, md, args.results)
+    js, mdp = write_files("train", res, md, args.results, echo=False)
     print(md)
     print(f"wrote {js} and {mdp}")
     return 0

@@ -1,7 +1,7 @@
 """WiSE-FT on built-in data: pretrain a small CLIP on shapes, fine-tune it on digits, interpolate back.
 
-    python bench/bench_wise_ft.py            # a few minutes on 2 CPU cores; bench/results/wise_ft.{json,md,png}
-    python bench/bench_wise_ft.py --tiny     # seconds-long check of the script (temp folder)
+    python -m bench.bench_wise_ft            # a few minutes on 2 CPU cores; bench/results/wise_ft.{json,md,png}
+    python -m bench.bench_wise_ft --tiny     # seconds-long check of the script (temp folder)
 
 1. Pretrain `clip-tiny-nfnet` (timm's normalizer-free test_nfnet image tower at 32 px: a tiny ViT cannot
    learn shape on this budget, see recipe.md) on the built-in synthetic shapes (40 colour-shape classes).
@@ -17,14 +17,11 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import DATA, RESULTS, machine_info, machine_markdown, markdown_table, reproduce_command  # noqa: E402
+from bench.common import DATA, RESULTS, machine_info, reproduce_command, write_results
 
 
 def main() -> None:
@@ -94,43 +91,32 @@ def run(args: argparse.Namespace, root: Path, out: Path) -> None:
     t_ft = time.perf_counter() - t0
     rows = result.wise
     title = "WiSE-FT: shapes-pretrained CLIP fine-tuned on digits"
-    write_wise_ft(rows, out / "wise_ft", title=title)  # json (rows), md (table), png (curve)
+    write_wise_ft(rows, out / "wise_ft", title=title)  # the curve (wise_ft.png); json and md are rewritten below
     start, end = rows[0], rows[-1]
     mid = min(rows, key=lambda r: abs(r["alpha"] - 0.5))
-    table = markdown_table(
-        ["alpha", "digits top-1 (target)", "shapes top-1 (reference)"],
-        [[f"{r['alpha']:g}", f"{r['target_top1']:.1%}", f"{r['reference_top1']:.1%}"] for r in rows],
-    )
-    md = f"""# {title}
-
-`clip-tiny-nfnet` (32 px) pretrained {args.pre_steps} steps x {args.batch_size} on {args.n_shapes:,} built-in
+    intro = f"""`clip-tiny-nfnet` (32 px) pretrained {args.pre_steps} steps x {args.batch_size} on {args.n_shapes:,} built-in
 shapes (lr 2e-3), then fine-tuned {args.ft_steps} steps x {args.batch_size} on the 1,437 scikit-learn digits of the
 train split with FLYP captions (the class names in the 7 'short' templates, CLIP loss, lr {args.ft_lr:g}).
 Zero-shot top-1 ('short' templates) on the 360 digits of the test split (10 classes, chance 10%) and on 500
-held-out shapes (40 classes, chance 2.5%) for the weights (1 - alpha) * start + alpha * fine-tuned.
-
-{table}
-
-Fine-tuning took digits from {start["target_top1"]:.1%} to {end["target_top1"]:.1%}; shapes went from
+held-out shapes (40 classes, chance 2.5%) for the weights (1 - alpha) * start + alpha * fine-tuned."""
+    notes = f"""Fine-tuning took digits from {start["target_top1"]:.1%} to {end["target_top1"]:.1%}; shapes went from
 {start["reference_top1"]:.1%} to {end["reference_top1"]:.1%}. At alpha {mid["alpha"]:g} the model keeps
 {mid["reference_top1"] / max(start["reference_top1"], 1e-9):.0%} of the start's shapes accuracy with digits at
 {mid["target_top1"]:.1%}. Curve: `wise_ft.png` (x: shapes, y: digits, one point per alpha).
 
-Wall time: data {t_data:.0f} s, pretraining {t_pre:.0f} s, fine-tuning + WiSE-FT evaluation {t_ft:.0f} s.
-
-{machine_markdown(info)}
-
-Reproduce: `{reproduce_command("bench_wise_ft.py")}`
-"""
-    from mmcl.utils import atomic_write_text
-
-    atomic_write_text(out / "wise_ft.md", md)
-    import json
-
-    data = {"rows": rows, "args": vars(args), "machine": info, "seconds": {"data": t_data, "pretrain": t_pre,
-            "finetune": t_ft}, "command": reproduce_command("bench_wise_ft.py")}  # fmt: skip
-    atomic_write_text(out / "wise_ft.json", json.dumps(data, indent=2, default=str) + "\n")
-    print(md)
+Wall time: data {t_data:.0f} s, pretraining {t_pre:.0f} s, fine-tuning + WiSE-FT evaluation {t_ft:.0f} s."""
+    write_results(
+        "wise_ft",
+        [[f"{r['alpha']:g}", f"{r['target_top1']:.1%}", f"{r['reference_top1']:.1%}"] for r in rows],
+        ["alpha", "digits top-1 (target)", "shapes top-1 (reference)"],
+        title,
+        notes,
+        info,
+        intro=intro,
+        data={"wise": rows, "args": vars(args), "seconds": {"data": t_data, "pretrain": t_pre, "finetune": t_ft}},
+        command=reproduce_command("bench_wise_ft.py"),
+        out_dir=out,
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Synthetic shards written once and reused, clustered embedding-like vectors (`bench_index.py`, `bench_app.py`),
 machine description, load-average gating, peak memory of a process tree, the open_clip webdataset workaround,
-and atomic JSON + markdown results.
+and the one results writer (`write_results`: atomic JSON + markdown in one skeleton).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -337,7 +338,8 @@ def median(values: Sequence[float]) -> float:
 
 def reproduce_command(script: str, argv: Sequence[str] | None = None) -> str:
     args = sys.argv[1:] if argv is None else list(argv)
-    return "source .venv/bin/activate && python " + shlex.join([f"bench/{script}", *args])
+    module = "bench." + script.removesuffix(".py")  # run from the repository root as a module: no sys.path edits
+    return "source .venv/bin/activate && python -m " + shlex.join([module, *args])
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -355,7 +357,8 @@ def machine_markdown(info: dict[str, Any], load: dict[str, Any] | None = None, d
         f"mmcl {info['mmcl_commit']}; {info['date']}."
     )
     if load is not None:
-        state = "quiet" if load["quiet"] else "BUSY (other jobs were running; numbers are noisier and lower)"
+        state = ("not checked (the run did not wait for a quiet machine)" if load["quiet"] is None else "quiet"
+                 if load["quiet"] else "BUSY (other jobs were running; numbers are noisier and lower)")  # fmt: skip
         text += (
             f"\nLoad: 1-min load average {load['load_history'][-1]} when started "
             f"(threshold {load['threshold']}, waited {load['waited_s']} s): {state}; "
@@ -370,25 +373,103 @@ def machine_markdown(info: dict[str, Any], load: dict[str, Any] | None = None, d
     return text
 
 
-def write_results(name: str, data: dict[str, Any], markdown: str, out_dir: Path = RESULTS) -> tuple[Path, Path]:
-    """`out_dir/NAME.json` and `out_dir/NAME.md`, each written atomically."""
+def reproduce_markdown(command: str) -> str:
+    """The closing lines of every results file: how to run it again."""
+    return f"Reproduce:\n\n```\n{command}\n```"
+
+
+# ----------------------------------------------------------------------------- the one results writer
+# Every script's results: NAME.json (the data, the table, machine, load, command) and NAME.md (title, intro,
+# the table, more tables, notes, the machine and load paragraph, how to reproduce), both written atomically.
+
+
+@dataclass
+class Table:
+    """A further table of a results file, after the main one: a paragraph introducing it, its columns and rows."""
+
+    columns: Sequence[str]
+    rows: Sequence[Sequence[Any]]
+    caption: str = ""
+
+
+def current_load() -> dict[str, Any]:
+    """The load record of a run that did not wait for a quiet machine (`wait_for_quiet` returns the full one)."""
+    return {"quiet": None, "threshold": None, "waited_s": 0, "load_history": [round(os.getloadavg()[0], 2)]}
+
+
+def results_markdown(
+    title: str,
+    rows: Sequence[Sequence[Any]],
+    columns: Sequence[str],
+    notes: str = "",
+    machine: dict[str, Any] | None = None,
+    *,
+    intro: str = "",
+    tables: Sequence[Table] = (),
+    load: dict[str, Any] | None = None,
+    during: Sequence[Any] = (),
+    command: str | None = None,
+) -> str:
+    """The markdown skeleton every results file shares (empty parts left out)."""
+    parts = [f"# {title}", intro, markdown_table(columns, rows) if columns else ""]
+    for table in tables:
+        parts += [table.caption, markdown_table(table.columns, table.rows)]
+    parts += [notes, machine_markdown(machine, load, during) if machine else ""]
+    parts.append(reproduce_markdown(command) if command else "")
+    return "\n\n".join(p.strip("\n") for p in parts if p and p.strip())
+
+
+def write_results(
+    name: str,
+    rows: Sequence[Sequence[Any]],
+    columns: Sequence[str],
+    title: str,
+    notes: str = "",
+    machine: dict[str, Any] | None = None,
+    *,
+    intro: str = "",
+    tables: Sequence[Table] = (),
+    data: dict[str, Any] | None = None,
+    load: dict[str, Any] | None = None,
+    during: Sequence[Any] = (),
+    command: str | None = None,
+    out_dir: Path | None = None,
+    echo: bool = True,
+) -> tuple[Path, Path]:
+    """Write `out_dir/NAME.json` and `out_dir/NAME.md` (default `RESULTS`), atomically; print the markdown.
+
+    Args:
+        rows, columns: the main table (cells as they are shown).
+        title, intro, notes: the heading, the paragraph before the table, the text after the tables.
+        machine: `machine_info()` (taken now when None); `load`: `wait_for_quiet()`'s record (the load now
+            when None); `during`: 1-min load averages sampled during the run.
+        tables: further tables after the main one.
+        data: everything else the JSON keeps (the raw measurements, settings).
+        command: how to reproduce (`reproduce_command`).
+    """
+    machine = machine if machine is not None else machine_info()
+    load = load if load is not None else current_load()
+    load.setdefault("loadavg_end", [round(v, 2) for v in os.getloadavg()])
+    markdown = results_markdown(title, rows, columns, notes, machine, intro=intro, tables=tables, load=load,
+                                during=during, command=command)  # fmt: skip
+    payload = {**(data or {}), "title": title, "columns": list(columns), "rows": [list(r) for r in rows],
+               "tables": [asdict(t) for t in tables], "machine": machine, "load": load, "command": command}  # fmt: skip
+    return write_files(name, payload, markdown, out_dir, echo)
+
+
+def write_files(
+    name: str, data: dict[str, Any], markdown: str, out_dir: Path | None = None, echo: bool = True
+) -> tuple[Path, Path]:
+    """`out_dir/NAME.json` and `out_dir/NAME.md` (default `RESULTS`), each written atomically, for scripts whose
+    markdown is not (yet) `results_markdown`'s skeleton; print the markdown."""
     from mmcl.utils import atomic_write_text
 
+    out_dir = out_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / f"{name}.json", out_dir / f"{name}.md"
     atomic_write_text(js, json.dumps(data, indent=2, default=str) + "\n")
     atomic_write_text(md, markdown.rstrip() + "\n")
+    if echo:
+        print(markdown)
+        print(f"wrote {js} and {md}")
     return js, md
-
-
-def publish(name: str, data: dict[str, Any], markdown: str, out_dir: Path | None = None) -> tuple[Path, Path]:
-    """`write_results` (to `out_dir`, default `RESULTS`), then print the table and where it went."""
-    js, md = write_results(name, data, markdown, out_dir or RESULTS)
-    print(markdown)
-    print(f"wrote {js} and {md}")
-    return js, md
-
-
-def reproduce_markdown(command: str) -> str:
-    """The closing lines of every results file: how to run it again."""
-    return f"Reproduce:\n\n```\n{command}\n```"

@@ -9,7 +9,7 @@ Rows, in the order they run (a row that no longer fits the time budget is skippe
   (random images, captions filling the 77-token context: `synthetic_captions`),
   bf16 autocast over fp32 weights, AdamW, gradient clipping at mmcl's default (1.0) for both. mmcl: the
   trainer's own objects (`mmcl.engine.trainer.Trainer`: accelerator, task, optimizer, `train.compile`) and
-  its step (`forward_backward`, clip, `optimizer.step`); open_clip: the step of `open_clip_train.train`
+  its step (`Task.step`, clip, `optimizer.step`); open_clip: the step of `open_clip_train.train`
   (autocast forward, `ClipLoss`, backward, clip, step, logit-scale clamp), its optimizer groups, and
   `torch.compile(model)` as its `--torchcompile` does. Batches are random tensors already on the GPU: the
   loader is measured on its own rows. Reported: samples/s and step time over the timed steps, MFU = model
@@ -43,10 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import common  # noqa: E402
+from bench import common
 
 # dense bf16 tensor-core peaks (no sparsity), TFLOPS, from the vendors' data sheets; first match in the name wins
 PEAK_TFLOPS: list[tuple[str, float]] = [
@@ -141,7 +138,6 @@ def mmcl_step(
 
     from mmcl.config import load_experiment
     from mmcl.data.batch import Batch
-    from mmcl.engine.accumulate import forward_backward
     from mmcl.engine.trainer import Trainer
 
     cfg = load_experiment(None, [
@@ -159,7 +155,7 @@ def mmcl_step(
 
     def step() -> None:
         trainer.prepared.train()
-        forward_backward(trainer.task, [data], trainer.accelerator, trainer.prepared)
+        trainer.task.step([data], trainer.accelerator, trainer.prepared)
         trainer._grad_norm()  # the trainer's clip (train.grad_clip), as its loop runs it every step
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
@@ -334,7 +330,7 @@ class Check:
             torch.compile = original
 
     def run_loaders(self, shards: Path) -> None:
-        import gpu_decode_check
+        from bench import gpu_decode_check
 
         device = "cuda" if self.cuda else "cpu"
         batch = 16 if self.args.smoke else 128

@@ -13,4 +13,4 @@ fi
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # the script stops starting rows past its own budget (450 s) and writes its JSON after every row;
 # this is the hard stop (SIGINT first, so the rows finished so far stay written)
-exec timeout --signal=INT --kill-after=20 480 "$py" bench/gpu_check.py "$@"
+exec timeout --signal=INT --kill-after=20 480 "$py" -m bench.gpu_check "$@"

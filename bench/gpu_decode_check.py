@@ -1,8 +1,8 @@
 """data.decode_on=device on a CUDA GPU: the nvJPEG path against the worker path, same shards, same crops.
 
-    python bench/gpu_decode_check.py OUT_DIR              # writes OUT_DIR/gpu_decode.json
-    python bench/gpu_decode_check.py OUT_DIR --n 512      # quicker
-    python bench/gpu_decode_check.py OUT_DIR --n 256 --device cpu --workers 1   # a dry run of the script on CPU
+    python -m bench.gpu_decode_check OUT_DIR              # writes OUT_DIR/gpu_decode.json
+    python -m bench.gpu_decode_check OUT_DIR --n 512      # quicker
+    python -m bench.gpu_decode_check OUT_DIR --n 256 --device cpu --workers 1   # a dry run of the script on CPU
 
 Checks, at 224 px from 256 px shards (and 64 px from the same shards, where the workers decode at reduced
 scale): the two paths yield the same samples, and their images differ by at most a few pixel levels (nvJPEG's
@@ -22,10 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from common import synthetic_shards  # noqa: E402
+from bench.common import synthetic_shards
 
 MEAN_BOUND, P99_BOUND = 2.0, 8.0  # pixel levels, as tests/data/test_device_decode.py bounds the reduced-scale case
 

@@ -1,8 +1,8 @@
 """CPU time per image of each stage of mmcl's training loader, one process (`time.process_time`; + reaped workers).
 
-    python bench/profile_loader.py                      # 224 px from 256 px shards, 512 samples
-    python bench/profile_loader.py --image-size 64 --shard-px 64
-    python bench/profile_loader.py --cprofile 25        # plus cProfile's top 25 functions of the whole stream
+    python -m bench.profile_loader                      # 224 px from 256 px shards, 512 samples
+    python -m bench.profile_loader --image-size 64 --shard-px 64
+    python -m bench.profile_loader --cprofile 25        # plus cProfile's top 25 functions of the whole stream
 
 CPU time, not wall time: it stays meaningful on a machine other jobs share (`bench_loader.py` needs a quiet one).
 Stages: tar read, caption (json + .txt), JPEG decode, crop + resize, to tensor + normalise, tokenise + collate;
@@ -18,16 +18,11 @@ import io
 import os
 import pstats
 import random
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's mmcl, not an installed one
-
-from common import DATA, synthetic_shards  # noqa: E402
+from bench.common import DATA, synthetic_shards
 
 
 def cpu_ms(fn: Callable[[], Any], n: int, repeats: int = 3, children: bool = False) -> float:

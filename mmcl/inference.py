@@ -53,16 +53,6 @@ class Encoder(Protocol):
         ...
 
 
-def _capabilities(model: torch.nn.Module) -> tuple[bool, bool]:
-    """(can_encode, can_caption) of an mmcl model, from its type: CLIP/SigLIP and joint encode; PrefixLM and
-    joint caption."""
-    from mmcl.models.clip import CLIP
-    from mmcl.models.joint import JointModel
-    from mmcl.models.prefix_lm import PrefixLM
-
-    return isinstance(model, CLIP), isinstance(model, (PrefixLM, JointModel))
-
-
 @dataclass
 class Pipeline:
     """An mmcl model ready for inference, with its preprocessing and tokenizer (an `Encoder`).
@@ -80,7 +70,9 @@ class Pipeline:
     def __post_init__(self) -> None:
         self.preprocess = transform_from_preprocess(self.model.preprocess_cfg(), train=False)  # the source's
         self.tokenizer = self.model.tokenizer
-        self.can_encode, self.can_caption = _capabilities(self.model)
+        # what the model declares it can do (`CLIP.can_encode`, `PrefixLM.can_caption`, ...); nothing when silent
+        self.can_encode = bool(getattr(self.model, "can_encode", False))
+        self.can_caption = bool(getattr(self.model, "can_caption", False))
 
     @classmethod
     def from_model(cls, model: torch.nn.Module) -> Pipeline:

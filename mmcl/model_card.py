@@ -16,30 +16,20 @@ from typing import Any
 
 import yaml
 
+from mmcl.run_folder import read_metrics, run_dir_of
 from mmcl.utils import atomic_write_text
 
 _METRIC_NAMES = {"zeroshot_top1": "accuracy", "zeroshot_top5": "accuracy", "recall@": "recall",
                  "bleu4": "bleu", "cider_d": "cider"}  # fmt: skip
 
 
-def _run_dir(config_path: Path) -> Path:
-    """The run folder of a run / final / checkpoint config (where metrics.jsonl lives)."""
-    for folder in (config_path.parent, config_path.parent.parent, config_path.parent.parent.parent):
-        if (folder / "metrics.jsonl").is_file():
-            return folder
-    return config_path.parent
-
-
 def last_eval(run_dir: Path) -> tuple[int | None, dict[str, float]]:
-    """(step, {metric: value}) of the last row of `run_dir/metrics.jsonl` holding eval_* metrics."""
-    file = run_dir / "metrics.jsonl"
+    """(step, {metric: value}) of the last row of the run's metric history (`read_metrics`) holding eval_* metrics."""
     step, found = None, {}
-    if file.is_file():
-        for line in file.read_text().splitlines():
-            row = json.loads(line) if line.strip() else {}
-            evals = {k[len("eval_") :]: v for k, v in row.items() if k.startswith("eval_")}
-            if evals:
-                step, found = row.get("step"), evals
+    for row in read_metrics(run_dir):
+        evals = {k[len("eval_") :]: v for k, v in row.items() if k.startswith("eval_")}
+        if evals:
+            step, found = row.get("step"), evals
     return step, found
 
 
@@ -189,7 +179,7 @@ def write_model_card(
     config_path = Path(config_path)
     cfg = yaml.safe_load(config_path.read_text()) or {}
     model, loss = cfg.get("model", {}), cfg.get("loss", {})
-    run_dir = _run_dir(config_path)
+    run_dir = run_dir_of(config_path)
     step, metrics = last_eval(run_dir)
     objective = loss.get("contrastive", "clip")
     tags = ["mmcl", "clip" if objective != "siglip" else "siglip", "zero-shot-image-classification", *extra_tags]
@@ -233,7 +223,7 @@ def write_model_card(
         parts += [f"| {k} | {v:.4f} |" for k, v in metrics.items()]
     else:
         parts.append("The run recorded no evaluation (train with `eval.shards` set to get one here).")
-    wise = _run_dir(config_path) / "wise_ft.md"
+    wise = run_dir_of(config_path) / "wise_ft.md"
     if wise.is_file():
         body = wise.read_text().split("\n", 2)[-1]  # without its title
         parts += ["", "### WiSE-FT (weight interpolation between the start and the fine-tuned model)", "", body.strip()]

@@ -4,22 +4,60 @@
       config.yaml            the resolved experiment config
       final/                 model.safetensors (+ config.yaml) of the finished run
       checkpoints/step_N/    model, optimizer, RNG and data position (`mmcl.engine.checkpoint`)
-      metrics.jsonl          one JSON line per logged step (`mmcl.engine.metrics`)
+      metrics.jsonl          one JSON line per logged step (written by `mmcl.engine.metrics.MetricsLog`)
 
 `find_weights` turns any folder a user may name (a run, its `final/`, one checkpoint) into the weights and
 config to load; `check_export_target` keeps exports out of run folders, so nothing beside a run's own files
-can shadow its weights.
+can shadow its weights; `read_metrics` is how anything reads `metrics.jsonl`.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
+from typing import Any
 
 from mmcl.utils import UserError
 
 STEP_PREFIX = "step_"
 MANIFEST = "manifest.json"
+METRICS = "metrics.jsonl"
+
+
+def metrics_file(run_dir: str | Path) -> Path:
+    """Where a run folder keeps its metric history."""
+    return Path(run_dir) / METRICS
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a metric history: `path` is the `metrics.jsonl` file or the run folder holding it (none: []).
+
+    A line cut by a kill mid-write (or otherwise not a JSON object) is left out, never an error.
+    """
+    path = Path(path)
+    file = metrics_file(path) if path.is_dir() else path
+    if not file.is_file():
+        return []
+    rows = []
+    for line in file.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def run_dir_of(config_path: str | Path) -> Path:
+    """The run folder of a run's, its `final/`'s or one checkpoint's `config.yaml` (the folder holding
+    `metrics.jsonl`); the config's own folder when none above it has one."""
+    config_path = Path(config_path)
+    for folder in (config_path.parent, config_path.parent.parent, config_path.parent.parent.parent):
+        if metrics_file(folder).is_file():
+            return folder
+    return config_path.parent
 
 
 def step_dir(root: Path, step: int) -> Path:

@@ -1,4 +1,4 @@
-"""`DDPRunner`: the parts of an Accelerator that `mmcl.engine.accumulate.forward_backward` uses, over a bare
+"""`DDPRunner`: the parts of an Accelerator that `Task.step` uses, over a bare
 DistributedDataParallel module, for the 2-process gloo tests of accumulation (tests/engine, tests/losses)."""
 
 from __future__ import annotations

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from common import clustered_queries, clustered_vectors  # noqa: E402
+from bench.common import clustered_queries, clustered_vectors
 
 
 def test_clustered_vectors_are_unit_float16_chunks_written_once(tmp_path: Path) -> None:
@@ -51,9 +48,9 @@ def test_narrow_cnn_preset_is_clip_tiny_64_sized_and_open_clip_builds_the_same_t
     """bench_objectives' CNN: at most clip-tiny-64's parameters and image FLOPs, the same trunk in open_clip."""
     import open_clip
     import torch
-    from common import patch_open_clip
     from torch.utils.flop_counter import FlopCounterMode
 
+    from bench.common import patch_open_clip
     from mmcl.config import model_config
     from mmcl.models import build_model
 
@@ -71,3 +68,27 @@ def test_narrow_cnn_preset_is_clip_tiny_64_sized_and_open_clip_builds_the_same_t
     assert sum(p.numel() for p in oc.parameters()) == cnn_params
     shapes = sorted(tuple(p.shape) for p in cnn.image.trunk.parameters())
     assert sorted(tuple(p.shape) for p in oc.visual.trunk.parameters()) == shapes
+
+
+def test_one_results_writer_records_table_machine_and_load(tmp_path: Path) -> None:
+    """`write_results`: NAME.json keeps the data, the table, the machine and the load; NAME.md is the shared
+    skeleton (title, intro, table, further tables, notes, machine + load, how to reproduce)."""
+    import json
+
+    from bench.common import Table, machine_info, write_results
+
+    machine = machine_info()
+    js, md = write_results(
+        "demo", [["a", 1.5], ["b", 2]], ["name", "value"], "A title", "Some notes.", machine,
+        intro="What was measured.", tables=[Table(["x"], [[3]], "More:")], data={"raw": [1, 2]},
+        command="python -m bench.demo --tiny", out_dir=tmp_path, echo=False,
+    )  # fmt: skip
+    data = json.loads(js.read_text())
+    assert data["raw"] == [1, 2] and data["rows"] == [["a", 1.5], ["b", 2]] and data["columns"] == ["name", "value"]
+    assert data["machine"]["nproc"] == machine["nproc"] and len(data["load"]["loadavg_end"]) == 3
+    text = md.read_text()
+    order = ["# A title", "What was measured.", "| name | value |", "| a | 1.5 |", "More:", "| x |", "| 3 |",
+             "Some notes.", "Machine: ", "Load: ", "python -m bench.demo --tiny"]  # fmt: skip
+    positions = [text.index(part) for part in order]
+    assert positions == sorted(positions)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json", "demo.md"]  # nothing temporary left

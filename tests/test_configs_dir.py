@@ -34,7 +34,6 @@ def test_experiment_configs_take_a_training_step(path):
     from mmcl.data.batch import Batch
     from mmcl.data.synthetic import generate
     from mmcl.data.transforms import transform_from_model
-    from mmcl.engine.accumulate import forward_backward
     from mmcl.models import build_model
     from mmcl.tasks import build_task
 
@@ -57,7 +56,7 @@ def test_experiment_configs_take_a_training_step(path):
             batch.views[name] = torch.stack([view(s.image, random.Random(i)) for i, s in enumerate(samples)])
         else:
             batch.views.update(view(captions, keys, True))
-    out = forward_backward(task, batch.split(cfg.train.grad_accum))
+    out = task.step(batch.split(cfg.train.grad_accum)).metrics
     assert torch.isfinite(torch.tensor(out["loss"])), out
     assert {f"{t.name}_loss" for t in cfg.loss.terms} <= set(out)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in task.parameters())

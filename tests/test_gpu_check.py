@@ -6,17 +6,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from bench.gpu_check import _count_flops, peak_tflops
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-from gpu_check import _count_flops, peak_tflops  # noqa: E402
-
 ROWS = [
     "train ViT-B/32 mmcl compile=off",
     "train ViT-B/32 open_clip compile=off",

@@ -79,6 +79,34 @@ def test_encoder_protocol_flags_and_the_models_own_logit_scale_limit():
     assert math.isclose(pipe.logit_scale_and_bias()[0], 200.0, rel_tol=1e-5)
 
 
+def test_pipeline_reads_what_a_model_declares_it_can_do():
+    """`Pipeline` takes `can_encode` / `can_caption` from the model (a class attribute), not from its type."""
+    from mmcl.inference import Pipeline
+    from mmcl.models.clip import CLIP
+    from mmcl.models.joint import JointModel
+    from mmcl.models.prefix_lm import PrefixLM
+
+    assert (CLIP.can_encode, CLIP.can_caption) == (True, False)
+    assert (JointModel.can_encode, JointModel.can_caption) == (True, True)
+    assert (PrefixLM.can_encode, PrefixLM.can_caption) == (False, True)
+    clip = build_model(load_experiment(None, ["model.preset=clip-tiny"]).model).eval()
+
+    class CaptionOnly(torch.nn.Module):  # no mmcl model class: only its declaration says what it does
+        can_encode, can_caption = False, True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner, self.tokenizer = clip, clip.tokenizer
+
+        def preprocess_cfg(self):
+            return clip.preprocess_cfg()
+
+    pipe = Pipeline.from_model(CaptionOnly())
+    assert not pipe.can_encode and pipe.can_caption
+    with pytest.raises(UserError, match="no image/text encoder"):
+        pipe.encode_texts(["a red circle"])
+
+
 def test_app_probabilities_equal_eval_zero_shot(tmp_path):
     """The app's zero-shot answer is eval's classifier scored with the model's own scale, uncapped at 100."""
     from mmcl.app import handlers as H

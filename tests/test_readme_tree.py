@@ -46,3 +46,20 @@ def test_every_module_is_in_the_tree():
     modules = [p for p in (ROOT / "mmcl").rglob("*.py") if p.name not in ("__init__.py", "__main__.py")]
     absent = [str(p.relative_to(ROOT)) for p in modules if str(p.relative_to(ROOT)) not in listed]
     assert not absent, f"modules missing from README's tree: {absent}"
+
+
+def test_the_sample_path_paragraph_is_counted_from_the_code(tmp_path):
+    """README's "one sample" paragraph gives the counts `bench.sample_path` measures on a one-step `mmcl train`."""
+    from bench.sample_path import trace
+
+    res = trace(tmp_path)
+    text = " ".join((ROOT / "README.md").read_text().split())
+    claim = (
+        f"{len(res['files'])} mmcl files and {res['named_functions']} functions ({len(res['functions'])} counting "
+        f"comprehensions) are entered. The loss value is computed {res['loss_calls_below_loop']} mmcl calls below "
+        f"the loop"
+    )
+    assert claim in text, res["files"]
+    assert f"the tar is read {res['read_calls_below_loop']} below it (plus {res['read_torch_frames']} frames" in text
+    for file in res["files"]:  # every file the sample enters is named in the paragraph
+        assert f"{file.split('/')[-1]}`" in text, file

@@ -81,6 +81,22 @@ class Batch:
             out.append(replace(self, **sliced))
         return out
 
+    def select(self, keep: list[int]) -> Batch:
+        """The rows `keep` of every per-sample field and view (rows dropped after collation: a JPEG the device
+        could not decode, rows trimmed to match the other ranks)."""
+        n = len(self.keys)
+        index = torch.tensor(keep, dtype=torch.long)
+
+        def rows(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
+                return v[index.to(v.device)]
+            if isinstance(v, list) and len(v) == n:
+                return [v[i] for i in keep]
+            return v
+
+        changed = {f.name: rows(getattr(self, f.name)) for f in fields(self) if f.name not in ("views", "skipped")}
+        return replace(self, **changed, views={k: rows(v) for k, v in self.views.items()})
+
 
 def _rows(v: Any, lo: int, hi: int) -> Any:
     """Rows lo:hi of a per-sample view (tensors and lists; anything else is shared by the batch)."""

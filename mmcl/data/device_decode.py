@@ -1,9 +1,9 @@
 """Decoding JPEGs on the training device (`data.decode_on=device`): workers read, the accelerator decodes.
 
 At 224 px the loader workers spend most of their time in the JPEG decoder. With `decode_on=device` a worker
-only reads the header (pixel limit, size, EXIF orientation), draws the crop from the sample's own RNG exactly
-as the worker path would (`ImageTransform.crop_box`, on the size the worker path would decode at) and passes
-the JPEG bytes on; the main process decodes the whole batch with `torchvision.io.decode_jpeg(list,
+(`SampleDecoder(encoded=True)` -> `encode_image`) only reads the header (pixel limit, size, EXIF orientation),
+draws the crop from the sample's own RNG exactly as the worker path would (`ImageTransform.crop_box`, on the
+size the worker path would decode at) and passes the JPEG bytes on; the main process decodes the whole batch with `torchvision.io.decode_jpeg(list,
 device=...)` (nvJPEG's batched decode on CUDA), crops, resizes (torchvision v2, antialiased bicubic) and
 normalises on the device. The same code runs with `device='cpu'`, where the batch equals the worker path's
 (`tests/data/test_device_decode.py`).
@@ -13,7 +13,7 @@ normalises on the device. The same code runs with `device='cpu'`, where the batc
 * A JPEG the device decoder rejects is decoded again with PIL; if PIL fails too it is dropped from the batch
   and counted by reason (`StreamState.device_skipped`), as the workers count theirs. With several processes
   every rank then keeps the same number of rows (the contrastive gather needs it): the extra rows are dropped
-  and counted as 'trimmed_to_match_ranks'.
+  and counted as 'trimmed_to_match_ranks' (`mmcl.data.pipeline.TrainBatches`).
 * Per-sample image views (SimCLR, SimSiam) are refused: they augment the decoded image in the worker
   (colour jitter, blur in PIL), which is the work this option moves off the workers.
 """
@@ -22,23 +22,12 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, fields, replace
-from typing import Any
+from dataclasses import dataclass, replace
 
 import torch
 
 from mmcl.data.batch import Batch
-from mmcl.data.decode import (
-    SkipCounter,
-    SkipSample,
-    decode_caption,
-    decode_image,
-    decode_json,
-    decode_label,
-    image_bytes,
-    probe_image,
-)
-from mmcl.utils import UserError
+from mmcl.data.decode import SkipCounter, SkipSample, decode_image, probe_image
 
 log = logging.getLogger("mmcl.data")
 
@@ -104,52 +93,30 @@ class EncodedImages:
         return out
 
 
-class EncodedSampleDecoder:
-    """raw sample -> {'encoded': EncodedImage, 'caption', 'label', 'key'}: `SampleDecoder`'s work minus the JPEG
-    decode. The caption and the crop are drawn from the sample's RNG in the worker path's order. Picklable.
+def encode_image(data: bytes, rng: random.Random, transform, max_pixels: int, image_size: int) -> EncodedImage:
+    """A worker's part of a device decode (`SampleDecoder(encoded=True)`): header only for a JPEG (pixel limit,
+    size, orientation, the crop drawn from `rng` as the worker path would); a full decode for anything else.
 
     Args:
         transform: the stream's `ImageTransform` (crop settings; it decodes the non-JPEG images).
         image_size: the size the worker path decodes JPEGs at (DCT scaling); the crop is drawn on that size.
     """
-
-    def __init__(
-        self,
-        transform,
-        caption_key: str = "txt",
-        label_key: str = "label",
-        max_pixels: int = 40_000_000,
-        image_size: int = 0,
-        need_caption: bool = True,
-    ) -> None:
-        self.transform, self.caption_key, self.label_key = transform, caption_key, label_key
-        self.max_pixels, self.image_size, self.need_caption = max_pixels, image_size, need_caption
-
-    def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
-        meta = decode_json(raw)
-        caption = decode_caption(raw, meta, self.caption_key, rng) if self.need_caption else ""
-        label = decode_label(raw, meta, self.label_key)
-        encoded = self.encode(image_bytes(raw), rng)
-        return {"image": None, "encoded": encoded, "caption": caption, "label": label, "key": raw["__key__"]}
-
-    def encode(self, data: bytes, rng: random.Random) -> EncodedImage:
-        """Header only for a JPEG (pixel limit, size, orientation, crop); a full decode for anything else."""
-        img = probe_image(data, self.max_pixels)  # skips what the worker path skips before decoding
-        if img.format != "JPEG" or img.mode not in ("RGB", "L"):
-            # PNG, WebP, CMYK JPEGs ...: decoded here exactly as the worker path does
-            pil = decode_image(data, self.max_pixels, self.image_size)
-            return EncodedImage(pixels=self.transform.pixels(pil, rng).contiguous())
-        orientation = img.getexif().get(_ORIENTATION, 1)
-        orientation = orientation if orientation in range(1, 9) else 1
-        scale = 1
-        if self.image_size and min(img.size) >= 2 * self.image_size:
-            img.draft("RGB", (self.image_size, self.image_size))  # as `decode_image`: the size the worker decodes
-            scale = img.decoderconfig[0] if img.decoderconfig else 1
-        w, h = img.size
-        if orientation in _TRANSPOSING:
-            w, h = h, w
-        box = self.transform.crop_box(w, h, rng)  # the worker path's draws, on the worker path's size
-        return EncodedImage(data=data, scale=scale, box=box, orientation=orientation)
+    img = probe_image(data, max_pixels)  # skips what the worker path skips before decoding
+    if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+        # PNG, WebP, CMYK JPEGs ...: decoded here exactly as the worker path does
+        pil = decode_image(data, max_pixels, image_size)
+        return EncodedImage(pixels=transform.pixels(pil, rng).contiguous())
+    orientation = img.getexif().get(_ORIENTATION, 1)
+    orientation = orientation if orientation in range(1, 9) else 1
+    scale = 1
+    if image_size and min(img.size) >= 2 * image_size:
+        img.draft("RGB", (image_size, image_size))  # as `decode_image`: the size the worker decodes at
+        scale = img.decoderconfig[0] if img.decoderconfig else 1
+    w, h = img.size
+    if orientation in _TRANSPOSING:
+        w, h = h, w
+    box = transform.crop_box(w, h, rng)  # the worker path's draws, on the worker path's size
+    return EncodedImage(data=data, scale=scale, box=box, orientation=orientation)
 
 
 class DeviceDecoder:
@@ -191,7 +158,7 @@ class DeviceDecoder:
             out[[i for i, f in enumerate(files) if f is None]] = enc.pixels.to(self.device, non_blocking=True)
         images = out.float().sub_(self.mean).mul_(self.inv_std)  # as `ImageTransform.normalize`, on the device
         batch = replace(batch, images=images, views=views)
-        return (batch if all(keep) else select_rows(batch, [i for i, k in enumerate(keep) if k])), skipped
+        return (batch if all(keep) else batch.select([i for i, k in enumerate(keep) if k])), skipped
 
     def _decode(self, files: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """One batched decode; if it fails, one call per file to find the bad ones (None)."""
@@ -264,44 +231,3 @@ def _orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
         8: lambda x: torch.rot90(x, 1, hw),
     }
     return ops[orientation](image) if orientation in ops else image
-
-
-def select_rows(batch: Batch, keep: list[int]) -> Batch:
-    """The rows `keep` of every per-sample field and view of `batch`."""
-    n = len(batch.keys)
-    index = torch.tensor(keep, dtype=torch.long)
-
-    def rows(v: Any) -> Any:
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n:
-            return v[index.to(v.device)]
-        if isinstance(v, list) and len(v) == n:
-            return [v[i] for i in keep]
-        return v
-
-    changed = {f.name: rows(getattr(batch, f.name)) for f in fields(batch) if f.name not in ("views", "skipped")}
-    return replace(batch, **changed, views={k: rows(v) for k, v in batch.views.items()})
-
-
-def match_ranks(batch: Batch, accelerator: Any) -> tuple[Batch, dict[str, int]]:
-    """With several processes, cut every rank's batch to the smallest one (the feature gather needs equal rows)."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return batch, {}
-    import torch.distributed as dist
-
-    n = torch.tensor(len(batch.keys), device=accelerator.device)
-    dist.all_reduce(n, op=dist.ReduceOp.MIN)
-    extra = len(batch.keys) - int(n)
-    if not extra:
-        return batch, {}
-    return select_rows(batch, list(range(int(n)))), {"trimmed_to_match_ranks": extra}
-
-
-def refuse_image_views(task) -> None:
-    """A one-line UserError when a loss term needs per-sample image views, which `decode_on=device` cannot build."""
-    for name, term in task.terms.items():
-        sample_views = [v for v, builder in term.views(task.model).items() if builder.kind == "sample"]
-        if sample_views:
-            raise UserError(
-                f"loss term '{name}' augments the decoded image in the loader workers ({', '.join(sample_views)}), "
-                "which data.decode_on=device does not decode: use data.decode_on=workers with it"
-            )

@@ -32,20 +32,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmcl.data.batch import Batch
-from mmcl.data.decode import (
-    SkipCounter,
-    SkipSample,
-    decode_caption,
-    decode_image,
-    decode_json,
-    decode_label,
-    image_bytes,
-)
-from mmcl.data.device_decode import ENCODED_VIEW, EncodedImages
+from mmcl.data.decode import SkipCounter, SkipSample
 from mmcl.data.reader import count_samples, expand_shards, read_sample_at, read_samples  # noqa: F401 (listing)
 from mmcl.data.remote import FetchOptions
 from mmcl.utils import UserError
@@ -362,127 +352,11 @@ class _Tracker:
         return {"consumed": consumed, **(self.last or {"seq": None, "url": None, "offset": None, "key": None}), **state}
 
 
-# ----------------------------------------------------------------------------- decode + collate
-
-
-class SampleDecoder:
-    """raw sample -> {'image': tensor, 'caption': str, 'label': int|None, 'key': str, 'views': {...}}.
-
-    With `pixels=True` (a transform with `pixels`, e.g. `ImageTransform`) 'image' is its uint8 (3, S, S)
-    output and the `Collator` normalises the whole batch at once (given `normalize=transform.normalize`):
-    a third of the per-image cost of normalising sample by sample and stacking.
-    `image_views` (name -> `mmcl.data.views.ImageView`) are more transforms of the same decoded
-    image, drawn from the same per-sample RNG after the main one; a view with `reads_raw` (`CounterfactualView`)
-    reads other members of the raw sample: named tensors (`name/part`) and parts left out (counted). Picklable.
-    """
-
-    def __init__(
-        self,
-        transform,
-        caption_key: str = "txt",
-        label_key: str = "label",
-        max_pixels: int = 40_000_000,
-        image_size: int = 0,
-        need_image: bool = True,
-        need_caption: bool = True,
-        image_views: dict[str, Any] | None = None,
-        pixels: bool = False,
-    ) -> None:
-        self.transform, self.caption_key, self.label_key = transform, caption_key, label_key
-        self.image_fn = transform.pixels if pixels else transform
-        self.max_pixels, self.image_size = max_pixels, image_size
-        self.need_image, self.need_caption = need_image, need_caption
-        self.image_views = image_views or {}
-
-    def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
-        meta = decode_json(raw)
-        caption = decode_caption(raw, meta, self.caption_key, rng) if self.need_caption else ""
-        label = decode_label(raw, meta, self.label_key)
-        image, views, notes = None, {}, []
-        if self.need_image:
-            pil = decode_image(image_bytes(raw), self.max_pixels, self.image_size)
-            replay = rng.getstate()  # a raw view's image gets the main image's augmentation draws
-            image = self.image_fn(pil, rng)
-            for name, view in self.image_views.items():
-                if getattr(view, "reads_raw", False):
-                    parts, left_out = view.from_raw(raw, replay, self.transform, self.max_pixels)
-                    views.update({f"{name}/{part}": v for part, v in parts.items()})
-                    notes += left_out
-                else:
-                    views[name] = view(pil, rng)
-        out = {"image": image, "caption": caption, "label": label, "key": raw["__key__"], "views": views}
-        return {**out, "notes": notes} if notes else out
-
-
-class Collator:
-    """decoded samples -> Batch, tokenizing the captions in one call. Picklable.
-
-    Per-sample views are stacked into `batch.views`; batch views (name -> callable(captions, keys,
-    has_images) -> {name: tensor}, e.g. `CaptionSplitView`) add their outputs to `batch.views`.
-    `normalize` (uint8 batch, out -> float batch; `ImageTransform.normalize`) turns uint8 sample images
-    (`SampleDecoder(pixels=True)`) into the normalised float images of the batch. In a loader worker the
-    image tensors are built in shared memory, as torch's `default_collate` does: sending them to the main
-    process then costs no copy.
-    """
-
-    def __init__(self, tokenizer=None, batch_views: dict[str, Any] | None = None, normalize=None) -> None:
-        self.tokenizer = tokenizer
-        self.batch_views = batch_views or {}
-        self.normalize = normalize
-
-    def __call__(self, samples: list[dict[str, Any]]) -> Batch:
-        captions = [s["caption"] for s in samples]
-        text = mask = None
-        if self.tokenizer is not None and any(captions):
-            text, mask = self.tokenizer(captions)
-        labels = [s["label"] for s in samples]
-        images = [s["image"] for s in samples]
-        keys = [s["key"] for s in samples]
-        views = {name: _stack([s["views"][name] for s in samples]) for name in samples[0].get("views", {})}
-        if samples[0].get("encoded") is not None:  # data.decode_on=device: decoded by the trainer on its device
-            views[ENCODED_VIEW] = EncodedImages.collate([s["encoded"] for s in samples])
-        has_images = images[0] is not None or ENCODED_VIEW in views
-        for view in self.batch_views.values():
-            views.update(view(captions, keys, has_images))
-        return Batch(
-            images=self._images(images) if images[0] is not None else None,
-            text=text,
-            text_mask=mask,
-            captions=captions,
-            labels=torch.tensor(labels) if all(v is not None for v in labels) else None,
-            keys=keys,
-            views=views,
-        )
-
-    def _images(self, images: list[torch.Tensor]) -> torch.Tensor:
-        if images[0].dtype != torch.uint8 or self.normalize is None:
-            return _stack(images)
-        out = _new_tensor((len(images), *images[0].shape), torch.float32)
-        for row, image in zip(out, images):
-            row.copy_(image)  # uint8 -> float, one pass; then the batch is normalised in place at once
-        return self.normalize(out, out)
-
-
-def _new_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An empty tensor, in shared memory inside a loader worker (then the DataLoader sends it without a copy)."""
-    if get_worker_info() is None:
-        return torch.empty(shape, dtype=dtype)
-    numel = 1
-    for n in shape:
-        numel *= n
-    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(numel, device="cpu")
-    return torch.empty(0, dtype=dtype).new(storage).view(shape)
-
-
-def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(tensors, out=_new_tensor((len(tensors), *tensors[0].shape), tensors[0].dtype))
-
-
 def make_loader(
     stream: ShardStream, num_workers: int, state: StreamState | None = None, pin_memory: bool = False
 ) -> DataLoader:
-    """A DataLoader over `stream` starting at `state`. Never hand it to `accelerator.prepare`:
-    sharding is done by the stream itself (see DESIGN.md field notes)."""
+    """A DataLoader over `stream` starting at `state`. Never hand it to `accelerator.prepare`: the stream
+    splits the shards by rank and worker itself, which its exact resume relies on (each worker's position)."""
     if not stream.resampled:
         per_rank = stream.shards_per_rank()
         if num_workers > per_rank:

@@ -7,7 +7,7 @@ tower's defaults with what its source recorded (`model.image.preprocess`).
 
 Geometry runs in torch on uint8 (its antialiased bicubic resize matches PIL's to +-3 levels and costs a third
 of it: `bench/profile_loader.py`); normalising is a separate step, so the loader can normalise a whole batch
-at once (`mmcl.data.shards.Collator`). Randomness comes from a per-sample `random.Random` so augmentation is a
+at once (`mmcl.data.pipeline.Collator`). Randomness comes from a per-sample `random.Random` so augmentation is a
 pure function of the sample (exact resume) and never touches torch's global RNG (re-seeding it costs ~2 ms a call).
 """
 

@@ -15,7 +15,7 @@ optimizer, which is stored as tensors plus JSON instead of `optimizer.pt`:
 
 `prepare` (called before the optimizer is built and the model wrapped) makes a task shardable: FSDP2 shards
 only tensors with a dimension, and CLIP's temperature and SigLIP's bias are 0-dim parameters, so each is
-stored as a (1,) parameter behind a parametrization (the model still reads a 0-dim tensor: the accumulator
+stored as a (1,) parameter behind a parametrization (the model still reads a 0-dim tensor: `Task.step`
 relies on it), and the image tower's class-token shortcut, which bypasses the last block's `forward` where
 FSDP2 gathers its weights, is turned off. The files keep the plain names and 0-dim shapes, so they are the
 same as a DDP run's.

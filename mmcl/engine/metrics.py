@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from mmcl.run_folder import read_metrics
 from mmcl.utils import atomic_write_text
 
 
@@ -24,16 +25,6 @@ class MetricsLog:
         self.rows.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill mid-write
-    return rows
 
 
 def plot_curves(rows: list[dict[str, Any]], out: Path, title: str = "") -> Path | None:

@@ -1,28 +1,28 @@
 """The one training loop: Accelerate, any Task, step checkpoints and exact resume.
 
-The loop knows nothing about CLIP or PrefixLM: it pulls `Batch`es, hands k
-micro-batches to the accumulator (`accumulate.forward_backward`), clips, steps,
-calls the task's `on_step_end`, logs, evaluates and checkpoints. What it adds to
-a plain Accelerate loop:
+The loop knows nothing about CLIP or PrefixLM nor about shards: it asks the data
+(`mmcl.data.pipeline.TrainBatches`) for k micro-batches, hands them to the task
+(`Task.step`: forward and backward), clips, steps, calls the task's `on_step_end`
+with the step's features, logs, evaluates and checkpoints. What it adds to a
+plain Accelerate loop:
 
 * exact resume: model, the task's own state (heads, queues, momentum encoders),
   optimizer, schedule, RNG and every loader worker's data position are restored,
   so a killed run continues the same loss curve;
 * non-finite steps are skipped and counted; N in a row stop the run;
-* the data loader is never passed to `accelerator.prepare` (webdataset shards
-  are split by the stream itself; see DESIGN.md field notes), and the schedule
-  is stepped by hand once per optimizer step.
+* the data loader is never passed to `accelerator.prepare` (the shard stream
+  splits the shards by rank and worker itself), and the schedule is stepped by
+  hand once per optimizer step.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,20 +30,18 @@ from typing import Any
 import torch
 
 from mmcl.config import ExperimentConfig, TrainConfig, load_yaml, save_yaml, to_dict
-from mmcl.data.batch import Batch
 from mmcl.data.builtin import is_builtin
-from mmcl.data.device_decode import match_ranks, refuse_image_views
-from mmcl.data.pipeline import build_stream, device_decoder
-from mmcl.data.shards import EpochEnd, ShardStream, StreamState, count_samples, expand_shards, make_loader
+from mmcl.data.pipeline import TrainBatches, train_batches
+from mmcl.data.shards import StreamState, count_samples, expand_shards
 from mmcl.engine import checkpoint as ckpt
 from mmcl.engine import fsdp
-from mmcl.engine.accumulate import forward_backward
 from mmcl.engine.interrupt import StopBetweenSteps, TrainingInterrupted, checkpoint_step_of
 from mmcl.engine.metrics import MetricsLog, plot_curves
 from mmcl.engine.optim import build_optimizer, lr_at, set_lr
 from mmcl.engine.run_log import build_trackers, flat_config, log_line, logs_beside_bars, store_config, training_bar
 from mmcl.losses.base import StepContext
-from mmcl.utils import UserError, disk_errors, loader_worker_init, lock_folder
+from mmcl.run_folder import metrics_file
+from mmcl.utils import UserError, disk_errors, lock_folder
 
 log = logging.getLogger("mmcl.train")
 
@@ -75,65 +73,6 @@ def resolve_precision(requested: str) -> str:
         return "bf16"
     log.info("precision: fp32 (auto: no GPU with bf16; on CPUs bf16 autocast is no faster, and far slower without AMX)")
     return "fp32"
-
-
-class BatchSource:
-    """Endless batches across epochs for one process; records the data position of each batch used.
-
-    With `decode` (a `DeviceDecoder`, data.decode_on=device) each batch's JPEGs are decoded on the device here;
-    rows that fail are dropped and counted in the data state.
-    """
-
-    def __init__(self, stream: ShardStream, num_workers: int, state: StreamState, accelerator, decode=None) -> None:
-        self.stream, self.num_workers, self.accelerator = stream, num_workers, accelerator
-        self.state, self.decode = state, decode
-        self._it: Iterator[Batch] | None = None
-
-    def _start_epoch(self) -> None:
-        loader = make_loader(
-            self.stream, self.num_workers, self.state, pin_memory=self.accelerator.device.type == "cuda"
-        )
-        loader.generator = torch.Generator().manual_seed(self.state.epoch)  # keep the global RNG untouched
-        loader.worker_init_fn = functools.partial(loader_worker_init, parent_pid=os.getpid())
-        self._it = iter(loader)
-
-    def _pull(self) -> Batch | None:
-        """The next batch of this epoch, or None; workers' end-of-epoch counts are recorded on the way."""
-        while isinstance(item := next(self._it, None), EpochEnd):
-            self.state.record(item, self.stream.num_workers)
-        return item
-
-    def next(self) -> Batch:
-        while True:
-            batch = self._next_collated()
-            if self.decode is None:
-                return batch
-            batch, skipped = self.decode(batch)
-            batch, trimmed = match_ranks(batch, self.accelerator)
-            self.state.add_skips({**skipped, **trimmed})
-            if len(batch.keys):
-                return batch
-
-    def _next_collated(self) -> Batch:
-        seen: dict[str, int] = {}
-        for _ in range(3):  # a new epoch, then a second try, before declaring the data empty
-            if self._it is None:
-                self.stream.report_epoch_end = True
-                self._start_epoch()
-            batch = self._pull()
-            have = torch.tensor(0 if batch is None else 1, device=self.accelerator.device)
-            if self.accelerator.num_processes > 1:  # every rank moves to the next epoch together
-                have = self.accelerator.reduce(have, reduction="sum") // self.accelerator.num_processes
-            if int(have) == 1:
-                self.state.record(batch, self.stream.num_workers)
-                return batch
-            self._it = None
-            seen = self.state.epoch_skip_totals()
-            self.state.next_epoch(self.state.epoch + 1)  # skip counts stay cumulative across epochs
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(seen.items())) or "the shards hold no samples"
-        raise UserError(
-            f"no usable samples in {self.stream.all_shards[:3]}...: every sample was skipped in an epoch ({reasons})"
-        )
 
 
 class Trainer:
@@ -194,19 +133,7 @@ class Trainer:
             fsdp.after_wrap(self.task)
         self.eval_hook = eval_hook
         acc = self.accelerator
-        if cfg.data.decode_on == "device":
-            refuse_image_views(self.task)
-        self.decode = device_decoder(cfg.data, self.model, acc.device) if cfg.data.decode_on == "device" else None
-        self.stream = build_stream(
-            cfg.data,
-            self.model,
-            cfg.data.train_shards,
-            train=True,
-            seed=self.tc.seed,
-            rank=acc.process_index,
-            world_size=acc.num_processes,
-            views=self.task.views(),
-        )
+        self.batches = train_batches(cfg.data, self.model, acc, seed=self.tc.seed, views=self.task.views())
         self.samples_per_step = cfg.data.batch_size * self.tc.grad_accum * acc.num_processes
 
     def _prepare_builtin_data(self) -> None:
@@ -221,7 +148,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _save(self, step: int, source: BatchSource, counters: dict[str, Any]) -> None:
+    def _save(self, step: int, batches: TrainBatches, counters: dict[str, Any]) -> None:
         acc = self.accelerator
         tmp = ckpt.tmp_dir_for(self.ckpt_root, step)
         if acc.is_main_process:
@@ -231,7 +158,7 @@ class Trainer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
-        ckpt.write_rank_state(tmp, acc.process_index, source.state.to_dict())
+        ckpt.write_rank_state(tmp, acc.process_index, batches.state.to_dict())
         acc.wait_for_everyone()
         state = {"step": step, "num_processes": acc.num_processes, **counters}
         if self.fsdp:  # every rank takes part in gathering the full state; rank 0 writes it
@@ -316,8 +243,9 @@ class Trainer:
         if acc.is_main_process:
             acc.init_trackers("tensorboard")  # logs in run_dir/tensorboard
             store_config(acc, flat_config(self.cfg))
-        source = BatchSource(self.stream, self.cfg.data.num_workers, data_state, acc, self.decode)
-        metrics_log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=step) if acc.is_main_process else None
+        batches = self.batches
+        batches.resume(data_state)
+        metrics_log = MetricsLog(metrics_file(self.run_dir), resume_step=step) if acc.is_main_process else None
         bad_in_a_row = counters.get("bad_in_a_row", 0)
         bad_total = counters.get("bad_total", 0)
         window: dict[str, float] = {}
@@ -332,10 +260,9 @@ class Trainer:
                 raise KeyboardInterrupt
             self.prepared.train()
             set_lr(self.optimizer, lr_at(step, tc))
-            micro = [source.next() for _ in range(tc.grad_accum)]
-            out = forward_backward(self.task, micro, acc, self.prepared)
+            out = self.task.step([batches.next() for _ in range(tc.grad_accum)], acc, self.prepared)
             grad_norm = self._grad_norm()
-            if not math.isfinite(grad_norm) or not math.isfinite(out.get("loss", 0.0)):
+            if not math.isfinite(grad_norm) or not math.isfinite(out.metrics.get("loss", 0.0)):
                 self.optimizer.zero_grad(set_to_none=True)
                 bad_in_a_row, bad_total = bad_in_a_row + 1, bad_total + 1
                 log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)", step, bad_in_a_row)
@@ -352,8 +279,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             step += 1
             self._step = step
-            self.task.on_step_end(self._step_context(step))
-            for k, v in {**out, "grad_norm": grad_norm}.items():
+            self.task.on_step_end(self._step_context(step, out.features))
+            for k, v in {**out.metrics, "grad_norm": grad_norm}.items():
                 window[k] = window.get(k, 0.0) + v
             window_steps += 1
             if bar is not None:
@@ -364,10 +291,10 @@ class Trainer:
                 last.update(
                     lr=lr_at(step - 1, tc),
                     samples_per_s=window_steps * self.samples_per_step / elapsed,
-                    epoch=source.state.epoch,
+                    epoch=batches.state.epoch,
                     bad_steps=bad_total,
                 )
-                last.update({f"skipped_{k}": v for k, v in self._skips(source).items()})
+                last.update({f"skipped_{k}": v for k, v in batches.skip_totals().items()})
                 if metrics_log is not None:
                     metrics_log.append({"step": step, "samples": step * self.samples_per_step, **last})
                 acc.log({f"train/{k}": v for k, v in last.items()}, step=step)  # grouped as open_clip does
@@ -385,7 +312,7 @@ class Trainer:
             if self.eval_hook and tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
                 eval_metrics = self._evaluate(step, metrics_log)
             if step % tc.ckpt_every == 0 or step == end:
-                self._save(step, source, {"bad_in_a_row": bad_in_a_row, "bad_total": bad_total})
+                self._save(step, batches, {"bad_in_a_row": bad_in_a_row, "bad_total": bad_total})
         if bar is not None:
             bar.close()
         if step >= tc.steps and self.eval_hook:
@@ -393,7 +320,7 @@ class Trainer:
         final_dir = self._finish(step, metrics_log)
         return TrainResult(self.run_dir, step, final_dir, last, eval_metrics)
 
-    def _step_context(self, step: int) -> StepContext:
+    def _step_context(self, step: int, features: dict[str, torch.Tensor]) -> StepContext:
         acc = self.accelerator
         gather = acc.gather if acc.num_processes > 1 else (lambda t: t)
         return StepContext(
@@ -401,7 +328,7 @@ class Trainer:
             rank=acc.process_index,
             world_size=acc.num_processes,
             gather=gather,
-            features=self.task.step_features,
+            features=features,
         )
 
     def _grad_norm(self) -> float:
@@ -410,18 +337,6 @@ class Trainer:
         if not params:
             return 0.0
         return float(self.accelerator.clip_grad_norm_(params, max_norm))
-
-    def _skips(self, source: BatchSource) -> dict[str, int]:
-        totals = source.state.skip_totals()
-        if self.accelerator.num_processes > 1:
-            from accelerate.utils import gather_object
-
-            merged: dict[str, int] = {}
-            for part in gather_object([totals]):
-                for k, v in part.items():
-                    merged[k] = merged.get(k, 0) + v
-            totals = merged
-        return totals
 
     def _evaluate(self, step: int, metrics_log: MetricsLog | None) -> dict[str, float]:
         results: dict[str, float] = {}
@@ -452,7 +367,7 @@ class Trainer:
         return final_dir
 
     def _announce(self, step: int) -> None:
-        n = count_samples(self.stream.all_shards)
+        n = count_samples(self.batches.stream.all_shards)
         params = sum(p.numel() for p in self.model.parameters())
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         log.info(

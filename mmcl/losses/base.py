@@ -4,7 +4,7 @@ A term is one file: a class registered with `@LOSSES.register("name")` and its o
 (`Options = ...`), in `mmcl/losses/` or in any module a config lists in `loss.plugins` (or an installed
 distribution advertises under the entry-point group `mmcl.losses`); `mmcl.registry` finds it, and the
 config names it (`loss.terms: [{name: NAME, weight: w, ...its Options}]`). The task
-(`mmcl/tasks/task.py`) joins a model and its terms; the one accumulator (`mmcl/engine/accumulate.py`)
+(`mmcl/tasks/task.py`) joins a model and its terms; its step (`Task.step`, the one accumulator)
 and the checkpoint read what a term declares:
 
     inputs          batch entries the model's forward takes for this term

@@ -38,6 +38,8 @@ class CLIP(nn.Module):
     """
 
     default_terms: tuple[str, ...] = ("clip",)  # the loss terms when loss.terms is empty
+    can_encode: bool = True  # what inference may ask of it (`mmcl.inference.Encoder`): embeddings, no captions
+    can_caption: bool = False
 
     def __init__(self, cfg: ModelConfig, tokenizer: Tokenizer | None = None) -> None:
         super().__init__()

@@ -39,6 +39,7 @@ class JointModel(CLIP):
     """
 
     default_terms = ("clip", "caption")  # the loss terms when loss.terms is empty
+    can_caption = True  # and embeddings, as CLIP (`mmcl.inference.Encoder`)
 
     def __init__(self, cfg: ModelConfig, split_seed: int = 0) -> None:
         super().__init__(cfg)

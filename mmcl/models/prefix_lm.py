@@ -86,6 +86,8 @@ class PrefixLM(nn.Module):
     """
 
     default_terms: tuple[str, ...] = ("caption",)  # the loss terms when loss.terms is empty
+    can_encode: bool = False  # what inference may ask of it (`mmcl.inference.Encoder`): captions only
+    can_caption: bool = True
 
     def __init__(
         self,

@@ -1,21 +1,45 @@
-"""Task = a model + its weighted loss terms (`mmcl.losses`, registry LOSSES).
+"""Task = a model + its weighted loss terms (`mmcl.losses`, registry LOSSES), and the optimizer step's
+forward and backward.
 
     loss = sum_t  weight_t * L_t(features)
 
 `forward(batch)` runs the model on the batch entries the terms take (plus each term's own
 features: second views, heads) and returns features; `loss(feats, batch)` applies the terms
-and their weights. The training loop never calls either directly: the accumulator
-(`mmcl/engine/accumulate.py`) does, so gradient accumulation keeps every in-batch negative of
-every term. Everything the task owns besides the model (heads, queues, momentum encoders,
-counters: the terms' parameters and buffers) is optimized and checkpointed with it.
+and their weights. The training loop calls neither: it calls `step(micro_batches)` and gets the
+step's metrics and the features the terms' `on_step_end` reads (`StepOutput`). Everything the
+task owns besides the model (heads, queues, momentum encoders, counters: the terms' parameters
+and buffers) is optimized and checkpointed with it.
+
+The step keeps every negative over k micro-batches. Plain gradient accumulation (sum of micro-batch
+gradients) is exact for per-sample losses but loses negatives for contrastive ones: each micro-batch
+would only see its own. Here, as in GradCache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch
+Size under Memory Limited Setup") and open_clip's `accum_freq`, driven by the feature names the terms
+declare (`LossTerm.batch_features`):
+
+  pass 1  embed every micro-batch without gradients (batch terms' features only) and cache them;
+  pass 2  recompute micro-batch j with gradients, put its rows into the cached set, and
+          back-propagate  sum_batch_terms w * L(full batch)  +  sum_sample_terms w * s_j * L(j)
+
+(s_j = micro-batch j's share of a per-sample term's items, `LossTerm.count`: 1/k for equal
+micro-batches, its share of the target tokens for a token-mean captioning loss).
+
+Summed over j this is exactly the full-batch gradient: each cached row gets its gradient once
+(when it is recomputed), shared 0-dim features (temperature, bias) only in the last pass, and
+per-sample terms their full-batch mean. Dropout is replayed with the RNG state of pass 1, so
+recomputed features equal the cached ones. Reported metrics: batch terms' full-batch values
+(from the last pass), per-sample terms' share-weighted means over micro-batches. The step's
+features every term's `on_step_end` reads (its `batch_features` and `step_features`: the rows of
+all micro-batches, detached, whatever the term's accumulation mode) are returned with the metrics
+(queues of keys, feature banks, a per-sample term's centre).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from collections.abc import Iterator, Mapping
-from dataclasses import fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -45,7 +69,6 @@ class Task(nn.Module):
         self.terms = nn.ModuleDict({name: term for name, _, term in ordered})
         self.weights = {name: weight for name, weight, _ in ordered}
         self._model_inputs = _forward_params(model)
-        self.step_features: dict[str, torch.Tensor] = {}  # the last step's step features (set by the accumulator)
         self._view_alias: dict[str, str] | None = None  # `term/view` -> the identical view another term owns
         for name, term in self.terms.items():
             missing = [i for i in term.inputs if i not in self._model_inputs]
@@ -123,7 +146,89 @@ class Task(nn.Module):
         """The task's own parameters and buffers (everything but the model's)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("model.")}
 
-    # ------------------------------------------------------------------ forward, loss, step end
+    # ------------------------------------------------------------------ step, forward, loss, step end
+
+    def step(
+        self, micro_batches: list[Batch], accelerator: Any = None, prepared: nn.Module | None = None
+    ) -> StepOutput:
+        """Forward and backward of one optimizer step over its k micro-batches, every in-batch negative kept (see
+        the module docstring); the caller clips, steps the optimizer, then calls `on_step_end` with the returned
+        features.
+
+        Args:
+            micro_batches: the step's micro-batches (k = train.grad_accum).
+            accelerator: an `accelerate.Accelerator` (device, autocast, DDP `no_sync`, backward), or None
+                for a plain single-process step on the task's device.
+            prepared: this task as prepared by the accelerator (DDP-wrapped); defaults to the task.
+        """
+        prepared = prepared if prepared is not None else self
+        device = accelerator.device if accelerator is not None else next(self.parameters()).device
+        k = len(micro_batches)
+
+        def run(batch: Batch, last: bool, **kwargs: Any) -> dict[str, torch.Tensor]:
+            sync = accelerator.no_sync(prepared) if accelerator is not None and not last else contextlib.nullcontext()
+            with sync, _autocast(accelerator):
+                return prepared(batch.to(device), **kwargs)
+
+        def backward(loss: torch.Tensor) -> None:
+            if accelerator is not None:
+                accelerator.backward(loss)
+            else:
+                loss.backward()
+
+        def objective(*args: Any, **kwargs: Any):
+            with _autocast(accelerator):
+                return self.loss(*args, **kwargs)
+
+        shares = self.shares(micro_batches)
+        per_pass: list[dict[str, dict[str, torch.Tensor]]] = []
+        step_rows: list[dict[str, torch.Tensor]] = []
+        if k == 1 or not self.has_batch_terms:  # nothing spans micro-batches: plain accumulation
+            for j, mb in enumerate(micro_batches):
+                feats = run(mb, last=j == k - 1)
+                loss, outputs = objective(feats, mb, shares=shares[j])
+                backward(loss)
+                per_pass.append(outputs)
+                step_rows.append(self.step_feature_rows(feats))
+            return StepOutput(self._combine(per_pass, shares), self.join_step_rows(step_rows))
+
+        states, cached = [], []
+        with torch.no_grad():
+            for mb in micro_batches:
+                states.append(RngReplay(device))
+                feats = run(mb, last=False, batch_only=True)
+                names = self.batch_feature_keys(feats)
+                cached.append({n: feats[n] for n in names})
+        after = RngReplay(device)
+        for j, mb in enumerate(micro_batches):
+            last = j == k - 1
+            states[j].restore()
+            own = run(mb, last=last)
+            full = dict(own)
+            for n in names:
+                full[n] = torch.cat([own[n] if i == j else c[n] for i, c in enumerate(cached)])
+            if not last:  # shared scalars: their gradient is counted once, not k times
+                full = {n: v.detach() if isinstance(v, torch.Tensor) and v.dim() == 0 else v for n, v in full.items()}
+            loss, outputs = objective(full, mb, own=own, shares=shares[j])
+            backward(loss)
+            per_pass.append(outputs)
+            step_rows.append(self.step_feature_rows(own))  # recomputed rows equal the cached ones
+        after.restore()
+        return StepOutput(self._combine(per_pass, shares), self.join_step_rows(step_rows))
+
+    def _combine(
+        self, per_pass: list[dict[str, dict[str, torch.Tensor]]], shares: list[dict[str, float]]
+    ) -> dict[str, float]:
+        """Batch terms: the last pass (full batch); per-sample terms: the share-weighted mean over micro-batches."""
+        outputs: dict[str, dict[str, float]] = {}
+        for name in per_pass[-1]:
+            if self.is_batch_term(name):
+                outputs[name] = {m: float(v) for m, v in per_pass[-1][name].items()}
+            else:
+                outputs[name] = {
+                    m: sum(float(p[name][m]) * s[name] for p, s in zip(per_pass, shares)) for m in per_pass[-1][name]
+                }
+        return self.metrics(outputs)
 
     def forward(self, batch: Batch, batch_only: bool = False) -> dict[str, torch.Tensor]:
         """Features of `batch` for every term (or, with `batch_only`, for the batch terms only): the model's
@@ -210,6 +315,35 @@ class Task(nn.Module):
             term.on_step_end(replace(ctx, features=self.scoped_features(name, ctx.features)))
 
 
+@dataclass
+class StepOutput:
+    """What `Task.step` returns.
+
+    metrics:  the step's flat metrics (`Task.metrics`: 'loss', '<term>_loss', the terms' other scalars)
+    features: the step's features every term's `on_step_end` reads (`Task.step_feature_rows` of every
+              micro-batch, joined), by their keys in the task's features (`term/name` or the model's name)
+    """
+
+    metrics: dict[str, float]
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class RngReplay:
+    """Records the CPU (and current accelerator) RNG state so a forward pass can be replayed exactly
+    (same dropout masks), as GradCache does."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.cpu_state = torch.get_rng_state()
+        self.cuda_state = torch.cuda.get_rng_state(device) if self.cuda else None
+        self.device = device
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu_state)
+        if self.cuda:
+            torch.cuda.set_rng_state(self.cuda_state, self.device)
+
+
 class SharedPasses:
     """The model as the terms' `features` see it in one forward: `encode_image` of images some term already
     encoded (equal values, e.g. the same shared views) returns that pass's features (and graph) instead of
@@ -227,6 +361,10 @@ class SharedPasses:
             out = self._model.encode_image(images, normalize=False)
             self._passes.append((images, out))
         return torch.nn.functional.normalize(out, dim=-1) if normalize else out
+
+
+def _autocast(accelerator: Any):
+    return accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -16,9 +16,9 @@ from PIL import Image
 from mmcl.cli import main
 from mmcl.config import DataConfig
 from mmcl.data.counterfactual import EDITS, counterfactual
-from mmcl.data.pipeline import build_stream
+from mmcl.data.pipeline import SampleDecoder, build_stream
 from mmcl.data.reader import wanted_member
-from mmcl.data.shards import SampleDecoder, StreamState, make_loader
+from mmcl.data.shards import StreamState, make_loader
 from mmcl.data.synthetic import generate
 from mmcl.data.transforms import ImageTransform
 from mmcl.data.views import CounterfactualView

@@ -12,8 +12,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from mmcl.data.decode import decode_image
-from mmcl.data.pipeline import build_stream
-from mmcl.data.shards import Collator, SampleDecoder, make_loader
+from mmcl.data.pipeline import Collator, SampleDecoder, build_stream
+from mmcl.data.shards import make_loader
 from mmcl.data.transforms import BICUBIC, ImageTransform, random_resized_crop_box
 from tests.data.test_shards import FakeModel, make_shards
 

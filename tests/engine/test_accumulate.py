@@ -18,7 +18,6 @@ from mmcl.data.batch import Batch
 from mmcl.data.synthetic import generate
 from mmcl.data.tokenizer_train import save_tokenizer, train_tokenizer
 from mmcl.data.transforms import transform_from_model
-from mmcl.engine.accumulate import forward_backward
 from mmcl.losses.queue import FeatureQueue
 from mmcl.models import build_model
 from mmcl.tasks import Task, build_task
@@ -100,7 +99,7 @@ class Recorder(torch.nn.Module):
 
 def step(task: Task, batch: Batch, k: int, recorder: Recorder | None = None):
     task.zero_grad()
-    out = forward_backward(task, batch.split(k), prepared=recorder)
+    out = task.step(batch.split(k), prepared=recorder).metrics
     return out, {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
 
 
@@ -165,7 +164,7 @@ def _ddp_worker(rank: int, port: int, root: str) -> None:
         n = saved["images"].shape[0] // WORLD
         own = slice(rank * n, (rank + 1) * n)
         batch = Batch(images=saved["images"][own], text=saved["text"][own], text_mask=saved["mask"][own])
-        out = forward_backward(task, batch.split(2), DDPRunner(ddp), prepared=ddp)
+        out = task.step(batch.split(2), DDPRunner(ddp), prepared=ddp).metrics
         loss = torch.tensor(out["loss"])
         dist.all_reduce(loss)
         torch.testing.assert_close(loss / WORLD, saved["loss"], atol=1e-6, rtol=1e-5)

@@ -30,7 +30,6 @@ from mmcl.data.batch import Batch
 from mmcl.data.shards import StreamState
 from mmcl.engine import checkpoint as ckpt
 from mmcl.engine import fsdp
-from mmcl.engine.accumulate import forward_backward
 from mmcl.engine.optim import build_optimizer, lr_at, set_lr
 from mmcl.engine.trainer import Trainer
 from mmcl.models import build_model
@@ -88,7 +87,7 @@ def train_steps(task: Task, optimizer, cfg, first: int, last: int, rank: int | N
     losses = []
     for step in range(first, last):
         set_lr(optimizer, lr_at(step, cfg.train))
-        out = forward_backward(task, batch_for(task, step, rank).split(2))  # 2 micro-batches: the feature cache
+        out = task.step(batch_for(task, step, rank).split(2)).metrics  # 2 micro-batches: the feature cache
         torch.nn.utils.clip_grad_norm_(task.parameters(), cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

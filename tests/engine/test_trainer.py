@@ -74,12 +74,10 @@ def test_resume_after_sigkill_reproduces_the_curve(demo_shards, tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_stop(demo_shards, tmp_path, monkeypatch):
-    import mmcl.engine.trainer as trainer_module
-
     cfg = experiment(demo_shards, tmp_path / "nan", "train.steps=8", "train.log_every=1", "train.max_bad_steps=3")
     trainer = Trainer(cfg)
     task = trainer.task
-    original = trainer_module.forward_backward
+    original = task.step
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -91,7 +89,7 @@ def test_non_finite_steps_are_skipped_then_stop(demo_shards, tmp_path, monkeypat
                     p.grad.fill_(float("nan"))
         return out
 
-    monkeypatch.setattr(trainer_module, "forward_backward", poisoned)
+    monkeypatch.setattr(task, "step", poisoned)
     before = {k: v.clone() for k, v in task.model.state_dict().items()}
     with pytest.raises(RuntimeError, match="3 steps in a row had a non-finite loss or gradient"):
         trainer.fit()

@@ -14,7 +14,7 @@ scripts' headers), so a drifting example fails here. Each runs in its own folder
   runs here (multi-process training itself is tested in tests/engine). `demo.sh` and `test.sh` run
   with `--help` / `--collect-only` appended (their "$@"), so they check the install and stop; `setup.sh`
   runs as written (installed already, it only checks).
-- Commands quoted in the prose (`mmcl app RUN --allow-runs RUN2 RUN3`, `python bench/bench_train.py --phases
+- Commands quoted in the prose (`mmcl app RUN --allow-runs RUN2 RUN3`, `python -m bench.bench_train --phases
   throughput`) must exist as written: the mmcl command path and its options parse, a script's `--help` lists
   the options quoted. Every command's own `--help` is run in test_cli_faults.py.
 """
@@ -281,7 +281,7 @@ def test_command_runs_as_written(command, workdir, inputs, monkeypatch, capsys, 
 
 
 def _inline_commands() -> list[str]:
-    """Commands quoted in README's prose (`` `mmcl app RUN --allow-runs RUN2 RUN3` ``, `` `python bench/x.py` ``),
+    """Commands quoted in README's prose (`` `mmcl app RUN --allow-runs RUN2 RUN3` ``, `` `python -m bench.x` ``),
     but not error messages (`mmcl app: error: ...`) or the generic `mmcl <command>`."""
     spans = re.findall(r"`((?:mmcl|python|bash) [^`]*)`", (ROOT / "README.md").read_text())
     return [s for s in dict.fromkeys(spans) if not re.match(r"mmcl (\S+:|<)", s)]
@@ -302,7 +302,7 @@ def _command_path(argv: list[str]) -> tuple[list[str], argparse.ArgumentParser]:
 
 
 def test_inline_commands_were_found():
-    assert "mmcl app RUN --allow-runs RUN2 RUN3" in INLINE and "python bench/bench_train.py" in INLINE
+    assert "mmcl app RUN --allow-runs RUN2 RUN3" in INLINE and "python -m bench.bench_train" in INLINE
     assert "mmcl --version" in INLINE and not any("error" in c for c in INLINE)
 
 
@@ -315,12 +315,13 @@ def test_inline_command_is_valid(command, capsys):
     if words[0] == "bash" and not words[1].startswith("bench/"):
         assert command in COMMANDS, f"{command} is not run by test_command_runs_as_written"
         return
-    if words[0] in ("python", "bash"):  # a script (a bench/ wrapper passes its arguments on): its --help
-        run = [sys.executable if words[0] == "python" else "bash", words[1], "--help"]
+    if words[0] in ("python", "bash"):  # a script or module (a bench/ wrapper passes its arguments on): its --help
+        target = words[1:3] if words[1] == "-m" else words[1:2]  # `python -m bench.bench_train ...`
+        run = [sys.executable if words[0] == "python" else "bash", *target, "--help"]
         done = subprocess.run(run, cwd=ROOT, capture_output=True, text=True, timeout=120,
                               env={**os.environ, **ENV, "PYTHONPATH": str(ROOT), "PYTHON": sys.executable})  # fmt: skip
         assert done.returncode == 0 and done.stdout.startswith("usage:"), done.stderr[-2000:]
-        for option in (w for w in words[2:] if w.startswith("--")):
+        for option in (w for w in words[1 + len(target) :] if w.startswith("--")):
             assert option in done.stdout, f"{command}: {option} not in its --help"
         return
     argv = words[1:]

@@ -36,7 +36,6 @@ from mmcl.data.batch import Batch
 from mmcl.data.sources import _synthetic_counterfactual
 from mmcl.data.synthetic import generate
 from mmcl.data.transforms import transform_from_model
-from mmcl.engine.accumulate import forward_backward
 from mmcl.eval.group_scores import counterfactual_groups, run_group_scores
 from mmcl.models import build_model
 from mmcl.tasks import Task, build_task
@@ -75,7 +74,7 @@ def train(terms: str, data, seed: int, steps: int = STEPS) -> Task:
             batch.views.update({"counterfactual/cf/image": cf_images[idx], "counterfactual/cf/text": ids,
                                 "counterfactual/cf/mask": mask, "counterfactual/cf/valid": valid[idx]})  # fmt: skip
         opt.zero_grad()
-        forward_backward(task, [batch])
+        task.step([batch])
         opt.step()
     return task.eval()
 

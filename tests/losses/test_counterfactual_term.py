@@ -19,7 +19,6 @@ from mmcl.data.batch import Batch
 from mmcl.data.counterfactual import EDITS, counterfactual
 from mmcl.data.synthetic import generate
 from mmcl.data.transforms import transform_from_model
-from mmcl.engine.accumulate import forward_backward
 from mmcl.losses.clip_loss import ClipLoss
 from mmcl.models import build_model
 from mmcl.tasks import Task, build_task
@@ -107,7 +106,7 @@ def test_the_counterfactual_caption_and_image_are_negatives_both_ways() -> None:
 
 def step(task: Task, batch: Batch, k: int):
     task.zero_grad()
-    out = forward_backward(task, batch.split(k))
+    out = task.step(batch.split(k)).metrics
     return out, {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
 
 
@@ -134,7 +133,7 @@ def _ddp_worker(rank: int, port: int, root: str) -> None:
         task.load_state_dict(saved["state"])
         ddp = DistributedDataParallel(task)
         own = make_batch(task).split(WORLD)[rank]  # this rank's half of the reference batch
-        out = forward_backward(task, own.split(2), DDPRunner(ddp), prepared=ddp)
+        out = task.step(own.split(2), DDPRunner(ddp), prepared=ddp).metrics
         loss = torch.tensor(out["loss"])
         dist.all_reduce(loss)
         torch.testing.assert_close(loss / WORLD, saved["loss"], atol=1e-6, rtol=1e-5)

@@ -177,19 +177,17 @@ def test_dino_schedules_centre_and_teacher() -> None:
 
 def test_dino_centre_sees_every_micro_batch_of_the_step() -> None:
     """A per-sample term's step statistic: with 2 micro-batches `on_step_end` gets the teacher rows of both."""
-    from mmcl.engine.accumulate import forward_backward
-
     task = _task("[clip, {name: dino, out_dim: 8, center_momentum: 0.0}]")
     size = task.model.preprocess_cfg()["image_size"]
     ids, mask = task.model.tokenizer(["a red circle"] * 6)
     batch = Batch(images=torch.randn(6, 3, size, size), text=ids, text_mask=mask, keys=[str(i) for i in range(6)])
     batch.views = {f"dino/view{v}": torch.randn(6, 3, size, size) for v in (1, 2)}
-    forward_backward(task, batch.split(2))
-    assert task.step_features["dino/t1"].shape == (6, 8)
+    out = task.step(batch.split(2))
+    assert out.features["dino/t1"].shape == (6, 8)
     with torch.no_grad():
         views = torch.cat([batch.views["dino/view1"], batch.views["dino/view2"]])
         expected = task.terms["dino"].teacher_head(task.terms["dino"].teacher_tower(views)).mean(0)
-    task.on_step_end(StepContext(step=1, features=task.step_features))
+    task.on_step_end(StepContext(step=1, features=out.features))
     torch.testing.assert_close(task.terms["dino"].center, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -56,7 +56,6 @@ from mmcl.data.batch import Batch
 from mmcl.data.negatives import shuffle
 from mmcl.data.synthetic import COLOURS, SyntheticSample, generate
 from mmcl.data.transforms import transform_from_model
-from mmcl.engine.accumulate import forward_backward
 from mmcl.losses.base import StepContext
 from mmcl.losses.mlm import MLMTerm
 from mmcl.models import build_model
@@ -106,9 +105,9 @@ def train(
             else:
                 batch.views.update(view(captions, keys, True))
         opt.zero_grad()
-        forward_backward(task, [batch])
+        out = task.step([batch])
         opt.step()
-        task.on_step_end(StepContext(step + 1, features=task.step_features))
+        task.on_step_end(StepContext(step + 1, features=out.features))
     return task.eval()
 
 

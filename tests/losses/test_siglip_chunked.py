@@ -16,7 +16,6 @@ from loss_reference import LOG_SCALE, accuracy_reference, random_features, sigli
 
 from mmcl.config import load_experiment
 from mmcl.data.batch import Batch
-from mmcl.engine.accumulate import forward_backward
 from mmcl.losses import SigLipLoss
 from mmcl.models import build_model
 from mmcl.tasks import Task, build_task
@@ -139,7 +138,7 @@ def make_batch(task: Task, n: int = 16) -> Batch:
 
 def step(task: Task, batch: Batch, k: int) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     task.zero_grad()
-    out = forward_backward(task, batch.split(k))
+    out = task.step(batch.split(k)).metrics
     return out, {name: p.grad.clone() for name, p in task.named_parameters() if p.grad is not None}
 
 
@@ -169,7 +168,7 @@ def _ddp_worker(rank: int, port: int, root: str) -> None:
         n = saved["images"].shape[0] // 2
         own = slice(rank * n, (rank + 1) * n)
         batch = Batch(images=saved["images"][own], text=saved["text"][own], text_mask=saved["mask"][own])
-        out = forward_backward(task, batch.split(2), DDPRunner(ddp), prepared=ddp)
+        out = task.step(batch.split(2), DDPRunner(ddp), prepared=ddp).metrics
         loss = torch.tensor(out["loss"])
         dist.all_reduce(loss)
         torch.testing.assert_close(loss / 2, saved["loss"], atol=1e-6, rtol=1e-5)

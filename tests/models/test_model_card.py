@@ -67,3 +67,20 @@ def test_public_path_keeps_urls_and_relative_paths() -> None:
     assert public_path("http://host:8000/s/{0..3}.tar") == "http://host:8000/s/{0..3}.tar"
     assert public_path("data/demo/train") == "data/demo/train"
     assert public_path(HUB_PATH) == "openai/clip-vit-base-patch32"
+
+
+def test_card_reads_a_history_cut_by_a_kill(tmp_path: Path) -> None:
+    """The card reads metrics.jsonl as the trainer does (`run_folder.read_metrics`): a last line cut mid-write is
+    left out, the last complete eval row is reported."""
+    from huggingface_hub import ModelCard
+
+    run = _run(tmp_path, HUB_PATH)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 20, "eval_zeroshot_top1": 0.9')  # killed while writing this row
+    (run / "final").mkdir()
+    (run / "final" / "config.yaml").write_text((run / "config.yaml").read_text())
+    out = tmp_path / "exported"
+    out.mkdir()
+    write_model_card(out, run / "final" / "config.yaml", "transformers", "usage")  # from the run's final/
+    results = {r.metric_name: r.metric_value for r in ModelCard.load(out / "README.md").data.eval_results}
+    assert results["zeroshot_top1"] == 0.625
