@@ -1,10 +1,10 @@
 """The contrastive-learning objectives at equal steps (or equal wall time), against plain CLIP and open_clip.
 
-    python bench/bench_objectives.py                       # the default table: CNN, 5 objectives + open_clip,
+    python -m bench.bench_objectives                       # the default table: CNN, 5 objectives + open_clip,
                                                            # 300 steps, seeds 0 1 (~1.5 h on 2 quiet cores)
-    python bench/bench_objectives.py --captions shapeless  # captions that never name the shape
-    python bench/bench_objectives.py --towers vit cnn --objectives clip +simclr --budget-s 60   # equal wall time
-    python bench/bench_objectives.py --tiny                # seconds-long check of the script (temp folder)
+    python -m bench.bench_objectives --captions shapeless  # captions that never name the shape
+    python -m bench.bench_objectives --towers vit cnn --objectives clip +simclr --budget-s 60   # equal wall time
+    python -m bench.bench_objectives --tiny                # seconds-long check of the script (temp folder)
 
 Data: the built-in synthetic shapes at 64 px (20,000 training samples, 1,000 held-out; 40 classes =
 8 colours x 5 shapes), the same shards as `bench_train.py` / `bench_recipe.py`; with `--captions shapeless`
@@ -61,9 +61,7 @@ from bench.common import (
     reproduce_command,
     synthetic_shards,
 )
-from bench.common import (
-    write_files as write_results,
-)
+from bench.common import write_files as write_results
 
 TOWERS = {"vit": ("clip-tiny-64", "open_clip-tiny-64"),
           "cnn": ("clip-tiny-cnn-narrow-64", "open_clip-tiny-cnn-narrow-64"),  # resnet10t cut to the ViT's size
@@ -149,7 +147,7 @@ def open_clip_model(tower: str, image_size: int) -> str:
     name = TOWERS[tower][1]
     if image_size == 64:
         return name
-    from common import REPO, openclip_tiny_config
+    from bench.common import REPO, openclip_tiny_config
 
     source = openclip_tiny_config() if name == OPENCLIP_TINY_NAME else REPO / "bench" / "configs" / f"{name}.json"
     cfg = json.loads(source.read_text())

@@ -96,13 +96,11 @@ def test_the_adversarial_view_is_epsilon_along_the_loss_gradient() -> None:
 
 
 def test_the_adversarial_view_runs_in_the_no_grad_cache_pass_of_accumulation() -> None:
-    from mmcl.engine.accumulate import forward_backward
-
     task = _task("[clip, {name: simcse, adversarial: 0.05, feature_cutoff: 0.1}]", "model.text.dropout=0.1")
     size = task.model.preprocess_cfg()["image_size"]
     batch = _batch(task)
     batch.images = torch.randn(len(CAPTIONS), 3, size, size)
-    out = forward_backward(task, batch.split(2))
+    out = task.step(batch.split(2)).metrics
     assert out["simcse_loss"] > 0
     grads = [p.grad for p in task.model.text.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -18,7 +18,6 @@ from mmcl.config import load_experiment
 from mmcl.data.batch import Batch
 from mmcl.data.synthetic import generate
 from mmcl.data.transforms import transform_from_model
-from mmcl.engine.accumulate import forward_backward
 from mmcl.models import build_model
 from mmcl.tasks import Task, build_task
 
@@ -180,7 +179,7 @@ def test_a_tiny_model_learns_with_filip_alone() -> None:
         idx = torch.randint(N_TRAIN, (BATCH,), generator=g).tolist()
         ids, mask = task.model.tokenizer([samples[i].caption for i in idx])
         opt.zero_grad()
-        forward_backward(task, [Batch(images=images[idx], text=ids, text_mask=mask)])
+        task.step([Batch(images=images[idx], text=ids, text_mask=mask)])
         opt.step()
     after = pair_ranking(task.eval(), val)
     assert max(before) < 0.56 and min(after) >= 0.7, (before, after)
@@ -195,6 +194,6 @@ def test_alone_every_parameter_gets_a_gradient(preset: str) -> None:
     size = task.model.preprocess_cfg()["image_size"]
     ids, mask = task.model.tokenizer(["a red square", "a blue star left of a green circle"])
     batch = Batch(images=torch.randn(2, 3, size, size), text=ids, text_mask=mask)
-    forward_backward(task.train(), [batch])
+    task.train().step([batch])
     missing = [n for n, p in task.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing

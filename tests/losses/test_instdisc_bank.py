@@ -14,7 +14,6 @@ import torch.multiprocessing as mp
 
 from mmcl.config import load_experiment
 from mmcl.data.batch import Batch
-from mmcl.engine.accumulate import forward_backward
 from mmcl.engine.checkpoint import TASK_STATE, load_task_state
 from mmcl.losses.base import StepContext
 from mmcl.losses.instdisc import key_fingerprint, key_slot
@@ -43,10 +42,10 @@ def _train(task, steps: int, start: int = 0) -> list[float]:
     losses = []
     for step in range(start, start + steps):
         optimizer.zero_grad()
-        out = forward_backward(task, _batch(task, step).split(2))
+        out = task.step(_batch(task, step).split(2))
         optimizer.step()
-        task.on_step_end(StepContext(step=step + 1, features=task.step_features))
-        losses.append(out["instdisc_loss"])
+        task.on_step_end(StepContext(step=step + 1, features=out.features))
+        losses.append(out.metrics["instdisc_loss"])
     return losses
 
 
