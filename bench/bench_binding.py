@@ -365,7 +365,7 @@ COLUMNS = [  # (metric, header, check)
 def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and range over seeds per configuration, each metric from the check that measures it."""
     out = []
-    for config_name in dict.fromkeys(r["config"] for r in runs):
+    for config_name in sorted({r["config"] for r in runs}, key=list(CONFIGS).index):  # the table in CONFIGS' order
         rs = [r for r in runs if r["config"] == config_name and "error" not in r]
         row: dict[str, Any] = {"config": config_name, "what": CONFIGS[config_name].what}
         shapes = [r for r in rs if r["check"] == "shapes"]

@@ -168,6 +168,7 @@ MEASURED_ROWS = {"top1": "zero-shot top-1", "shape_acc": "zero-shot prediction's
                  "t2i_recall@5": "text->image R@5", "comp_replace_shape": "compositional: shape",
                  "comp_swap_att": "compositional: swapped attributes", "comp_swap_obj": "compositional: swapped objects",
                  "comp_change_count": "compositional: count", "comp_change_position": "compositional: position",
+                 "group_mean_group": "group score: counterfactual image pairs, both ways (chance 16.7%)",
                  "heldout_tpl_top1": "zero-shot top-1, templates never trained on",
                  "unseen_top1": "zero-shot top-1, colour-shape pairs never seen", "digits_top1": "real digits: zero-shot top-1"}  # fmt: skip
 
