@@ -49,7 +49,7 @@ DEMO_RECIPE = [
 
 @dataclass
 class DemoSettings:
-    """Sizes of the demo; the defaults finish in under 5 minutes on a quiet 2-core CPU.
+    """Sizes of the demo; the defaults take about 5 minutes on a quiet 2-core CPU (estimated: bench/results/binding.md).
 
     The training shards carry one counterfactual scene per sample (`KEY.cf.*`), which the recipe's loss uses."""
 
