@@ -339,7 +339,9 @@ def zeroshot_phase(bench: Bench, args: argparse.Namespace, train: Path, val: Pat
     out: dict[str, Any] = {"budget_s": args.budget_s}
     # mmcl: the demo recipe on the benchmark architecture; loader workers, batch and checkpointing kept
     # equal to open_clip's run (the recipe's 1 worker suits its 32 px demo; both save once at the end).
-    drop = ("model.preset=", "data.batch_size=", "data.num_workers=", "train.ckpt_every=", "train.eval_every=")
+    # The loss too: the demo's counterfactual term needs shards with counterfactual scenes; here CLIP vs CLIP.
+    drop = ("model.preset=", "data.batch_size=", "data.num_workers=", "train.ckpt_every=", "train.eval_every=",
+            "loss.terms=")  # fmt: skip
     mm_recipe = [o for o in recipe if not o.startswith(drop) and not o.startswith("eval.")]
     for kind in ("mmcl", "open_clip"):
         sps = bench.runs.get(f"fp32_{kind}", {}).get("samples_per_s")

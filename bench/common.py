@@ -125,6 +125,7 @@ def patch_open_clip() -> None:
     open_clip_train.data.tar_file_expander = functools.partial(tariterators.tar_file_expander, eof_value=None)
     open_clip.add_model_config(str(openclip_tiny_config()))
     register_timm_narrow_cnn()
+    register_timm_demo_cnn()
     for config in sorted((REPO / "bench" / "configs").glob("*.json")):  # configs the exporter cannot derive
         open_clip.add_model_config(str(config))  # e.g. open_clip-tiny-cnn-64: a timm resnet10t tower
     sized = DATA / "open_clip_configs"  # the same at other image sizes (bench_objectives --image-size)
@@ -150,6 +151,28 @@ def register_timm_narrow_cnn() -> None:
     @register_model
     def resnet10t_narrow(pretrained: bool = False, **kwargs: Any):
         return timm.create_model("resnet10t", pretrained=pretrained, channels=NARROW_CNN_CHANNELS, **kwargs)
+
+
+# ----------------------------------------------------------------------------- open_clip: the demo's CNN (bench_binding.py)
+
+DEMO_CNN_CHANNELS = (24, 48, 96, 192)  # = mmcl's clip-demo-cnn preset (timm_kwargs.channels)
+
+
+def register_timm_demo_cnn() -> None:
+    """timm name `resnet10t_demo`: resnet10t at the channels of mmcl's `clip-demo-cnn` (the binding recipe's tower),
+    named by open_clip's twin of that preset, bench/configs/open_clip-demo-cnn.json."""
+    import timm
+    from timm.models import register_model
+
+    if "resnet10t_demo" in timm.list_models("resnet10t_demo"):
+        return
+
+    @register_model
+    def resnet10t_demo(pretrained: bool = False, **kwargs: Any):
+        return timm.create_model("resnet10t", pretrained=pretrained, channels=DEMO_CNN_CHANNELS, **kwargs)
+
+
+# ----------------------------------------------------------------------------- open_clip: clip-tiny-64
 
 
 def openclip_tiny_config() -> Path:
