@@ -57,10 +57,11 @@ class CounterfactualTerm(LossTerm):
 
     def features(self, model: nn.Module, batch: Batch, feats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         images, ids, mask = batch.views["cf/image"], batch.views["cf/text"], batch.views["cf/mask"]
+        valid = batch.views["cf/valid"].bool()
         return {
-            "cf_image_features": model.encode_image(images),  # (n, D); invalid rows are masked in `forward`
-            "cf_text_features": model.encode_text(ids, mask),  # (n, D)
-            "cf_valid": batch.views["cf/valid"].bool(),  # (n,)
+            "cf_image_features": _encode_valid(model, images, valid, feats["image_features"]),  # (n, D)
+            "cf_text_features": model.encode_text(ids, mask),  # (n, D); invalid rows are masked in `forward`
+            "cf_valid": valid,  # (n,)
         }
 
     def forward(self, feats: dict[str, torch.Tensor], batch: Batch) -> dict[str, torch.Tensor]:
@@ -90,3 +91,17 @@ class CounterfactualTerm(LossTerm):
             cf_acc_t2i = (((y * x).sum(-1) > (y * xc).sum(-1)) & valid).float().sum() / m
         return {"loss": loss, "acc_i2t": acc_i2t, "acc_t2i": acc_t2i, "cf_acc_i2t": cf_acc_i2t,
                 "cf_acc_t2i": cf_acc_t2i, "cf_rate": valid.float().mean()}  # fmt: skip
+
+
+def _encode_valid(model: nn.Module, images: torch.Tensor, valid: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(n, D) features of the valid counterfactual images, zeros elsewhere (masked in `forward`). A sample without
+    a counterfactual carries a stand-in image that must not reach the tower: in training mode a BatchNorm tower
+    would average it into its batch and running statistics (a CNN trained on the digits, which have no
+    counterfactuals, then read 8% zero-shot instead of 97%)."""
+    if bool(valid.all()):
+        return model.encode_image(images)
+    out = like.new_zeros(len(images), like.shape[-1])
+    if not bool(valid.any()):
+        return out
+    rows = valid.nonzero().squeeze(1)
+    return out.index_copy(0, rows, model.encode_image(images[rows]).to(out.dtype))

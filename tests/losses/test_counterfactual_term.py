@@ -176,3 +176,23 @@ def test_trains_from_shards_with_counterfactuals_through_the_trainer(tmp_path: P
     assert [r["step"] for r in rows] == [1, 2]
     rate = next(k for k in rows[-1] if k.endswith("cf_rate"))
     assert all(r[rate] > 0.5 for r in rows) and all(r["loss"] == r["loss"] for r in rows), rows
+
+
+def test_samples_without_a_counterfactual_leave_batchnorm_statistics_alone() -> None:
+    """On data without counterfactuals (every `valid` False) the term's stand-in images must not reach the image
+    tower: in training mode a BatchNorm tower (the demo's CNN) would average them into its running statistics,
+    and a run on the real digits then read 8% zero-shot (chance 10%) instead of 97%."""
+
+    def bn_stats(terms: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        cfg = load_experiment(None, ["model.preset=clip-demo-cnn", "model.image.image_size=32", f"loss.terms={terms}"])
+        task = build_task(build_model(cfg.model), cfg).train()
+        batch = make_batch(task)
+        batch.views["counterfactual/cf/valid"] = torch.zeros(len(batch.keys), dtype=torch.bool)
+        task.step([batch])
+        return [b.clone() for n, b in task.model.named_buffers() if "running_" in n]
+
+    plain, with_term = bn_stats("[clip]"), bn_stats("[counterfactual]")
+    assert plain, "the tower has BatchNorm"
+    for a, b in zip(plain, with_term, strict=True):
+        torch.testing.assert_close(b, a)
