@@ -237,7 +237,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     configs = [(t, o) for t in args.towers for o in args.objectives if not (OBJECTIVES[o][2] and t == "cnn")]
     kinds = [
         *(("mmcl", t, o) for t, o in configs),
-        *(("open_clip", t, "open_clip") for t in args.towers if TOWERS[t][1]),
+        *(("open_clip", t, "open_clip") for t in args.towers if TOWERS[t][1] and args.open_clip),
     ]
     calib_steps = 4 if args.tiny else args.calib_steps
     partial = args.results_dir / f"{args.name}.partial.json"
@@ -391,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="shapeless: training captions never name the shape (evaluation unchanged); results go to "
                    "objectives_shapeless.{json,md}")  # fmt: skip
     p.add_argument("--image-size", type=int, default=64, help="pixels (data, both libraries' towers)")
+    p.add_argument("--no-open-clip", dest="open_clip", action="store_false",
+                   help="leave out open_clip's run (e.g. for --captions shapeless, a question about mmcl's terms)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--calib-steps", type=int, default=16)
