@@ -44,25 +44,18 @@ Not shown in seconds here, so not tested:
 from __future__ import annotations
 
 import random
-import re
-from collections.abc import Callable, Sequence
 
-import numpy as np
 import pytest
 import torch
+from learning import BATCH, N_PROBE, STEPS, mean_caption_cosine, probe_accuracy, samples, train, without_colour
 
-from mmcl.config import load_experiment
 from mmcl.data.batch import Batch
 from mmcl.data.negatives import shuffle
-from mmcl.data.synthetic import COLOURS, SyntheticSample, generate
 from mmcl.data.transforms import transform_from_model
-from mmcl.losses.base import StepContext
 from mmcl.losses.mlm import MLMTerm
-from mmcl.models import build_model
-from mmcl.tasks import Task, build_task
+from mmcl.tasks import Task
 
-N_TRAIN, N_VAL, STEPS, BATCH = 2000, 300, 60, 64
-N_PROBE, SIMCSE_STEPS = 1000, 30
+SIMCSE_STEPS = 30
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,45 +63,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def data() -> tuple[list, list]:
-    return [generate(i, image_size=32) for i in range(N_TRAIN)], [
-        generate(i, image_size=32, split="val") for i in range(N_VAL)
-    ]
-
-
-def train(
-    terms: str,
-    samples: list,
-    seed: int = 1,
-    steps: int = STEPS,
-    caption: Callable[[SyntheticSample], str] = lambda s: s.caption,
-    overrides: Sequence[str] = (),
-) -> Task:
-    """`steps` steps of batch `BATCH` through the real task, views and accumulator, as the loader builds them.
-
-    `caption` gives a sample's training caption; `overrides` are dotted config overrides (e.g. text dropout).
-    """
-    torch.manual_seed(seed)
-    cfg = load_experiment(None, ["model.preset=clip-tiny", f"loss.terms={terms}", *overrides])
-    task = build_task(build_model(cfg.model), cfg)
-    tf = transform_from_model(task.model, train=False)
-    images = torch.stack([tf(s.image) for s in samples])
-    opt = torch.optim.AdamW(task.parameters(), lr=2e-3, weight_decay=0.1)
-    views, g = task.views(), torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        idx = torch.randint(len(samples), (BATCH,), generator=g).tolist()
-        captions, keys = [caption(samples[i]) for i in idx], [str(i) for i in idx]
-        batch = Batch(images=images[idx], captions=captions, keys=keys)
-        batch.text, batch.text_mask = task.model.tokenizer(captions)
-        for name, view in views.items():
-            if view.kind == "sample":
-                batch.views[name] = torch.stack([view(samples[i].image, random.Random(f"{step}/{i}")) for i in idx])
-            else:
-                batch.views.update(view(captions, keys, True))
-        opt.zero_grad()
-        out = task.step([batch])
-        opt.step()
-        task.on_step_end(StepContext(step + 1, features=out.features))
-    return task.eval()
+    return samples()
 
 
 @torch.no_grad()
@@ -175,45 +130,12 @@ def test_mlm_teaches_the_text_tower_to_fill_in_words(data, clip_task) -> None:
         assert mlm >= 0.28 and mlm >= baseline + 0.1, (seed, baseline, mlm)
 
 
-_COLOUR_WORD = re.compile(r"\b(?:" + "|".join(COLOURS) + r") ")
-
-
-def without_colour(sample: SyntheticSample) -> str:
-    """The caption with its colour words dropped ("a large red circle at the top" -> "a large circle at the top")."""
-    return _COLOUR_WORD.sub("", sample.caption)
-
-
-@torch.no_grad()
-def probe_accuracy(task: Task, fit: list, val: list, attribute: str) -> float:
-    """Held-out accuracy of a logistic-regression probe for `attribute` on the frozen image embedding."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    tf = transform_from_model(task.model, train=False)
-
-    def embed(samples: list) -> np.ndarray:
-        return task.model.encode_image(torch.stack([tf(s.image) for s in samples]), normalize=False).numpy()
-
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    probe.fit(embed(fit), [s.attributes[attribute] for s in fit])
-    return probe.score(embed(val), [s.attributes[attribute] for s in val])
-
-
 def test_simclr_encodes_what_captions_do_not_say(data) -> None:
     train_samples, val = data
     fit = train_samples[:N_PROBE]
     clip = probe_accuracy(train("[clip]", train_samples, caption=without_colour), fit, val, "colour")
     simclr = probe_accuracy(train("[clip, simclr]", train_samples, caption=without_colour), fit, val, "colour")
     assert simclr >= 0.6 and simclr >= clip + 0.12, (clip, simclr)
-
-
-@torch.no_grad()
-def mean_caption_cosine(task: Task, val: list) -> float:
-    """Mean cosine between the text embeddings of two different held-out captions (1 = all on one point)."""
-    emb = task.model.encode_text(*task.model.tokenizer([s.caption for s in val]))  # (n, D), unit length
-    sim = emb @ emb.T  # (n, n)
-    return sim[~torch.eye(len(val), dtype=torch.bool)].mean().item()
 
 
 def test_simcse_spreads_caption_embeddings(data) -> None:
