@@ -47,13 +47,14 @@ def test_experiment_configs_take_a_training_step(path):
     text, mask = task.model.tokenizer(captions)
     images = torch.stack([transform(s.image) for s in samples])
     batch = Batch(images=images, text=text, text_mask=mask, captions=captions, keys=keys)
+    rngs = [random.Random(i) for i in range(n)]  # one per sample, drawn by each view in turn, as the loader does
     for name, view in task.views().items():
         if getattr(view, "reads_raw", False):  # other members of the raw sample (counterfactuals): none here
             parts = [view.from_raw({"__key__": k}, random.Random(i).getstate(), transform, 10**8)[0]
                      for i, k in enumerate(keys)]  # fmt: skip
             batch.views.update({f"{name}/{p}": torch.stack([x[p] for x in parts]) for p in parts[0]})
         elif view.kind == "sample":  # per-sample views (second image views) from each sample's own RNG
-            batch.views[name] = torch.stack([view(s.image, random.Random(i)) for i, s in enumerate(samples)])
+            batch.views[name] = torch.stack([view(s.image, rng) for s, rng in zip(samples, rngs)])
         else:
             batch.views.update(view(captions, keys, True))
     out = task.step(batch.split(cfg.train.grad_accum)).metrics

@@ -67,16 +67,24 @@ def train(
         captions, keys = [caption(data[i]) for i in idx], [str(i) for i in idx]
         batch = Batch(images=images[idx], captions=captions, keys=keys)
         batch.text, batch.text_mask = task.model.tokenizer(captions)
-        for name, view in views.items():
-            if view.kind == "sample":
-                batch.views[name] = torch.stack([view(data[i].image, random.Random(f"{step}/{i}")) for i in idx])
-            else:
-                batch.views.update(view(captions, keys, True))
+        add_views(batch, views, [data[i] for i in idx], random.Random(f"{seed}/{step}"))
         opt.zero_grad()
         out = task.step([batch])
         opt.step()
         task.on_step_end(StepContext(step + 1, features=out.features))
     return task.eval()
+
+
+def add_views(batch: Batch, views: dict, data: list, rng: random.Random) -> None:
+    """The task's `views` of the batch's samples `data`, as the loader builds them. One RNG per sample, drawn
+    from by each view in turn as the loader's decoder does, so two views of an image differ (a fresh RNG per
+    view made view1 == view2, and every two-view term trivial)."""
+    rngs = [random.Random(rng.random()) for _ in data]
+    for name, view in views.items():
+        if view.kind == "sample":
+            batch.views[name] = torch.stack([view(s.image, r) for s, r in zip(data, rngs)])
+        else:
+            batch.views.update(view(batch.captions, batch.keys, True))
 
 
 _COLOUR_WORD = re.compile(r"\b(?:" + "|".join(COLOURS) + r") ")

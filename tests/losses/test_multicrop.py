@@ -144,9 +144,9 @@ def test_training_with_local_crops_accumulates_to_the_full_batch(terms: str) -> 
     size, n = 32, 8
     samples = [generate(i, image_size=size) for i in range(n)]
     ids, mask = task.model.tokenizer([s.caption for s in samples])
+    rngs = [random.Random(i) for i in range(n)]  # one per sample, drawn by each view in turn: the views differ
     views = {
-        name: torch.stack([view(s.image, random.Random(i)) for i, s in enumerate(samples)])
-        for name, view in task.views().items()
+        name: torch.stack([view(s.image, rng) for s, rng in zip(samples, rngs)]) for name, view in task.views().items()
     }
     images = next(v for name, v in views.items() if name.endswith("/view1"))  # any (n, 3, 32, 32) images
     batch = Batch(images=images, text=ids, text_mask=mask, keys=[f"{i:04d}" for i in range(n)], views=views)

@@ -10,10 +10,12 @@ effect each term is for, where plain CLIP trained the same steps does not.
 * image-image with negatives (SimCLR): it encodes what the captions do not say. Trained on captions with
   their colour words removed, CLIP has no reason to keep colour in the image embedding; a logistic-regression
   probe for the 8 colours on the frozen embedding of held-out images (fit on 1000 training images; chance
-  0.125, ~0.44 untrained) reads 0.47 / 0.53 / 0.53 after 60 steps of CLIP alone and 0.70 / 0.70 / 0.73 with
-  SimCLR at its defaults (seeds 1 / 2 / 3; 0.70 also with its colour jitter and grayscale off, seed 1). At
-  32 px CLIP alone is as low with the colour words kept (0.45 after 60 steps, 0.49 after 150, seed 1): the
-  gain is SimCLR's, in steps where CLIP has not yet put colour in the embedding;
+  0.125, ~0.44 untrained) reads 0.47 / 0.53 after 60 steps of CLIP alone and 0.65 / 0.70 with SimCLR's colour
+  jitter and grayscale off (seeds 1 / 2). At its defaults SimCLR reads 0.50 / 0.53: its colour jitter asks
+  the embedding to forget colour (Chen et al. 2020 add it for exactly that). The numbers are those of the
+  harness since it draws two different views of an image (tests/losses/learning.py); before, view1 == view2
+  and every two-view term trained on identical views (SimCLR then read 0.70-0.73 at its defaults).
+  Asserted with InstDisc and CMC in test_family_learning.py;
 * text-text (SimCSE): after 30 steps of CLIP alone (text dropout 0.1 in both arms) the held-out captions sit
   almost on one point (mean cosine of two different captions 0.98 / 0.98 / 1.00, seeds 1 / 2 / 3); with
   SimCSE they spread out (0.07 / 0.11 / 0.11), as its in-batch negatives ask (Gao et al.'s uniformity).
@@ -21,24 +23,13 @@ effect each term is for, where plain CLIP trained the same steps does not.
   cosines, reads 0.23 / 0.26 / 0.29 with SimCSE but 0.02-0.20 for CLIP alone, depending on its dropout
   stream (0.20 with a SimCSE term of weight 0 drawing the masks), too close to separate.
 
-Not shown in seconds here, so not tested:
-* BYOL and SimSiam (no negatives): the colour probe above reads 0.49 / 0.57 / 0.56 (BYOL) and
-  0.49 / 0.52 / 0.61 (SimSiam) after 60 steps against CLIP alone's 0.47 / 0.53 / 0.53 (seeds 1 / 2 / 3):
-  gains of -0.01 to +0.08, not a margin to assert. Seed 1 with a 400-image held-out set: 0.51 / 0.48 after
-  150 steps, 0.45 / 0.47 with jitter and grayscale off, 0.50 / 0.47 at weight 5 (BYOL at weight 5 and
-  momentum 0.9 for 100 steps: 0.50); nor do they lift probes for shape, position or background.
-  Shape on a CNN tower (issue 21's ask: captions with every shape word replaced by "object", clip-tiny-cnn-64
-  at 64 px, 60 steps of 64, seed 1; mmcl.eval.linear_probe / knn_classify on the frozen image embedding of
-  1000 training and 300 held-out images, 5 shapes, chance 0.20): CLIP 0.22 / 0.17 (probe / k-NN, 64 s of
-  training), CLIP + BYOL 0.18 / 0.20 (185 s), CLIP + SimSiam 0.20 / 0.19 (164 s): no arm leaves chance, and the
-  no-negative arms already take ~3x the 60 s budget, so no setting was found to assert.
-* shape: with shape words removed from the captions, no arm lifts a shape probe on the 32 px ViT (8 px
-  patches, objects 3-5 px in radius) above chance (0.18-0.25 of 5 classes, untrained 0.24, CLIP, SimCLR,
-  BYOL, SimSiam after 60-150 steps); at 64 px SimCLR moved it from 0.20 to 0.26 in 60 steps (seed 1) at
-  ~4x the cost, too little to assert.
-* view retrieval: after 60-150 steps SimCLR's head retrieves the other strong view of a held-out 32 px image
-  among 300 at 4-5% against 3% untrained, and the image embedding's view retrieval is 3% with or without
-  SimCLR, BYOL or SimSiam (see bench_objectives.py).
+Not shown in seconds here, so not tested (with two different views of an image; see test_family_learning.py
+for DINO, SwAV and MoCo v3):
+* BYOL and SimSiam (no negatives), colour jitter and grayscale off: the colour probe above reads 0.47 / 0.55
+  (BYOL) and 0.49 / 0.53 (SimSiam) after 60 steps against CLIP alone's 0.47 / 0.53 (seeds 1 / 2), and
+  0.48 / 0.44 after 200 steps against CLIP's 0.50 (seed 1); also with crops of 0.5-1.0 of the image
+  (0.47 / 0.54 and 0.49 / 0.53 after 60). The 300-step question on shape (captions that never name it, the
+  CNN tower) is bench_objectives.py's `--captions shapeless` table.
 """
 
 from __future__ import annotations
@@ -47,7 +38,7 @@ import random
 
 import pytest
 import torch
-from learning import BATCH, N_PROBE, STEPS, mean_caption_cosine, probe_accuracy, samples, train, without_colour
+from learning import BATCH, STEPS, mean_caption_cosine, samples, train
 
 from mmcl.data.batch import Batch
 from mmcl.data.negatives import shuffle
@@ -128,14 +119,6 @@ def test_mlm_teaches_the_text_tower_to_fill_in_words(data, clip_task) -> None:
         task = train("[clip, {name: mlm, weight: 1.0}]", train_samples, seed)
         mlm = masked_token_accuracy(task.terms["mlm"], task.model, val)
         assert mlm >= 0.28 and mlm >= baseline + 0.1, (seed, baseline, mlm)
-
-
-def test_simclr_encodes_what_captions_do_not_say(data) -> None:
-    train_samples, val = data
-    fit = train_samples[:N_PROBE]
-    clip = probe_accuracy(train("[clip]", train_samples, caption=without_colour), fit, val, "colour")
-    simclr = probe_accuracy(train("[clip, simclr]", train_samples, caption=without_colour), fit, val, "colour")
-    assert simclr >= 0.6 and simclr >= clip + 0.12, (clip, simclr)
 
 
 def test_simcse_spreads_caption_embeddings(data) -> None:
