@@ -4,7 +4,6 @@ context blind to the rows below, and a tiny model that learns to predict its pat
 from __future__ import annotations
 
 import math
-import time
 
 import pytest
 import torch
@@ -97,7 +96,7 @@ def test_cpc_image_learns_to_predict_the_patches_below() -> None:
     batch = Batch(images=images, keys=[str(i) for i in range(16)])
     params = [p for p in task.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-3)
-    term, losses, start = task.terms["cpc_image"], [], time.monotonic()
+    term, losses = task.terms["cpc_image"], []
     for _ in range(30):
         loss = term(term.features(task.model, batch, {}), batch)["loss"]
         optimizer.zero_grad()
@@ -106,7 +105,6 @@ def test_cpc_image_learns_to_predict_the_patches_below() -> None:
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(9), abs=0.5)  # chance among the 9 positions
     assert min(losses[-5:]) < 0.3 * losses[0], losses
-    assert time.monotonic() - start < 60
 
 
 def test_the_shipped_cpc_image_config_builds_on_a_cnn() -> None:
