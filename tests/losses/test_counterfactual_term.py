@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from ddp_runner import DDPRunner
+from ddp_runner import check_ddp_step
 
 from mmcl.config import load_experiment
 from mmcl.data.batch import Batch
@@ -123,22 +123,13 @@ def test_accumulated_gradient_equals_the_full_batch() -> None:
 
 
 def _ddp_worker(rank: int, port: int, root: str) -> None:
-    from torch.nn.parallel import DistributedDataParallel
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
         saved = torch.load(Path(root) / "reference.pt", weights_only=True)
         task = make_task()
         task.load_state_dict(saved["state"])
-        ddp = DistributedDataParallel(task)
-        own = make_batch(task).split(WORLD)[rank]  # this rank's half of the reference batch
-        out = task.step(own.split(2), DDPRunner(ddp), prepared=ddp).metrics
-        loss = torch.tensor(out["loss"])
-        dist.all_reduce(loss)
-        torch.testing.assert_close(loss / WORLD, saved["loss"], atol=1e-6, rtol=1e-5)
-        for name, p in task.named_parameters():
-            torch.testing.assert_close(p.grad, saved["grads"][name], atol=1e-5, rtol=1e-4, msg=f"rank {rank} {name}")
+        check_ddp_step(task, make_batch(task).split(WORLD)[rank], saved, rank, WORLD)  # this rank's half
     finally:
         dist.destroy_process_group()
 
