@@ -1,7 +1,7 @@
 """The contrastive-learning objectives at equal steps (or equal wall time), against plain CLIP and open_clip.
 
-    python -m bench.bench_objectives                       # the default table: CNN, 5 objectives + open_clip,
-                                                           # 300 steps, seeds 0 1 (~1.5 h on 2 quiet cores)
+    python -m bench.bench_objectives --image-size 32       # the default table: CNN, 10 objectives + open_clip,
+                                                           # 300 steps, seeds 0 1 (~1 h on 2 quiet cores)
     python -m bench.bench_objectives --captions shapeless  # captions that never name the shape
     python -m bench.bench_objectives --towers vit cnn --objectives clip +simclr --budget-s 60   # equal wall time
     python -m bench.bench_objectives --tiny                # seconds-long check of the script (temp folder)
@@ -84,10 +84,14 @@ OBJECTIVES: dict[str, tuple[str, tuple[str, ...], bool]] = {
     "+dino": (f"[clip, {{name: dino, weight: 0.5, {NO_COLOUR}}}]", (), False),
     "+swav": (f"[clip, {{name: swav, weight: 0.5, {NO_COLOUR}}}]", (), False),
     "+mocov3": (f"[clip, {{name: mocov3, weight: 0.5, {NO_COLOUR}}}]", (), False),
+    "+instdisc": ("[clip, {name: instdisc, weight: 1.0, loss: softmax}]", (), False),  # the softmax learns in seconds
+    "cmc": (f"[{{name: cmc, image_views: 1, graph: full, temperature: 0, {NO_COLOUR}}}]", (), False),
 }
-# The default table: plain CLIP, the text-negative baseline, and the no-negative image terms the issue asks
-# about, on the CNN (the tower that learns shape at all on this data), each for `--steps` steps.
-DEFAULT_OBJECTIVES = ["clip", "negclip", "+byol", "+simsiam", "+dino"]
+# The default table: plain CLIP, the text-negative baseline, the no-negative and clustering image terms, and the
+# image terms with negatives (SimCLR, InstDisc, CMC), on the CNN (the tower that learns shape at all on this
+# data), each for `--steps` steps.
+DEFAULT_OBJECTIVES = ["clip", "negclip", "+byol", "+simsiam", "+dino", "+swav", "+mocov3", "+simclr-nocolour",
+                      "+instdisc", "cmc"]  # fmt: skip
 RECIPE = ["train.lr=1e-3", "train.weight_decay=0.1", "train.warmup_steps=30", "train.grad_clip=1.0", "data.crop_scale=[0.8,1.0]",
           "data.shuffle_buffer=2000"]  # fmt: skip
 
