@@ -1,6 +1,6 @@
 """The contrastive-learning objectives at equal steps (or equal wall time), against plain CLIP and open_clip.
 
-    python -m bench.bench_objectives --image-size 32       # the default table: CNN, 10 objectives + open_clip,
+    python -m bench.bench_objectives --image-size 32       # the default table: CNN, 8 objectives + open_clip,
                                                            # 300 steps, seeds 0 1 (~1 h on 2 quiet cores)
     python -m bench.bench_objectives --captions shapeless  # captions that never name the shape
     python -m bench.bench_objectives --towers vit cnn --objectives clip +simclr --budget-s 60   # equal wall time
@@ -90,8 +90,8 @@ OBJECTIVES: dict[str, tuple[str, tuple[str, ...], bool]] = {
 # The default table: plain CLIP, the text-negative baseline, the no-negative and clustering image terms, and the
 # image terms with negatives (SimCLR, InstDisc, CMC), on the CNN (the tower that learns shape at all on this
 # data), each for `--steps` steps.
-DEFAULT_OBJECTIVES = ["clip", "negclip", "+byol", "+simsiam", "+dino", "+swav", "+mocov3", "+simclr-nocolour",
-                      "+instdisc", "cmc"]  # fmt: skip
+# (+swav and +mocov3 showed no effect in the learning tests and are left out of it for time: add them by name.)
+DEFAULT_OBJECTIVES = ["clip", "negclip", "+byol", "+simsiam", "+dino", "+simclr-nocolour", "+instdisc", "cmc"]
 RECIPE = ["train.lr=1e-3", "train.weight_decay=0.1", "train.warmup_steps=30", "train.grad_clip=1.0", "data.crop_scale=[0.8,1.0]",
           "data.shuffle_buffer=2000"]  # fmt: skip
 
