@@ -330,8 +330,9 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (tower, objective), rs in groups.items():
         names = [m for m in rs[0] if m in METRICS or m in DISTANCES or m.startswith("comp_")]
+        speeds = [r["samples_per_s"] for r in rs if r.get("samples_per_s")]
         row = {"tower": tower, "objective": objective, "seeds": len(rs), "steps": rs[0]["steps"],
-               "samples_per_s": rs[0]["samples_per_s"]}  # fmt: skip
+               "samples_per_s": statistics.fmean(speeds) if speeds else None}  # fmt: skip
         for m in names:
             values = [r[m] for r in rs]
             row[m] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
@@ -365,8 +366,10 @@ def to_markdown(res: dict[str, Any]) -> str:
                   "on this machine")  # fmt: skip
     else:
         title = f"# Contrastive objectives at equal steps (built-in shapes, {s['image_size']} px, {s['steps']} steps)"
+    if s.get("captions", "full") != "full":
+        title = title[:-1] + f", {s['captions']} training captions)"
         budget = (f"Each configuration trains for {s['steps']} optimizer steps (samples/s: measured in the run itself, "
-                  "under the load recorded below, so compare speeds within the table only)")  # fmt: skip
+                  "the mean over seeds, under the load recorded below, so compare speeds within the table only)")  # fmt: skip
     return "\n\n".join([
         title,
         f"{budget} (batch {s['batch_size']}, {s['workers']} loader workers); mean over seeds {s['seeds']} with the "
