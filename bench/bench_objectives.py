@@ -366,10 +366,10 @@ def to_markdown(res: dict[str, Any]) -> str:
                   "on this machine")  # fmt: skip
     else:
         title = f"# Contrastive objectives at equal steps (built-in shapes, {s['image_size']} px, {s['steps']} steps)"
-    if s.get("captions", "full") != "full":
-        title = title[:-1] + f", {s['captions']} training captions)"
         budget = (f"Each configuration trains for {s['steps']} optimizer steps (samples/s: measured in the run itself, "
                   "the mean over seeds, under the load recorded below, so compare speeds within the table only)")  # fmt: skip
+    if s.get("captions", "full") != "full":
+        title = title[:-1] + f", {s['captions']} training captions)"
     return "\n\n".join([
         title,
         f"{budget} (batch {s['batch_size']}, {s['workers']} loader workers); mean over seeds {s['seeds']} with the "

@@ -22,3 +22,24 @@ def test_shapeless_captions_name_no_shape_and_keep_the_rest() -> None:
         )  # only the nouns changed
         seen_plural |= "shapes" in out
     assert seen_plural  # groups of 2-3 objects keep their plural
+
+
+def test_the_table_renders_for_every_caption_mode_and_averages_speed_over_seeds() -> None:
+    from bench.bench_objectives import summarise, to_markdown
+    from bench.common import machine_info
+
+    runs = [{"tower": "cnn", "objective": "clip", "seed": s, "steps": 300, "samples_per_s": v, "top1": t}
+            for s, v, t in ((0, 100.0, 0.2), (1, 300.0, 0.3))]  # fmt: skip
+    res = {
+        "runs": runs,
+        "summary": summarise(runs),
+        "command": "python -m bench.bench_objectives",
+        "machine": machine_info(),
+    }
+    for captions, title in (("full", "300 steps)"), ("shapeless", "300 steps, shapeless training captions)")):
+        res["settings"] = {"budget_s": None, "steps": 300, "image_size": 32, "batch_size": 128, "workers": 2,
+                           "seeds": [0, 1], "captions": captions}  # fmt: skip
+        lines = to_markdown(res).splitlines()
+        assert lines[0].endswith(title), lines[0]
+        row = next(line for line in lines if line.startswith("| cnn | clip"))
+        assert "| 200 | 25.0 (20-30) |" in row, row  # samples/s: the mean of 100 and 300
