@@ -75,6 +75,24 @@ def train(
     return task.eval()
 
 
+def fresh_head(make_term: Callable, model: torch.nn.Module, data: list, batch_of: Callable, seed: int):
+    """A term's head (`make_term()`, built after seeding) trained `STEPS` steps of `BATCH` on `model`'s frozen
+    towers: what the term's own objective reads from a tower it did not train. `batch_of(term, samples, keys)`
+    makes the batch."""
+    torch.manual_seed(seed)
+    term = make_term()
+    model.requires_grad_(False)
+    opt = torch.optim.AdamW(term.parameters(), lr=2e-3, weight_decay=0.1)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(STEPS):
+        idx = torch.randint(len(data), (BATCH,), generator=g).tolist()
+        batch = batch_of(term, [data[i] for i in idx], [str(i) for i in idx])
+        opt.zero_grad()
+        term(term.features(model, batch, {}), batch)["loss"].backward()
+        opt.step()
+    return term.eval()
+
+
 def add_views(batch: Batch, views: dict, data: list, rng: random.Random) -> None:
     """The task's `views` of the batch's samples `data`, as the loader builds them. One RNG per sample, drawn
     from by each view in turn as the loader's decoder does, so two views of an image differ (a fresh RNG per

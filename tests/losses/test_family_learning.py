@@ -49,8 +49,8 @@ import torch
 from learning import (
     BATCH,
     N_PROBE,
-    STEPS,
     add_views,
+    fresh_head,
     mean_caption_cosine,
     probe_accuracy,
     samples,
@@ -122,25 +122,11 @@ def cpc_accuracy(term: CPCTerm, model: torch.nn.Module, val: list) -> float:
     return term(term.features(model, batch, {}), batch)["acc"].item()
 
 
-def fresh_cpc_head(model: torch.nn.Module, data: list, seed: int) -> CPCTerm:
-    """A CPC head trained `STEPS` steps on `model`'s frozen text tower."""
-    torch.manual_seed(seed)
-    term = CPCTerm(model, CPCOptions())
-    model.requires_grad_(False)
-    opt = torch.optim.AdamW(term.parameters(), lr=2e-3, weight_decay=0.1)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(STEPS):
-        batch = _tokens(model, [data[i] for i in torch.randint(len(data), (BATCH,), generator=g).tolist()])
-        opt.zero_grad()
-        term(term.features(model, batch, {}), batch)["loss"].backward()
-        opt.step()
-    return term.eval()
-
-
 def test_cpc_teaches_the_text_tower_what_comes_next(data) -> None:
     train_samples, val = data
     clip = train("[clip]", train_samples, 1).model
-    baseline = cpc_accuracy(fresh_cpc_head(clip, train_samples, 1), clip, val)
+    head = fresh_head(lambda: CPCTerm(clip, CPCOptions()), clip, train_samples, lambda t, s, k: _tokens(clip, s), 1)
+    baseline = cpc_accuracy(head, clip, val)
     for seed in SEEDS:
         task = train(shipped("cpc"), train_samples, seed)
         cpc = cpc_accuracy(task.terms["cpc"], task.model, val)

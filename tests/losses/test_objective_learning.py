@@ -41,7 +41,7 @@ import random
 
 import pytest
 import torch
-from learning import BATCH, STEPS, mean_caption_cosine, samples, train
+from learning import fresh_head, mean_caption_cosine, samples, train
 
 from mmcl.data.batch import Batch
 from mmcl.data.negatives import shuffle
@@ -99,25 +99,11 @@ def masked_token_accuracy(term: MLMTerm, model: torch.nn.Module, val: list) -> f
     return term(term.features(model, batch, {}), batch)["acc"].item()
 
 
-def fresh_head(model: torch.nn.Module, samples: list, seed: int) -> MLMTerm:
-    """An MLM head trained `STEPS` steps on `model`'s frozen text tower."""
-    torch.manual_seed(seed)
-    term = MLMTerm(model)
-    model.requires_grad_(False)
-    opt = torch.optim.AdamW(term.parameters(), lr=2e-3, weight_decay=0.1)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(STEPS):
-        idx = torch.randint(len(samples), (BATCH,), generator=g).tolist()
-        batch = _masked(term, model, [samples[i] for i in idx], [str(i) for i in idx])
-        opt.zero_grad()
-        term(term.features(model, batch, {}), batch)["loss"].backward()
-        opt.step()
-    return term.eval()
-
-
 def test_mlm_teaches_the_text_tower_to_fill_in_words(data, clip_task) -> None:
     train_samples, val = data
-    baseline = masked_token_accuracy(fresh_head(clip_task.model, train_samples, 1), clip_task.model, val)
+    model = clip_task.model
+    head = fresh_head(lambda: MLMTerm(model), model, train_samples, lambda t, s, k: _masked(t, model, s, k), 1)
+    baseline = masked_token_accuracy(head, model, val)
     for seed in (1, 2):
         task = train("[clip, {name: mlm, weight: 1.0}]", train_samples, seed)
         mlm = masked_token_accuracy(task.terms["mlm"], task.model, val)
